@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny Wan models in Diffusers layout, built with diffusers itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# tiny forwards are fastest single-threaded; pytest-xdist spreads tests over the cores
+torch.set_num_threads(1)
+
+
+def build_diffusers_tiny_wan(folder, seed: int = 0):
+    """Save a random tiny WanPipeline (diffusers classes) to ``folder`` and return the pipeline."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from vidloom import tiny
+
+    tokenizer = tiny.build_tokenizer(folder / "_tok")
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**tiny.TINY_TRANSFORMER)
+    vae = AutoencoderKLWan(**tiny.TINY_VAE)
+    te_config = UMT5Config(vocab_size=len(tokenizer), **tiny.TINY_TEXT_ENCODER)
+    text_encoder = UMT5EncoderModel(te_config)
+    with torch.no_grad():
+        # random UMT5 init gives embeddings of ~0.01; scale them to ~0.5 so that the prompt
+        # visibly changes the video and a parity test can tell prompts apart
+        text_encoder.encoder.final_layer_norm.weight.mul_(40.0)
+    scheduler_cfg = {k: v for k, v in tiny.UNIPC_FLOW_CONFIG.items() if not k.startswith("_")}
+    scheduler = UniPCMultistepScheduler(**scheduler_cfg)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                       scheduler=scheduler)
+    pipe.save_pretrained(str(folder))
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_wan")
+    build_diffusers_tiny_wan(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_pipe(tiny_wan_dir):
+    from diffusers import WanPipeline
+
+    return WanPipeline.from_pretrained(str(tiny_wan_dir), dtype=torch.float32)

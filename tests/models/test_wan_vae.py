@@ -1,0 +1,304 @@
+"""WanVAE against diffusers' AutoencoderKLWan (the oracle) on tiny seeded models.
+
+Tolerances, as relative error ||ours - ref|| / ||ref|| over the whole output (measured values from
+torch 2.13 CPU, diffusers 0.42.1):
+  fp32 encode / decode vs diffusers          <= 1e-4   (measured 0.0; 1.1e-7 for the 4x encode, whose
+                                                       chunks are 2 frames here and 4 in diffusers)
+  streaming decode vs whole decode           <= 1e-5   (measured 0.0: the same per-frame computation)
+  tiled decode / encode vs diffusers tiled   <= 1e-6   (measured 0.0: same tiles, same blend weights)
+  bf16 decode vs diffusers fp32              <= 3e-2   (measured 1.9e-2)
+  bf16 decode vs diffusers bf16              <= 1e-3   (measured 0.0)
+  bf16 encode (mean) vs diffusers fp32       <= 2e-2   (measured 6.8e-3)
+  tiled vs untiled decode (8x, 8x8 latents, 4-latent tiles, overlap 2)  <= 0.5  (measured 0.44)
+  tiled vs untiled encode (same tiling)                                  <= 0.35 (measured 0.27)
+The tiled-vs-untiled bounds are large by nature, not by sloppiness: on 8x8 latents every pixel lies
+within the decoder's receptive field of a tile border (zero padding there), the mid-block attends
+over the whole frame, and the weights are random. Tiling itself is pinned exactly by the diffusers
+comparison and by "one tile covering everything == untiled".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+
+import pytest
+import torch
+
+from vidloom.models.wan_vae import WanVAE, WanVAEConfig
+
+torch.set_num_threads(1)
+
+VARIANTS = {
+    # 8x spatial, 4x temporal: the Wan2.1 layout, shrunk
+    "8x": dict(dim_mult=[1, 2, 2, 2], temperal_downsample=[False, True, True],
+               scale_factor_temporal=4, scale_factor_spatial=8),
+    # 4x spatial, 2x temporal: a shorter temperal_downsample list
+    "4x": dict(dim_mult=[1, 2, 2], temperal_downsample=[False, True],
+               scale_factor_temporal=2, scale_factor_spatial=4),
+}
+COMMON = dict(base_dim=8, z_dim=4, num_res_blocks=1, attn_scales=[], dropout=0.0,
+              latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+LATENT_FRAMES, LATENT_HW = 3, 8
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ours, ref = ours.float(), ref.float()
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+@functools.cache
+def models(variant: str):
+    """(diffusers AutoencoderKLWan, WanVAE with the same weights), fp32, eval."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(**COMMON, **VARIANTS[variant]).eval()
+    with torch.no_grad():  # non-trivial norm scales, so a swapped gamma would show
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    vae = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).eval()
+    vae.load_state_dict(ref.state_dict(), strict=True)
+    return ref, vae
+
+
+@functools.cache
+def inputs(variant: str):
+    """A video of 1 + tf*(LATENT_FRAMES-1) frames and latents (1, 4, LATENT_FRAMES, 8, 8)."""
+    config = models(variant)[1].config
+    gen = torch.Generator().manual_seed(1)
+    frames = 1 + config.temporal_factor * (LATENT_FRAMES - 1)
+    side = LATENT_HW * config.spatial_factor
+    video = torch.rand(1, 3, frames, side, side, generator=gen) * 2 - 1
+    latents = torch.randn(1, 4, LATENT_FRAMES, LATENT_HW, LATENT_HW, generator=gen)
+    return video, latents
+
+
+@functools.cache
+def reference_decode(variant: str) -> torch.Tensor:
+    ref, _ = models(variant)
+    with torch.inference_mode():
+        return ref.decode(inputs(variant)[1]).sample
+
+
+@functools.cache
+def our_decode(variant: str) -> torch.Tensor:
+    with torch.inference_mode():
+        return models(variant)[1].decode(inputs(variant)[1])
+
+
+@contextlib.contextmanager
+def diffusers_tiling(ref, sf: int, tile: int, overlap: int):
+    """diffusers' tiling parameters equal to tile_latent=tile, overlap_latent=overlap; switched off
+    afterwards, because the shared reference model would otherwise tile every later encode/decode."""
+    ref.enable_tiling(tile * sf, tile * sf, (tile - overlap) * sf, (tile - overlap) * sf)
+    try:
+        yield ref
+    finally:
+        ref.disable_tiling()
+
+
+# --------------------------------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_dict_keys_equal_diffusers(variant):
+    ref, vae = models(variant)
+    assert list(vae.state_dict()) == list(ref.state_dict())
+    assert list(vae.buffers()) == []
+    assert WanVAE.checkpoint_key_map == ()
+
+
+# ---------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_encode_matches_diffusers(variant):
+    ref, vae = models(variant)
+    video, _ = inputs(variant)
+    with torch.inference_mode():
+        dist = ref.encode(video).latent_dist
+        mean, logvar = vae.encode(video)
+        mean_only = vae.encode_mean(video)
+    assert mean.shape == (1, 4, LATENT_FRAMES, LATENT_HW, LATENT_HW)
+    assert rel_err(mean, dist.mean) <= 1e-4
+    assert rel_err(logvar, dist.logvar) <= 1e-4
+    assert torch.equal(mean_only, mean)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decode_matches_diffusers(variant):
+    _, vae = models(variant)
+    ours, ref = our_decode(variant), reference_decode(variant)
+    tf, sf = vae.config.temporal_factor, vae.config.spatial_factor
+    assert ours.shape == (1, 3, 1 + tf * (LATENT_FRAMES - 1), LATENT_HW * sf, LATENT_HW * sf)
+    assert rel_err(ours, ref) <= 1e-4
+    with torch.inference_mode():
+        raw = vae.decode(inputs(variant)[1], clamp=False)
+    assert torch.equal(raw.clamp(-1, 1), ours)
+
+
+def test_batch_of_two_matches_diffusers():
+    ref, vae = models("4x")
+    video, z = inputs("4x")
+    z2, video2 = torch.cat([z, -z]), torch.cat([video, video.flip(-1)])
+    with torch.inference_mode():
+        assert rel_err(vae.decode(z2), ref.decode(z2).sample) <= 1e-4
+        assert rel_err(vae.encode_mean(video2), ref.encode(video2).latent_dist.mean) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------- streaming
+
+
+def test_stream_decode_uneven_chunks_equals_whole_decode():
+    _, vae = models("8x")
+    _, z = inputs("8x")
+    tf = vae.config.temporal_factor
+    stream = vae.stream_decoder()
+    with torch.inference_mode():
+        parts = [stream.push(z[:, :, :2]), stream.push(z[:, :, 2:2]), stream.push(z[:, :, 2:])]
+    assert [p.shape[2] for p in parts] == [1 + tf, 0, tf]
+    assert rel_err(torch.cat(parts, dim=2), our_decode("8x")) <= 1e-5
+
+
+def test_stream_decoders_interleave():
+    _, vae = models("8x")
+    _, z = inputs("8x")
+    other = torch.flip(z, dims=[2])
+    a, b = vae.stream_decoder(), vae.stream_decoder()
+    out_a, out_b = [], []
+    with torch.inference_mode():
+        for i in range(LATENT_FRAMES):
+            out_a.append(a.push(z[:, :, i : i + 1]))
+            out_b.append(b.push(other[:, :, i : i + 1]))
+        whole_b = vae.decode(other)
+    assert rel_err(torch.cat(out_a, dim=2), our_decode("8x")) <= 1e-5
+    assert rel_err(torch.cat(out_b, dim=2), whole_b) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------- tiling
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tiled_decode_matches_diffusers_tiled_decode(variant):
+    ref, vae = models(variant)
+    _, z = inputs(variant)
+    sf = vae.config.spatial_factor
+    with torch.inference_mode(), diffusers_tiling(ref, sf, tile=4, overlap=2):
+        expected = ref.tiled_decode(z).sample
+        ours = vae.decode_tiled(z, tile_latent=(4, 4), overlap_latent=(2, 2))
+    assert ours.shape == expected.shape
+    assert rel_err(ours, expected) <= 1e-6
+
+
+def test_tiled_decode_vs_untiled():
+    _, vae = models("8x")
+    _, z = inputs("8x")
+    with torch.inference_mode():
+        tiled = vae.decode_tiled(z, tile_latent=4, overlap_latent=2)
+        single_tile = vae.decode_tiled(z, tile_latent=LATENT_HW, overlap_latent=2)
+    assert torch.equal(single_tile, our_decode("8x"))
+    assert rel_err(tiled, our_decode("8x")) <= 0.5  # see the module docstring for why this is loose
+
+
+def test_tiled_encode_matches_diffusers_and_bounds_untiled():
+    ref, vae = models("8x")
+    video, _ = inputs("8x")
+    sf = vae.config.spatial_factor
+    with torch.inference_mode(), diffusers_tiling(ref, sf, tile=4, overlap=2):
+        moments = ref.tiled_encode(video)
+        mean, logvar = vae.encode_tiled(video, tile_latent=(4, 4), overlap_latent=(2, 2))
+        untiled_mean, _ = vae.encode(video)
+    assert rel_err(mean, moments[:, :4]) <= 1e-6
+    assert rel_err(logvar, moments[:, 4:].clamp(-30, 20)) <= 1e-6
+    assert rel_err(mean, untiled_mean) <= 0.35
+
+
+def test_tiling_rejects_overlap_not_smaller_than_tile():
+    _, vae = models("4x")
+    with pytest.raises(ValueError, match="overlap_latent"):
+        vae.decode_tiled(inputs("4x")[1], tile_latent=4, overlap_latent=4)
+
+
+# ------------------------------------------------------------------------------------------ bf16
+
+
+def test_bf16_matches_diffusers():
+    ref, vae = models("8x")
+    video, z = inputs("8x")
+    vae16 = copy.deepcopy(vae).to(torch.bfloat16)
+    ref16 = copy.deepcopy(ref).to(torch.bfloat16)
+    with torch.inference_mode():
+        decoded = vae16.decode(z)
+        ref16_decoded = ref16.decode(z.to(torch.bfloat16)).sample
+        mean, _ = vae16.encode(video)
+        ref_mean = ref.encode(video).latent_dist.mean
+    assert vae16.dtype == torch.bfloat16 and decoded.dtype == torch.bfloat16
+    assert rel_err(decoded, reference_decode("8x")) <= 3e-2
+    assert rel_err(decoded, ref16_decoded) <= 1e-3
+    assert rel_err(mean, ref_mean) <= 2e-2
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def test_config_defaults_equal_diffusers():
+    from diffusers import AutoencoderKLWan
+
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    defaults = {name: p.default for name, p in params.items() if name != "self"}
+    ours = WanVAEConfig().to_dict()
+    assert ours == defaults
+    WanVAEConfig().validate()
+
+
+def test_config_scale_factors():
+    assert models("8x")[1].config.temporal_factor == 4
+    assert models("8x")[1].config.spatial_factor == 8
+    assert models("4x")[1].config.temporal_factor == 2
+    assert models("4x")[1].config.spatial_factor == 4
+    assert models("8x")[1].config.latent_size(81, 480, 832) == (21, 60, 104)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"not_a_key": 1}, "not_a_key"),
+        ({"is_residual": True}, "is_residual"),
+        ({"patch_size": 2}, "patch_size"),
+        ({"temperal_downsample": [True, True]}, "temperal_downsample"),
+        ({"latents_std": [1.0, 1.0]}, "latents_std"),
+        ({"base_dim": 0}, "base_dim"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(override, field):
+    raw = {**COMMON, **VARIANTS["8x"], "_class_name": "AutoencoderKLWan", **override}
+    with pytest.raises(ValueError, match=field):
+        WanVAEConfig.from_dict(raw)
+
+
+def test_unsupported_variants_say_so():
+    with pytest.raises(ValueError, match="not supported yet"):
+        WanVAEConfig.from_dict({"is_residual": True})
+
+
+def test_video_with_wrong_frame_count_is_rejected():
+    _, vae = models("8x")
+    with pytest.raises(ValueError, match="num_frames=6"):
+        vae.encode(torch.zeros(1, 3, 6, 64, 64))
+
+
+# -------------------------------------------------------------------------------------- latents
+
+
+def test_latent_normalisation_matches_the_pipelines():
+    _, vae = models("8x")
+    z = torch.randn(2, 4, 3, 5, 5, generator=torch.Generator().manual_seed(3))
+    mean = torch.tensor(COMMON["latents_mean"]).view(1, 4, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(COMMON["latents_std"]).view(1, 4, 1, 1, 1)
+    assert torch.equal(vae.denormalize_latents(z), z / inv_std + mean)  # WanPipeline, before decode
+    assert torch.equal(vae.normalize_latents(z), (z - mean) * inv_std)  # Wan I2V, after encode
+    assert rel_err(vae.normalize_latents(vae.denormalize_latents(z)), z) <= 1e-6

@@ -1,0 +1,133 @@
+"""Command line: ``vidloom generate`` and ``vidloom info``.
+
+The flags come from the fields of ``EngineConfig`` and ``SamplingParams`` (a few get a
+shorter name), so the CLI never restates an option's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+from .config import EngineConfig, SamplingParams
+from .errors import VidloomError
+
+# SamplingParams fields the CLI sets itself, or that are not for the command line
+SAMPLING_SKIP = {"prompt", "latents", "output_type", "output_path", "return_trajectory", "decode_trajectory"}
+SHORT_FLAGS = {"num_inference_steps": "--steps"}
+ENGINE_DTYPE_FIELDS = {"dtype", "dit_dtype", "vae_dtype", "text_encoder_dtype"}
+
+
+def _scalar_type(annotation) -> type | None:
+    """int/float/str/bool from a field annotation (Optional[...] unwrapped), else None."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in args if a is not type(None)]
+        return args[0] if len(args) == 1 and args[0] in (int, float, str, bool) else None
+    return annotation if annotation in (int, float, str, bool) else None
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=frozenset(), dest_prefix="") -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = SHORT_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        dest = dest_prefix + f.name
+        if f.name in ENGINE_DTYPE_FIELDS:
+            parser.add_argument(flag, dest=dest, default=None, choices=["fp32", "bf16", "fp16"],
+                                help=f"{f.name} (default: engine default)")
+            continue
+        kind = _scalar_type(hints[f.name])
+        if kind is None:
+            continue
+        if kind is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default: {f.default}")
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, default=None, metavar=f.name.upper(),
+                                help=f"default: {f.default}")
+
+
+def _collect(args: argparse.Namespace, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidloom", description="Video diffusion inference engine (Wan family)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a video from a prompt")
+    gen.add_argument("--model", required=True, help="Diffusers-format model folder (with model_index.json)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--output", default="outputs/video.mp4",
+                     help="output file: .mp4, .gif, .npy (float32 frames) or a folder for PNG frames")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_dataclass_flags(gen.add_argument_group("sampling"), SamplingParams, SAMPLING_SKIP, "s_")
+    _add_dataclass_flags(gen.add_argument_group("engine"), EngineConfig, dest_prefix="e_")
+
+    info = sub.add_parser("info", help="describe a model folder")
+    info.add_argument("--model", required=True)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .generator import VideoGenerator
+
+    from transformers.utils import logging as hf_logging
+
+    engine = EngineConfig.from_options(**_collect(args, "e_"))
+    sampling = _collect(args, "s_")
+    # check the request against the model's configs before any weight is read
+    SamplingParams.from_kwargs(args.prompt, output_path=args.output, **sampling).validate(
+        *VideoGenerator.size_factors(args.model)
+    )
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    generator = VideoGenerator.from_pretrained(args.model, config=engine)
+    load_s = time.perf_counter() - start
+    task = generator.submit(args.prompt, output_path=args.output, **sampling)
+    with tqdm(total=task.total_units + 1, disable=args.quiet, desc="vidloom", unit="unit", file=sys.stderr) as bar:
+        while not task.is_finished:
+            generator.step(task)
+            bar.set_postfix_str(task.status)
+            bar.update(1)
+    out = task.result
+    p = out.params
+    stages = ", ".join(f"{name} {secs:.2f} s" for name, secs in out.timings.items() if secs >= 0.005)
+    print(f"wrote {out.path} ({p.num_frames} frames, {p.width}x{p.height}, {p.fps} fps); "
+          f"load {load_s:.2f} s, {stages}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .loader.components import read_model_index
+
+    index = read_model_index(args.model)
+    print(f"pipeline: {index['_class_name']}")
+    for name, spec in index.items():
+        if not name.startswith("_"):
+            print(f"  {name}: {spec}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+    except (VidloomError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

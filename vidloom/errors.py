@@ -1,0 +1,48 @@
+"""One small error hierarchy, so the CLI and the server map failures without string matching."""
+
+from __future__ import annotations
+
+
+class VidloomError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(VidloomError, ValueError):
+    """A request field holds a value the engine cannot serve.
+
+    ``field`` names the offending field, ``allowed`` says what would be accepted.
+    """
+
+    def __init__(self, field: str, message: str, allowed: str | None = None):
+        self.field = field
+        self.allowed = allowed
+        text = f"{field}: {message}"
+        if allowed:
+            text += f" (allowed: {allowed})"
+        super().__init__(text)
+
+
+class ModelLoadError(VidloomError):
+    """A model folder, file or checkpoint key is missing, corrupt or does not fit the architecture."""
+
+    def __init__(self, message: str, file: str | None = None, key: str | None = None):
+        self.file = file
+        self.key = key
+        parts = [message]
+        if key is not None:
+            parts.append(f"key '{key}'")
+        if file is not None:
+            parts.append(f"in {file}")
+        super().__init__(" ".join(parts) if len(parts) == 1 else f"{parts[0]}: " + ", ".join(parts[1:]))
+
+
+class NumericalError(VidloomError):
+    """Non-finite values appeared during generation; ``step`` names the denoising step."""
+
+    def __init__(self, message: str, step: int | None = None):
+        self.step = step
+        super().__init__(message if step is None else f"step {step}: {message}")
+
+
+class TaskCancelled(VidloomError):
+    """The task was cancelled before it finished."""

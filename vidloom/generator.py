@@ -1,0 +1,234 @@
+"""``VideoGenerator``: load a Diffusers folder, generate videos, advance tasks step by step."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import EngineConfig, SamplingParams
+from .errors import ModelLoadError, TaskCancelled, VidloomError
+from .loader.components import load_component, read_model_index
+from .pipelines import pipeline_class, registered_pipelines
+from .pipelines.base import ComposedPipeline, WorkUnit
+from .pipelines.batch import ForwardBatch
+
+log = logging.getLogger(__name__)
+
+# component name -> which resolved dtype it takes (tokenizer and scheduler take none)
+COMPONENT_DTYPE = {"transformer": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
+# model_index.json entries that are pipeline settings, with the values this engine supports
+SUPPORTED_SETTINGS = {"boundary_ratio": (None,), "expand_timesteps": (False, None)}
+
+StepCallback = Callable[[int, int, float, torch.Tensor], None]  # (step, total, timestep, latents)
+
+
+class TaskState(str, enum.Enum):
+    QUEUED = "queued"
+    ENCODING = "encoding"
+    DENOISING = "denoising"
+    DECODING = "decoding"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_STAGE_STATES = {"denoising": TaskState.DENOISING, "decoding": TaskState.DECODING}
+
+
+@dataclass
+class VideoOutput:
+    """``frames``: (T, H, W, 3) float32 in [0, 1] (numpy for "np"/"mp4", torch for "pt", None for "latent")."""
+
+    frames: np.ndarray | torch.Tensor | None
+    latents: torch.Tensor  # final latents (B, C, F, H, W), normalised as the DiT sees them
+    params: SamplingParams
+    path: Path | None = None
+    trajectory_latents: list[torch.Tensor] = field(default_factory=list)
+    trajectory_frames: list[np.ndarray] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Task:
+    """One request advanced by ``VideoGenerator.step``; shares only read-only modules with others."""
+
+    id: str
+    params: SamplingParams
+    batch: ForwardBatch
+    total_units: int
+    callback: StepCallback | None = None
+    state: TaskState = TaskState.QUEUED
+    units_done: int = 0
+    error: BaseException | None = None
+    result: VideoOutput | None = None
+    created: float = field(default_factory=time.time)
+    _units: Iterator[WorkUnit] | None = field(default=None, repr=False)
+    _cancel_requested: bool = False
+
+    @property
+    def progress(self) -> float:
+        return 1.0 if self.state == TaskState.DONE else self.units_done / max(self.total_units + 1, 1)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return dict(self.batch.timings)
+
+    @property
+    def status(self) -> str:
+        if self.state == TaskState.DENOISING:
+            return f"denoising {self.batch.step_index}/{self.params.num_inference_steps}"
+        return self.state.value
+
+    def cancel(self) -> None:
+        """Stop the task before its next unit of work; a finished task is left as it is."""
+        if not self.is_finished:
+            self._cancel_requested = True
+
+
+class VideoGenerator:
+    """Python API: ``from_pretrained`` then ``generate`` or ``submit``/``step``."""
+
+    def __init__(self, pipeline: ComposedPipeline, config: EngineConfig, model_path: Path | None = None):
+        self.pipeline = pipeline
+        self.config = config
+        self.model_path = model_path
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **engine_options) -> "VideoGenerator":
+        if config is None:
+            config = EngineConfig.from_options(**engine_options)
+        elif engine_options:
+            raise ValueError("pass either config= or engine options, not both")
+        path = Path(path)
+        index = read_model_index(path)
+        pipe_cls = _pipeline_for(index, path)
+        components = _load_components(path, index, pipe_cls.required_components, config)
+        return cls(pipe_cls(components, config), config, path)
+
+    @staticmethod
+    def size_factors(path: str | Path) -> tuple[int, int]:
+        """(spatial, temporal) size factors of a model folder, from its configs alone (no weights read)."""
+        path = Path(path)
+        index = read_model_index(path)
+        return _pipeline_for(index, path).size_factors(path)
+
+    # --- task API -------------------------------------------------------------------------------
+    def submit(self, prompt: str = "", callback: StepCallback | None = None, **sampling) -> Task:
+        """Validate a request (raising InvalidRequestError before any work) and queue it as a task."""
+        params = SamplingParams.from_kwargs(prompt, **sampling)
+        self.pipeline.validate_request(params)
+        batch = ForwardBatch(params=params)
+        task = Task(id=f"task-{next(self._ids)}", params=params, batch=batch,
+                    total_units=self.pipeline.total_units(batch), callback=callback)
+        task._units = self.pipeline.units(batch)
+        return task
+
+    def step(self, task: Task) -> Task:
+        """Do exactly one unit of work of ``task`` (text encoding, one denoising step, decoding, export)."""
+        if task.is_finished:
+            return task
+        if task._cancel_requested:
+            task.state, task.error = TaskState.CANCELLED, TaskCancelled(f"{task.id} was cancelled")
+            task._units = None
+            return task
+        unit = next(task._units, None)
+        try:
+            if unit is None:
+                task.result = self._finish(task)
+                task.state = TaskState.DONE
+            else:
+                task.state = _STAGE_STATES.get(unit.stage.name, TaskState.ENCODING)
+                task.batch = unit.run(task.batch)
+                if unit.stage.name == "denoising" and task.callback is not None:
+                    b = task.batch
+                    task.callback(b.step_index, b.num_steps, float(b.timesteps[unit.index]), b.latents)
+            task.units_done += 1
+        except BaseException as exc:
+            task.state, task.error, task._units = TaskState.FAILED, exc, None
+            raise
+        return task
+
+    def run(self, task: Task) -> VideoOutput:
+        while not task.is_finished:
+            self.step(task)
+        if task.state == TaskState.CANCELLED:
+            raise task.error
+        return task.result
+
+    def generate(self, prompt: str = "", callback: StepCallback | None = None, **sampling) -> VideoOutput:
+        """Generate one video; see ``SamplingParams`` for the options."""
+        return self.run(self.submit(prompt, callback=callback, **sampling))
+
+    # --- output ----------------------------------------------------------------------------------
+    def _finish(self, task: Task) -> VideoOutput:
+        b, p = task.batch, task.params
+        frames = None
+        if b.video is not None:
+            frames_pt = b.video[0].permute(1, 2, 3, 0).contiguous()  # (T, H, W, 3)
+            frames = frames_pt if p.output_type == "pt" else frames_pt.cpu().numpy()
+        out = VideoOutput(
+            frames=frames, latents=b.latents, params=p, trajectory_latents=list(b.trajectory),
+            trajectory_frames=[v[0].permute(1, 2, 3, 0).cpu().numpy() for v in b.trajectory_video],
+        )
+        path = p.output_path
+        if path is None and p.output_type == "mp4":
+            path = Path("outputs") / f"{task.id}-{int(task.created)}.mp4"
+        if path is not None and frames is not None:
+            from .io import export_video
+
+            start = time.perf_counter()
+            out.path = export_video(frames_pt.cpu().numpy(), path, fps=p.fps)
+            b.timings["export"] = time.perf_counter() - start
+        out.timings = dict(b.timings)
+        return out
+
+
+def _pipeline_for(index: dict[str, Any], path: Path) -> type:
+    try:
+        return pipeline_class(index["_class_name"])
+    except KeyError:
+        raise ModelLoadError(
+            f"unsupported pipeline {index['_class_name']!r} (supported: {', '.join(sorted(registered_pipelines()))})",
+            file=str(path / "model_index.json"),
+        ) from None
+
+
+def _load_components(path: Path, index: dict[str, Any], required: tuple[str, ...], config: EngineConfig) -> dict:
+    dtypes = config.resolved_dtypes()
+    components = {}
+    for name, spec in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(spec, list):
+            allowed = SUPPORTED_SETTINGS.get(name)
+            if allowed is not None and spec not in allowed:
+                raise ModelLoadError(f"setting {name}={spec!r} is not supported yet", file=str(path / "model_index.json"))
+            continue
+        if name not in required:
+            if spec not in ([None, None],):
+                raise ModelLoadError(f"component '{name}' is not supported by this pipeline yet",
+                                     file=str(path / "model_index.json"))
+            continue
+        dtype = dtypes.get(COMPONENT_DTYPE.get(name, ""), torch.float32)
+        components[name] = load_component(path, name, spec, config.torch_device, dtype)
+    missing = [n for n in required if components.get(n) is None]
+    if missing:
+        raise ModelLoadError(f"model_index.json lacks required component(s) {missing}", file=str(path / "model_index.json"))
+    return components
+
+
+__all__ = ["VideoGenerator", "VideoOutput", "Task", "TaskState", "VidloomError"]

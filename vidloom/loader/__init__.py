@@ -1,0 +1,1 @@
+"""Loading Diffusers-format model folders: components, weights, pipeline discovery."""

@@ -1,0 +1,224 @@
+"""The Wan diffusion transformer (Wan2.1 text-to-video).
+
+Latent video (B, C, F, H, W) is cut into 3-D patches, each patch a token. Every block does
+self-attention with 3-D rotary positions, cross-attention to the text tokens and a GELU
+feed-forward; the timestep modulates each block through six shift/scale/gate vectors
+(adaLN). Norms and modulation run in float32 whatever the weight dtype, as the reference
+model does, so bf16 weights only change the matmuls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .base import ArchConfig, LoadableModel
+from .layers import apply_rotary, layer_norm_fp32, rope_frequencies, sinusoidal_timestep_embedding
+
+
+@dataclasses.dataclass(frozen=True)
+class WanDiTConfig(ArchConfig):
+    """Keys of the Diffusers ``transformer/config.json`` of ``WanTransformer3DModel``."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def validate(self) -> None:
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size: expected three positive ints, got {self.patch_size}")
+        for name in ("num_attention_heads", "attention_head_dim", "in_channels", "text_dim", "freq_dim",
+                     "ffn_dim", "num_layers", "rope_max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.attention_head_dim % 2:
+            raise ValueError(f"attention_head_dim: rotary embedding needs an even head dim, got {self.attention_head_dim}")
+        if self.qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"qk_norm: only 'rms_norm_across_heads' is supported, got {self.qk_norm!r}")
+        if self.image_dim is not None or self.added_kv_proj_dim is not None or self.pos_embed_seq_len is not None:
+            raise ValueError("image_dim/added_kv_proj_dim: image-conditioned Wan transformers are not supported yet")
+
+
+def rope_cos_sin(config: WanDiTConfig, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cos/sin tables of the 3-D rotary embedding for a (frames, height, width) token grid.
+
+    The head dim is split into a temporal part and two equal spatial parts; each token's
+    angle vector is [f * freq_t, h * freq_h, w * freq_w]. Returns two (F*H*W, head_dim/2) float32.
+    """
+    d = config.attention_head_dim
+    d_h = d_w = 2 * (d // 6)
+    d_t = d - d_h - d_w
+    f, h, w = grid
+    if max(grid) > config.rope_max_seq_len:
+        raise ValueError(f"token grid {grid} exceeds rope_max_seq_len={config.rope_max_seq_len}")
+    parts = []
+    for size, dim_part, axis in ((f, d_t, 0), (h, d_h, 1), (w, d_w, 2)):
+        angles = torch.arange(size, dtype=torch.float64)[:, None] * rope_frequencies(dim_part)[None, :]
+        shape = [1, 1, 1, angles.shape[1]]
+        shape[axis] = size
+        parts.append(angles.view(shape).expand(f, h, w, -1))
+    angles = torch.cat(parts, dim=-1).reshape(f * h * w, d // 2)  # (tokens, d/2)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+class _TwoLayerMLP(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, act: nn.Module):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_hidden)
+        self.act = act
+        self.linear_2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep -> (temb, six modulation vectors); text embeddings -> model width."""
+
+    def __init__(self, config: WanDiTConfig):
+        super().__init__()
+        dim = config.dim
+        self.freq_dim = config.freq_dim
+        self.time_embedder = _TwoLayerMLP(config.freq_dim, dim, dim, nn.SiLU())
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = _TwoLayerMLP(config.text_dim, dim, dim, nn.GELU(approximate="tanh"))
+
+    def forward(self, timestep: torch.Tensor, context: torch.Tensor):
+        t_freq = sinusoidal_timestep_embedding(timestep, self.freq_dim)  # (B, freq_dim) fp32
+        # the time MLP is kept in fp32; its output follows the activations' dtype
+        temb = self.time_embedder(t_freq.to(self.time_embedder.linear_1.weight.dtype)).to(context.dtype)
+        modulation = self.time_proj(F.silu(temb)).unflatten(1, (6, -1))  # (B, 6, dim)
+        return temb, modulation, self.text_embedder(context)
+
+
+class WanSelfOrCrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        # RMS norm over all heads together ("rms_norm_across_heads")
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        source = x if context is None else context
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, Lq, H, D)
+        k = self.norm_k(self.to_k(source)).unflatten(2, (self.heads, -1))  # (B, Lk, H, D)
+        v = self.to_v(source).unflatten(2, (self.heads, -1))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = attention(q, k, v).flatten(2).to(q.dtype)  # (B, Lq, H*D)
+        return self.to_out(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc_in = nn.Linear(dim, hidden)
+        self.fc_out = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, config: WanDiTConfig):
+        super().__init__()
+        dim = config.dim
+        self.eps = config.eps
+        self.attn1 = WanSelfOrCrossAttention(dim, config.num_attention_heads, config.eps)
+        self.attn2 = WanSelfOrCrossAttention(dim, config.num_attention_heads, config.eps)
+        self.norm2 = nn.LayerNorm(dim, eps=config.eps) if config.cross_attn_norm else None
+        self.ffn = FeedForward(dim, config.ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, modulation: torch.Tensor, rope) -> torch.Tensor:
+        # six (B, 1, dim) fp32 vectors: shift/scale/gate for attention, then for the feed-forward
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
+        dtype = x.dtype
+
+        h = (layer_norm_fp32(x, self.eps) * (1 + scale_a) + shift_a).to(dtype)
+        x = (x.float() + self.attn1(h, rope=rope) * gate_a).to(dtype)
+
+        if self.norm2 is None:
+            h = x
+        else:
+            h = layer_norm_fp32(x, self.eps, self.norm2.weight, self.norm2.bias).to(dtype)
+        x = x + self.attn2(h, context=context)
+
+        h = (layer_norm_fp32(x, self.eps) * (1 + scale_f) + shift_f).to(dtype)
+        return (x.float() + self.ffn(h).float() * gate_f).to(dtype)
+
+
+class WanDiT(LoadableModel):
+    """Wan diffusion transformer; loads ``WanTransformer3DModel`` checkpoints."""
+
+    config_class = WanDiTConfig
+    diffusers_class = "WanTransformer3DModel"
+    # (checkpoint fragment, parameter fragment), matched between dots
+    checkpoint_key_map = (
+        (".to_out.0.", ".to_out."),
+        (".ffn.net.0.proj.", ".ffn.fc_in."),
+        (".ffn.net.2.", ".ffn.fc_out."),
+    )
+    keep_fp32 = ("condition_embedder.time_embedder.", "scale_shift_table", ".norm2.")
+
+    def __init__(self, config: WanDiTConfig):
+        super().__init__(config)
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.condition_embedder = ConditionEmbedder(config)
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self._rope_cache: dict = {}
+
+    def _rope(self, grid, device):
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache = {key: rope_cos_sin(self.config, grid, device)}  # keep only the latest shape
+        return self._rope_cache[key]
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, F, H, W), timestep (B,), context (B, L, text_dim) -> prediction (B, C_out, F, H, W)."""
+        b, _, f, h, w = latents.shape
+        pt, ph, pw = self.config.patch_size
+        grid = (f // pt, h // ph, w // pw)
+        rope = self._rope(grid, latents.device)
+
+        x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()  # (B, tokens, dim)
+        temb, modulation, context = self.condition_embedder(timestep, context)
+        for block in self.blocks:
+            x = block(x, context, modulation, rope)
+
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, dim) each
+        x = (layer_norm_fp32(x, self.config.eps) * (1 + scale) + shift).to(x.dtype)
+        x = self.proj_out(x)  # (B, tokens, pt*ph*pw*C)
+        x = x.reshape(b, *grid, pt, ph, pw, -1)  # (B, f, h, w, pt, ph, pw, C)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+        return x.reshape(b, -1, grid[0] * pt, grid[1] * ph, grid[2] * pw)

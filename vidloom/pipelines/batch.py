@@ -1,0 +1,34 @@
+"""``ForwardBatch``: the lean, typed record that flows through the stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import SamplingParams
+
+
+@dataclass
+class ForwardBatch:
+    params: SamplingParams
+    # encoder outputs
+    prompt_embeds: torch.Tensor | None = None  # (B, L, D) in the DiT's dtype
+    negative_embeds: torch.Tensor | None = None  # (B, L, D), only with guidance
+    # denoising state
+    timesteps: torch.Tensor | None = None  # (N,)
+    sigmas: torch.Tensor | None = None  # (N+1,)
+    schedule: Any = None  # the scheduler's Schedule (sigmas, timesteps, shift), read-only
+    scheduler_state: Any = None  # the solver's explicit state, replaced each step
+    latents: torch.Tensor | None = None  # (B, C, F, H, W) float32
+    step_index: int = 0
+    # outputs
+    video: torch.Tensor | None = None  # (B, 3, T, H, W) in [0, 1], float32
+    trajectory: list[torch.Tensor] = field(default_factory=list)  # latents after each step
+    trajectory_video: list[torch.Tensor] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds
+
+    @property
+    def num_steps(self) -> int:
+        return self.params.num_inference_steps

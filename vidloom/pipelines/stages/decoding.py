@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import torch
+
+from ..base import PipelineStage, VerificationResult, is_tensor
+from ..batch import ForwardBatch
+
+
+class DecodingStage(PipelineStage):
+    """Latents -> video in [0, 1] through the VAE (whole or spatially tiled).
+
+    ``output_type="latent"`` skips it. The VAE runs in its own dtype (fp32 by default).
+    """
+
+    name = "decoding"
+
+    def __init__(self, vae, tiling: bool = False, tile_size: int = 256, tile_overlap: int = 64):
+        self.vae = vae
+        self.tiling = tiling
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def verify_input(self, batch: ForwardBatch) -> VerificationResult:
+        return VerificationResult(self.name, "input").check("latents", is_tensor(batch.latents, 5), "must be 5-D")
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, F, H, W) -> video (B, 3, T, H, W) float32 in [0, 1]."""
+        z = self.vae.denormalize_latents(latents.to(self.dtype))
+        if self.tiling:
+            factor = self.vae.config.spatial_factor  # tile sizes are given in pixels, the VAE takes latents
+            tile, overlap = self.tile_size // factor, self.tile_overlap // factor
+            video = self.vae.decode_tiled(z, tile_latent=(tile, tile), overlap_latent=(overlap, overlap))
+        else:
+            video = self.vae.decode(z)
+        return (video.float() * 0.5 + 0.5).clamp(0, 1)
+
+    def forward(self, batch: ForwardBatch) -> ForwardBatch:
+        if batch.params.output_type == "latent":
+            return batch
+        batch.video = self.decode(batch.latents)
+        if batch.params.decode_trajectory:
+            batch.trajectory_video = [self.decode(z) for z in batch.trajectory]
+        return batch
+
+    def verify_output(self, batch: ForwardBatch) -> VerificationResult:
+        r = VerificationResult(self.name, "output")
+        if batch.params.output_type != "latent":
+            p = batch.params
+            ok = is_tensor(batch.video, 5) and tuple(batch.video.shape[1:]) == (3, p.num_frames, p.height, p.width)
+            r.check("video", ok, f"must be (B, 3, {p.num_frames}, {p.height}, {p.width})")
+        return r

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import torch
+
+from ...errors import NumericalError
+from ..base import IterativeStage, VerificationResult, is_tensor
+from ..batch import ForwardBatch
+
+
+class DenoisingStage(IterativeStage):
+    """The denoising loop, one scheduler step per unit.
+
+    Per step: the DiT on the conditional (and, with guidance, unconditional) embeddings,
+    classifier-free guidance, then the scheduler step. Latents stay float32 between steps;
+    the DiT sees them in its own dtype, as the reference does.
+    """
+
+    name = "denoising"
+
+    def __init__(self, transformer: torch.nn.Module, scheduler, batch_cfg: bool = True, check_finite: bool = True):
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.batch_cfg = batch_cfg
+        self.check_finite = check_finite
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.proj_out.weight.dtype
+
+    def num_units(self, batch: ForwardBatch) -> int:
+        return batch.params.num_inference_steps
+
+    def verify_input(self, batch: ForwardBatch) -> VerificationResult:
+        r = VerificationResult(self.name, "input")
+        r.check("latents", is_tensor(batch.latents, 5), "must be (B, C, F, H, W)")
+        r.check("timesteps", is_tensor(batch.timesteps, 1), "must be prepared")
+        r.check("prompt_embeds", is_tensor(batch.prompt_embeds, 3), "must be encoded")
+        if batch.params.do_cfg:
+            r.check("negative_embeds", is_tensor(batch.negative_embeds, 3), "must be encoded with guidance")
+        return r
+
+    @torch.no_grad()
+    def predict(self, batch: ForwardBatch, t: torch.Tensor) -> torch.Tensor:
+        """The guided model prediction at timestep ``t``."""
+        x = batch.latents.to(self.dtype)
+        b = x.shape[0]
+        if not batch.params.do_cfg:
+            return self.transformer(x, t.expand(b), batch.prompt_embeds)
+        if self.batch_cfg:
+            both = self.transformer(
+                torch.cat([x, x]), t.expand(2 * b), torch.cat([batch.prompt_embeds, batch.negative_embeds])
+            )
+            cond, uncond = both.chunk(2)
+        else:
+            cond = self.transformer(x, t.expand(b), batch.prompt_embeds)
+            uncond = self.transformer(x, t.expand(b), batch.negative_embeds)
+        return uncond + batch.params.guidance_scale * (cond - uncond)
+
+    def step(self, batch: ForwardBatch, index: int) -> ForwardBatch:
+        t = batch.timesteps[index]
+        noise_pred = self.predict(batch, t)
+        latents, batch.scheduler_state = self.scheduler.step(
+            batch.schedule, batch.scheduler_state, noise_pred, batch.latents
+        )
+        if self.check_finite and not torch.isfinite(latents).all():
+            raise NumericalError(
+                f"latents became NaN/Inf at timestep {float(t):g} (try fp32 or bf16 instead of fp16)", step=index + 1
+            )
+        batch.latents = latents
+        batch.step_index = index + 1
+        if batch.params.return_trajectory:
+            batch.trajectory.append(latents.detach().clone())
+        return batch
+
+    def verify_output(self, batch: ForwardBatch) -> VerificationResult:
+        return VerificationResult(self.name, "output").check(
+            "step_index", batch.step_index == batch.num_steps, f"must reach {batch.num_steps}"
+        )
