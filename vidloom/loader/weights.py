@@ -53,12 +53,29 @@ def _rename(key: str, table, reverse: bool = False) -> str:
     return padded[1:-1]
 
 
+def checkpoint_target(model_cls: type[LoadableModel], key: str) -> tuple[str, int, int]:
+    """(parameter name, part index, number of parts) that checkpoint tensor ``key`` fills."""
+    padded = f".{key}."
+    for param_frag, parts in model_cls.fused_params:
+        for i, part in enumerate(parts):
+            if part in padded:
+                fused = padded.replace(part, param_frag)[1:-1]
+                return _rename(fused, model_cls.checkpoint_key_map), i, len(parts)
+    return _rename(key, model_cls.checkpoint_key_map), 0, 1
+
+
 def checkpoint_to_param_name(model_cls: type[LoadableModel], key: str) -> str:
-    return _rename(key, model_cls.checkpoint_key_map)
+    return checkpoint_target(model_cls, key)[0]
 
 
-def param_to_checkpoint_name(model_cls: type[LoadableModel], name: str) -> str:
-    return _rename(name, model_cls.checkpoint_key_map, reverse=True)
+def param_to_checkpoint_names(model_cls: type[LoadableModel], name: str) -> list[str]:
+    """The checkpoint keys parameter ``name`` is made of (several for a fused parameter)."""
+    renamed = _rename(name, model_cls.checkpoint_key_map, reverse=True)
+    padded = f".{renamed}."
+    for param_frag, parts in model_cls.fused_params:
+        if param_frag in padded:
+            return [padded.replace(param_frag, part)[1:-1] for part in parts]
+    return [renamed]
 
 
 def _target_dtype(model_cls, name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
@@ -75,6 +92,21 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
+def _fill_part(model, name: str, shape, part: int, parts: int, tensor: torch.Tensor, device, dtype) -> None:
+    """Write ``tensor`` as part ``part`` of ``parts`` (stacked along dim 0) of parameter ``name``."""
+    if parts == 1:
+        _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
+        return
+    param = model.get_parameter(name)
+    if param.is_meta:  # first part seen: allocate the fused parameter once
+        param = torch.empty(shape, device=device, dtype=dtype)
+        _set_tensor(model, name, param)
+        param = model.get_parameter(name)
+    rows = shape[0] // parts
+    with torch.no_grad():
+        param[part * rows:(part + 1) * rows].copy_(tensor)
+
+
 def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu", dtype=torch.float32):
     """Read ``config.json`` and the safetensors in ``folder`` into a ready ``model_cls``."""
     folder = Path(folder)
@@ -88,16 +120,15 @@ def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu",
 
     with torch.device("meta"):
         model = model_cls(config)
-    expected = dict(model.named_parameters())
-    filled: set[str] = set()
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    filled: set[str] = set()  # checkpoint keys consumed
     for path in find_weight_files(folder):
         _stream_file(model_cls, model, path, expected, filled, device, dtype)
-    missing = sorted(set(expected) - filled)
+    wanted = [key for name in expected for key in param_to_checkpoint_names(model_cls, name)]
+    missing = [key for key in wanted if key not in filled]
     if missing:
         raise ModelLoadError(
-            f"{len(missing)} parameter(s) not found in the checkpoint, first",
-            file=str(folder),
-            key=param_to_checkpoint_name(model_cls, missing[0]),
+            f"{len(missing)} tensor(s) not found in the checkpoint, first", file=str(folder), key=missing[0]
         )
     if any(b.is_meta for b in model.buffers()):
         raise ModelLoadError("model has buffers the checkpoint cannot fill", file=str(folder))
@@ -111,22 +142,22 @@ def _stream_file(model_cls, model, path: Path, expected, filled, device, dtype) 
         raise ModelLoadError(f"cannot read safetensors file ({exc})", file=str(path)) from exc
     with handle as fh:
         for key in fh.keys():
-            name = checkpoint_to_param_name(model_cls, key)
-            if name not in expected:
+            name, part, parts = checkpoint_target(model_cls, key)
+            if name not in expected or key in filled:
                 raise ModelLoadError("unexpected checkpoint key", file=str(path), key=key)
             try:
                 tensor = fh.get_tensor(key)
             except Exception as exc:
                 raise ModelLoadError(f"cannot read tensor ({exc})", file=str(path), key=key) from exc
-            want = expected[name].shape
-            if tuple(tensor.shape) != tuple(want):
+            shape = expected[name]
+            want = (shape[0] // parts, *shape[1:])
+            if tuple(tensor.shape) != want:
                 raise ModelLoadError(
-                    f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(want)}",
-                    file=str(path), key=key,
+                    f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {want}", file=str(path), key=key
                 )
             target = _target_dtype(model_cls, name, tensor.dtype, dtype)
-            _set_tensor(model, name, tensor.to(device=device, dtype=target))
-            filled.add(name)
+            _fill_part(model, name, shape, part, parts, tensor, device, target)
+            filled.add(key)
 
 
 def save_model(model: LoadableModel, folder: str | Path, version: str = "0.42.1") -> None:
@@ -135,8 +166,9 @@ def save_model(model: LoadableModel, folder: str | Path, version: str = "0.42.1"
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": model.diffusers_class, "_diffusers_version": version, **model.config.to_dict()}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    tensors = {
-        param_to_checkpoint_name(type(model), name): p.detach().contiguous().cpu()
-        for name, p in model.named_parameters()
-    }
+    tensors = {}
+    for name, p in model.named_parameters():
+        keys = param_to_checkpoint_names(type(model), name)
+        for key, piece in zip(keys, p.detach().cpu().chunk(len(keys), dim=0)):
+            tensors[key] = piece.contiguous()
     save_file(tensors, os.fspath(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})

@@ -95,7 +95,7 @@ class _TwoLayerMLP(nn.Module):
 
 
 class ConditionEmbedder(nn.Module):
-    """Timestep -> (temb, six modulation vectors); text embeddings -> model width."""
+    """Timestep -> (temb, six modulation vectors); the text projection to the model width."""
 
     def __init__(self, config: WanDiTConfig):
         super().__init__()
@@ -105,35 +105,54 @@ class ConditionEmbedder(nn.Module):
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.text_embedder = _TwoLayerMLP(config.text_dim, dim, dim, nn.GELU(approximate="tanh"))
 
-    def forward(self, timestep: torch.Tensor, context: torch.Tensor):
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype):
+        """timestep (B,) -> temb (B, dim) and modulation (B, 6, dim), both in ``dtype``."""
         t_freq = sinusoidal_timestep_embedding(timestep, self.freq_dim)  # (B, freq_dim) fp32
         # the time MLP is kept in fp32; its output follows the activations' dtype
-        temb = self.time_embedder(t_freq.to(self.time_embedder.linear_1.weight.dtype)).to(context.dtype)
-        modulation = self.time_proj(F.silu(temb)).unflatten(1, (6, -1))  # (B, 6, dim)
-        return temb, modulation, self.text_embedder(context)
+        temb = self.time_embedder(t_freq.to(self.time_embedder.linear_1.weight.dtype)).to(dtype)
+        return temb, self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
 
 
-class WanSelfOrCrossAttention(nn.Module):
+class WanSelfAttention(nn.Module):
+    """Self-attention over the video tokens with 3-D rotary positions; q, k, v in one matmul."""
+
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim)
         self.to_out = nn.Linear(dim, dim)
         # RMS norm over all heads together ("rms_norm_across_heads")
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None) -> torch.Tensor:
-        source = x if context is None else context
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, Lq, H, D)
-        k = self.norm_k(self.to_k(source)).unflatten(2, (self.heads, -1))  # (B, Lk, H, D)
-        v = self.to_v(source).unflatten(2, (self.heads, -1))
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = attention(q, k, v).flatten(2).to(q.dtype)  # (B, Lq, H*D)
-        return self.to_out(out)
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # (B, L, dim) each
+        q = apply_rotary(self.norm_q(q).unflatten(2, (self.heads, -1)), *rope)  # (B, L, H, D)
+        k = apply_rotary(self.norm_k(k).unflatten(2, (self.heads, -1)), *rope)
+        v = v.unflatten(2, (self.heads, -1))
+        return self.to_out(attention(q, k, v).flatten(2).to(x.dtype))
+
+
+class WanCrossAttention(nn.Module):
+    """Attention from the video tokens to the text tokens. The text keys and values depend
+    only on the prompt, so they are computed once per request (``context_kv``)."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(dim, 2 * dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        return self.norm_k(k).unflatten(2, (self.heads, -1)), v.unflatten(2, (self.heads, -1))  # (B, Lk, H, D)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+        return self.to_out(attention(q, *kv).flatten(2).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -151,25 +170,25 @@ class WanBlock(nn.Module):
         super().__init__()
         dim = config.dim
         self.eps = config.eps
-        self.attn1 = WanSelfOrCrossAttention(dim, config.num_attention_heads, config.eps)
-        self.attn2 = WanSelfOrCrossAttention(dim, config.num_attention_heads, config.eps)
+        self.attn1 = WanSelfAttention(dim, config.num_attention_heads, config.eps)
+        self.attn2 = WanCrossAttention(dim, config.num_attention_heads, config.eps)
         self.norm2 = nn.LayerNorm(dim, eps=config.eps) if config.cross_attn_norm else None
         self.ffn = FeedForward(dim, config.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, modulation: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context_kv, modulation: torch.Tensor, rope) -> torch.Tensor:
         # six (B, 1, dim) fp32 vectors: shift/scale/gate for attention, then for the feed-forward
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
         dtype = x.dtype
 
         h = (layer_norm_fp32(x, self.eps) * (1 + scale_a) + shift_a).to(dtype)
-        x = (x.float() + self.attn1(h, rope=rope) * gate_a).to(dtype)
+        x = (x.float() + self.attn1(h, rope) * gate_a).to(dtype)
 
         if self.norm2 is None:
             h = x
         else:
             h = layer_norm_fp32(x, self.eps, self.norm2.weight, self.norm2.bias).to(dtype)
-        x = x + self.attn2(h, context=context)
+        x = x + self.attn2(h, context_kv)
 
         h = (layer_norm_fp32(x, self.eps) * (1 + scale_f) + shift_f).to(dtype)
         return (x.float() + self.ffn(h).float() * gate_f).to(dtype)
@@ -185,6 +204,10 @@ class WanDiT(LoadableModel):
         (".to_out.0.", ".to_out."),
         (".ffn.net.0.proj.", ".ffn.fc_in."),
         (".ffn.net.2.", ".ffn.fc_out."),
+    )
+    fused_params = (
+        (".attn1.to_qkv.", (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v.")),
+        (".attn2.to_kv.", (".attn2.to_k.", ".attn2.to_v.")),
     )
     keep_fp32 = ("condition_embedder.time_embedder.", "scale_shift_table", ".norm2.")
 
@@ -204,17 +227,30 @@ class WanDiT(LoadableModel):
             self._rope_cache = {key: rope_cos_sin(self.config, grid, device)}  # keep only the latest shape
         return self._rope_cache[key]
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """latents (B, C, F, H, W), timestep (B,), context (B, L, text_dim) -> prediction (B, C_out, F, H, W)."""
+    def encode_context(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Text embeddings (B, L, text_dim) -> every block's cross-attention keys and values.
+
+        They depend on the prompt only: compute them once per request and pass them to
+        ``forward`` as ``context_kv`` at every step.
+        """
+        context = self.condition_embedder.text_embedder(context)
+        return [block.attn2.context_kv(context) for block in self.blocks]
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None = None,
+                context_kv: list | None = None) -> torch.Tensor:
+        """latents (B, C, F, H, W), timestep (B,), and either context (B, L, text_dim) or its
+        ``encode_context`` result -> prediction (B, C_out, F, H, W)."""
         b, _, f, h, w = latents.shape
         pt, ph, pw = self.config.patch_size
         grid = (f // pt, h // ph, w // pw)
         rope = self._rope(grid, latents.device)
+        if context_kv is None:
+            context_kv = self.encode_context(context)
 
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()  # (B, tokens, dim)
-        temb, modulation, context = self.condition_embedder(timestep, context)
-        for block in self.blocks:
-            x = block(x, context, modulation, rope)
+        temb, modulation = self.condition_embedder(timestep, dtype=x.dtype)
+        for block, kv in zip(self.blocks, context_kv):
+            x = block(x, kv, modulation, rope)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, dim) each
         x = (layer_norm_fp32(x, self.config.eps) * (1 + scale) + shift).to(x.dtype)

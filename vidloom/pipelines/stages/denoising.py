@@ -40,20 +40,30 @@ class DenoisingStage(IterativeStage):
         return r
 
     @torch.no_grad()
+    def prepare(self, batch: ForwardBatch) -> ForwardBatch:
+        """Per-request work done once: the text keys/values of every block, rows [cond; uncond]."""
+        embeds = batch.prompt_embeds
+        if batch.params.do_cfg:
+            embeds = torch.cat([batch.prompt_embeds, batch.negative_embeds])
+        batch.context_kv = self.transformer.encode_context(embeds)
+        return batch
+
+    def begin(self, batch: ForwardBatch) -> ForwardBatch:
+        return self.prepare(super().begin(batch))
+
+    @torch.no_grad()
     def predict(self, batch: ForwardBatch, t: torch.Tensor) -> torch.Tensor:
         """The guided model prediction at timestep ``t``."""
         x = batch.latents.to(self.dtype)
         b = x.shape[0]
         if not batch.params.do_cfg:
-            return self.transformer(x, t.expand(b), batch.prompt_embeds)
+            return self.transformer(x, t.expand(b), context_kv=batch.context_kv)
         if self.batch_cfg:
-            both = self.transformer(
-                torch.cat([x, x]), t.expand(2 * b), torch.cat([batch.prompt_embeds, batch.negative_embeds])
-            )
+            both = self.transformer(torch.cat([x, x]), t.expand(2 * b), context_kv=batch.context_kv)
             cond, uncond = both.chunk(2)
         else:
-            cond = self.transformer(x, t.expand(b), batch.prompt_embeds)
-            uncond = self.transformer(x, t.expand(b), batch.negative_embeds)
+            cond = self.transformer(x, t.expand(b), context_kv=_rows(batch.context_kv, slice(0, b)))
+            uncond = self.transformer(x, t.expand(b), context_kv=_rows(batch.context_kv, slice(b, 2 * b)))
         return uncond + batch.params.guidance_scale * (cond - uncond)
 
     def step(self, batch: ForwardBatch, index: int) -> ForwardBatch:
@@ -76,3 +86,7 @@ class DenoisingStage(IterativeStage):
         return VerificationResult(self.name, "output").check(
             "step_index", batch.step_index == batch.num_steps, f"must reach {batch.num_steps}"
         )
+
+
+def _rows(context_kv, rows: slice):
+    return [(k[rows], v[rows]) for k, v in context_kv]
