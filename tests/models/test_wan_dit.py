@@ -7,7 +7,7 @@ import torch
 
 from vidloom.loader.weights import load_model
 from vidloom.models.layers import apply_rotary
-from vidloom.models.wan_dit import WanDiT, WanDiTConfig, rope_cos_sin
+from vidloom.models.wan_dit import WanDiT, WanDiTConfig, rope_phasors
 
 FP32_RTOL = 1e-4
 BF16_RTOL = 2e-2  # ours in bf16 vs the reference in bf16 (same kept-fp32 parameters)
@@ -53,10 +53,10 @@ def test_forward_matches_diffusers_bf16(tiny_wan_dir, inputs):
 
 def test_rotary_is_a_rotation():
     cfg = WanDiTConfig(num_attention_heads=2, attention_head_dim=12, rope_max_seq_len=16)
-    cos, sin = rope_cos_sin(cfg, (2, 3, 4), "cpu")
-    assert cos.shape == (24, 6)
+    freqs = rope_phasors(cfg, (2, 3, 4), "cpu")
+    assert freqs.shape == (24, 6) and freqs.dtype == torch.complex64
     x = torch.randn(1, 24, 2, 12)
-    y = apply_rotary(x, cos, sin)
+    y = apply_rotary(x, freqs)
     # rotations keep each pair's norm; token 0 (all positions 0) is unchanged
     assert torch.allclose(x.norm(dim=-1), y.norm(dim=-1), rtol=1e-5)
     assert torch.allclose(x[:, 0], y[:, 0])
@@ -77,4 +77,4 @@ def test_config_rejects_unknown_and_unsupported_keys():
 def test_grid_larger_than_rope_table_is_an_error():
     cfg = WanDiTConfig(num_attention_heads=2, attention_head_dim=12, rope_max_seq_len=4)
     with pytest.raises(ValueError, match="rope_max_seq_len"):
-        rope_cos_sin(cfg, (2, 5, 2), "cpu")
+        rope_phasors(cfg, (2, 5, 2), "cpu")

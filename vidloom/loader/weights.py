@@ -92,15 +92,31 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
+def _input_major(model: torch.nn.Module, name: str, device, dtype) -> bool:
+    """Whether ``name`` is a Linear weight to store input-major: (out, in) values laid out as a
+    transposed (in, out) matrix. oneDNN's bf16 CPU matmul runs such weights ~1.5x faster at the
+    DiT's shapes (measured: 400 -> 600 GFLOP/s at 640x1536x1536); values are unchanged."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or not name.endswith(".weight"):
+        return False
+    owner_name = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(owner_name), torch.nn.Linear)
+
+
+def _empty(shape, device, dtype, input_major: bool) -> torch.Tensor:
+    if input_major:  # (in, out) storage seen through a transpose: shape (out, in), strides (1, out)
+        return torch.empty(shape[::-1], device=device, dtype=dtype).t()
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _fill_part(model, name: str, shape, part: int, parts: int, tensor: torch.Tensor, device, dtype) -> None:
     """Write ``tensor`` as part ``part`` of ``parts`` (stacked along dim 0) of parameter ``name``."""
-    if parts == 1:
+    input_major = _input_major(model, name, device, dtype)
+    if parts == 1 and not input_major:
         _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
         return
     param = model.get_parameter(name)
-    if param.is_meta:  # first part seen: allocate the fused parameter once
-        param = torch.empty(shape, device=device, dtype=dtype)
-        _set_tensor(model, name, param)
+    if param.is_meta:  # first part seen: allocate the parameter once
+        _set_tensor(model, name, _empty(shape, device, dtype, input_major))
         param = model.get_parameter(name)
     rows = shape[0] // parts
     with torch.no_grad():

@@ -18,7 +18,7 @@ from torch import nn
 
 from .attention import attention
 from .base import ArchConfig, LoadableModel
-from .layers import apply_rotary, layer_norm_fp32, rope_frequencies, sinusoidal_timestep_embedding
+from .layers import apply_rotary, layer_norm_fp32, linear_gelu_tanh, rope_frequencies, sinusoidal_timestep_embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +61,12 @@ class WanDiTConfig(ArchConfig):
             raise ValueError("image_dim/added_kv_proj_dim: image-conditioned Wan transformers are not supported yet")
 
 
-def rope_cos_sin(config: WanDiTConfig, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cos/sin tables of the 3-D rotary embedding for a (frames, height, width) token grid.
+def rope_phasors(config: WanDiTConfig, grid: tuple[int, int, int], device) -> torch.Tensor:
+    """Unit phasors of the 3-D rotary embedding for a (frames, height, width) token grid.
 
     The head dim is split into a temporal part and two equal spatial parts; each token's
-    angle vector is [f * freq_t, h * freq_h, w * freq_w]. Returns two (F*H*W, head_dim/2) float32.
+    angle vector is [f * freq_t, h * freq_h, w * freq_w]. Returns (F*H*W, head_dim/2) complex64,
+    angles computed in float64 as the reference does.
     """
     d = config.attention_head_dim
     d_h = d_w = 2 * (d // 6)
@@ -80,7 +81,7 @@ def rope_cos_sin(config: WanDiTConfig, grid: tuple[int, int, int], device) -> tu
         shape[axis] = size
         parts.append(angles.view(shape).expand(f, h, w, -1))
     angles = torch.cat(parts, dim=-1).reshape(f * h * w, d // 2)  # (tokens, d/2)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    return torch.complex(angles.cos().float(), angles.sin().float()).to(device)
 
 
 class _TwoLayerMLP(nn.Module):
@@ -127,8 +128,8 @@ class WanSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # (B, L, dim) each
-        q = apply_rotary(self.norm_q(q).unflatten(2, (self.heads, -1)), *rope)  # (B, L, H, D)
-        k = apply_rotary(self.norm_k(k).unflatten(2, (self.heads, -1)), *rope)
+        q = apply_rotary(self.norm_q(q).unflatten(2, (self.heads, -1)), rope)  # (B, L, H, D)
+        k = apply_rotary(self.norm_k(k).unflatten(2, (self.heads, -1)), rope)
         v = v.unflatten(2, (self.heads, -1))
         return self.to_out(attention(q, k, v).flatten(2).to(x.dtype))
 
@@ -162,7 +163,7 @@ class FeedForward(nn.Module):
         self.fc_out = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+        return self.fc_out(linear_gelu_tanh(x, self.fc_in))
 
 
 class WanBlock(nn.Module):
@@ -181,8 +182,9 @@ class WanBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
         dtype = x.dtype
 
-        h = (layer_norm_fp32(x, self.eps) * (1 + scale_a) + shift_a).to(dtype)
-        x = (x.float() + self.attn1(h, rope) * gate_a).to(dtype)
+        # modulate(x) = norm(x) * (1 + scale) + shift, in float32; residuals also added in float32
+        h = torch.addcmul(shift_a, layer_norm_fp32(x, self.eps), 1 + scale_a).to(dtype)
+        x = torch.addcmul(x.float(), self.attn1(h, rope), gate_a).to(dtype)
 
         if self.norm2 is None:
             h = x
@@ -190,8 +192,8 @@ class WanBlock(nn.Module):
             h = layer_norm_fp32(x, self.eps, self.norm2.weight, self.norm2.bias).to(dtype)
         x = x + self.attn2(h, context_kv)
 
-        h = (layer_norm_fp32(x, self.eps) * (1 + scale_f) + shift_f).to(dtype)
-        return (x.float() + self.ffn(h).float() * gate_f).to(dtype)
+        h = torch.addcmul(shift_f, layer_norm_fp32(x, self.eps), 1 + scale_f).to(dtype)
+        return torch.addcmul(x.float(), self.ffn(h), gate_f).to(dtype)
 
 
 class WanDiT(LoadableModel):
@@ -224,7 +226,7 @@ class WanDiT(LoadableModel):
     def _rope(self, grid, device):
         key = (grid, str(device))
         if key not in self._rope_cache:
-            self._rope_cache = {key: rope_cos_sin(self.config, grid, device)}  # keep only the latest shape
+            self._rope_cache = {key: rope_phasors(self.config, grid, device)}  # keep only the latest shape
         return self._rope_cache[key]
 
     def encode_context(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

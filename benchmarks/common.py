@@ -1,0 +1,112 @@
+"""Shared helpers of the benchmark scripts: model folders, timing, peak memory, matmul ceiling.
+
+Benchmarks run vidloom and its reference (diffusers) side by side in one process run and
+print ratios: these machines are shared and noisy, so only same-run ratios mean much.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+CACHE = Path(os.environ.get("VIDLOOM_BENCH_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "bench"))
+
+# Wan2.1-T2V-1.3B transformer (diffusers config of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)
+WAN_1_3B_TRANSFORMER = dict(
+    patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+    pos_embed_seq_len=None,
+)
+# Wan2.1 VAE (base_dim 96, z_dim 16), the defaults of AutoencoderKLWan
+WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+               temperal_downsample=[False, True, True], dropout=0.0)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; python {platform.python_version()}")
+
+
+def ensure_transformer_folder(name: str, config: dict, dtype=torch.bfloat16, seed: int = 0) -> Path:
+    """A random-weight transformer folder in Diffusers layout, written once and reused."""
+    from vidloom.loader.weights import save_model
+    from vidloom.models.wan_dit import WanDiT, WanDiTConfig
+
+    folder = CACHE / name
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    model = WanDiT(WanDiTConfig.from_dict(config)).to(dtype)
+    save_model(model, folder)
+    del model
+    gc.collect()
+    return folder
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median times of several functions, run in turn (a, b, a, b, ...) so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_ceiling(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+    """Measured FLOP/s of an n x n x n matmul in ``dtype`` (best of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def write_result(name: str, data: dict) -> Path:
+    out = CACHE / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
