@@ -1,0 +1,38 @@
+"""Training clips from the procedural world, generated once per seed and cached as uint8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..world import make_clip, train_specs
+
+
+def build_clips(frames: int, size: int, clips_per_spec: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """(N, T, H, W, 3) uint8 clips and their captions, N = clips_per_spec x training combinations."""
+    rng = np.random.default_rng(seed)
+    specs = [s for s in train_specs() for _ in range(clips_per_spec)]
+    clips = np.empty((len(specs), frames, size, size, 3), dtype=np.uint8)
+    for i, spec in enumerate(specs):
+        clips[i] = np.round(make_clip(spec, rng, frames=frames, size=size).frames * 255)
+    return clips, [s.caption for s in specs]
+
+
+def load_or_build_clips(cache: Path, frames: int, size: int, clips_per_spec: int, seed: int):
+    path = cache / f"clips_f{frames}_s{size}_n{clips_per_spec}_seed{seed}.npz"
+    if path.is_file():
+        data = np.load(path)
+        return data["clips"], [str(c) for c in data["captions"]]
+    clips, captions = build_clips(frames, size, clips_per_spec, seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, clips=clips, captions=np.array(captions))
+    return clips, captions
+
+
+def to_model_range(clips_uint8: np.ndarray):
+    """(N, T, H, W, 3) uint8 -> torch (N, 3, T, H, W) float32 in [-1, 1]."""
+    import torch
+
+    x = torch.from_numpy(clips_uint8).float().div_(127.5).sub_(1.0)
+    return x.permute(0, 4, 1, 2, 3).contiguous()

@@ -1,0 +1,106 @@
+"""Phase 2: the DiT, trained with the flow-matching objective Wan uses.
+
+Latents are encoded once with the trained VAE (posterior means) and normalised per channel;
+the statistics become the VAE config's ``latents_mean`` / ``latents_std`` so that inference
+undoes exactly this normalisation. Caption embeddings come from the frozen UMT5 encoder through
+the same path as inference (clean, tokenise, pad to ``max_sequence_length``, zero the padding),
+one per distinct caption. A dropped caption is replaced by the empty caption's embedding, which
+is what classifier-free guidance uses as its unconditional branch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.encoders import WanTextEncoder
+from ..models.wan_dit import WanDiT, WanDiTConfig
+from ..models.wan_vae import WanVAE
+from .data import to_model_range
+from .loop import Checkpointer, ema_update, lr_at, restore_rng, rng_state, run_steps
+from .recipe import Recipe
+
+MAX_SEQUENCE_LENGTH = 512  # the inference default; the DiT cross-attends to every padded position
+
+
+@torch.no_grad()
+def encode_latents(vae: WanVAE, clips: np.ndarray, batch: int = 8) -> torch.Tensor:
+    """(N, T, H, W, 3) uint8 -> (N, z, t, h, w) float32 posterior means (not normalised)."""
+    out = [vae.encode_mean(to_model_range(clips[i:i + batch])) for i in range(0, len(clips), batch)]
+    return torch.cat(out)
+
+
+def latent_stats(latents: torch.Tensor) -> tuple[list[float], list[float]]:
+    dims = (0, 2, 3, 4)
+    return latents.mean(dim=dims).tolist(), latents.std(dim=dims).clamp_min(1e-3).tolist()
+
+
+@torch.no_grad()
+def caption_table(text_encoder: WanTextEncoder, captions: list[str]) -> tuple[torch.Tensor, dict[str, int]]:
+    """Embeddings (U + 1, L, D) of the distinct captions, the empty caption last."""
+    unique = sorted(set(captions)) + [""]
+    table = torch.cat([text_encoder.encode(unique[i:i + 16], MAX_SEQUENCE_LENGTH)
+                       for i in range(0, len(unique), 16)])
+    return table, {c: i for i, c in enumerate(unique)}
+
+
+def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Logit-normal noise levels, shifted towards high noise as the sampler's flow shift does."""
+    s = torch.sigmoid(torch.randn(n, generator=generator))
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow_matching_loss(dit: WanDiT, x0: torch.Tensor, context: torch.Tensor, sigmas: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
+    s = sigmas.view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    target = noise - x0  # the velocity the flow-prediction scheduler integrates
+    return F.mse_loss(dit(xt, sigmas * 1000, context), target)
+
+
+def train_dit(recipe: Recipe, latents: torch.Tensor, caption_ids: torch.Tensor, table: torch.Tensor,
+              empty_id: int, run_dir: Path, minutes: float | None = None) -> tuple[WanDiT, dict]:
+    """Train (or resume) the DiT on normalised ``latents``; returns the model and its EMA weights."""
+    ckpt = Checkpointer(run_dir / "dit.pt")
+    np_rng = np.random.default_rng(recipe.seed + 2)
+    generator = torch.Generator().manual_seed(recipe.seed + 3)
+    torch.manual_seed(recipe.seed + 4)
+    dit = WanDiT(WanDiTConfig.from_dict(recipe.dit_arch))
+    ema = {n: p.detach().clone() for n, p in dit.named_parameters()}
+    opt = torch.optim.AdamW(dit.parameters(), lr=recipe.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    start = 0
+    if (state := ckpt.load()) is not None:
+        dit.load_state_dict(state["model"])
+        ema = state["ema"]
+        opt.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], np_rng)
+        generator.set_state(state["generator"])
+        start = state["step"]
+    dit.train()
+
+    def step_fn(step: int) -> float:
+        idx = torch.from_numpy(np_rng.integers(0, len(latents), recipe.dit_batch))
+        ids = caption_ids[idx].clone()
+        ids[torch.rand(len(ids), generator=generator) < recipe.dit_caption_dropout] = empty_id
+        sigmas = sample_sigmas(len(idx), recipe.dit_timestep_shift, generator)
+        noise = torch.randn(latents[idx].shape, generator=generator)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.dit_steps, recipe.dit_lr, recipe.dit_warmup)
+        loss = flow_matching_loss(dit, latents[idx], table[ids], sigmas, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, dit, recipe.dit_ema)
+        return loss.item()
+
+    def save_fn(step: int) -> None:
+        ckpt.save({"model": dit.state_dict(), "ema": ema, "optimizer": opt.state_dict(), "rng": rng_state(np_rng),
+                   "generator": generator.get_state(), "step": step})
+
+    run_steps(start, recipe.dit_steps, step_fn, save_fn, run_dir / "dit_log.jsonl", recipe.checkpoint_minutes,
+              "dit", minutes)
+    return dit.eval(), ema

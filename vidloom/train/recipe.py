@@ -1,0 +1,60 @@
+"""The architecture and training settings of the default model, as plain presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Wan2.1 architecture, small: 4x spatial / 4x temporal VAE, 2x2 DiT patches
+VAE_ARCH = dict(
+    base_dim=32, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[True, True],
+    dropout=0.0, latents_mean=[0.0] * 16, latents_std=[1.0] * 16, scale_factor_temporal=4, scale_factor_spatial=4,
+)
+DIT_ARCH = dict(
+    patch_size=[1, 2, 2], num_attention_heads=4, attention_head_dim=48, in_channels=16, out_channels=16,
+    text_dim=128, freq_dim=128, ffn_dim=768, num_layers=6, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=64, pos_embed_seq_len=None,
+)
+TEXT_ENCODER_ARCH = dict(
+    d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, relative_attention_num_buckets=16,
+    relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+)
+MICRO_VAE_ARCH = dict(VAE_ARCH, base_dim=8, z_dim=4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+MICRO_DIT_ARCH = dict(DIT_ARCH, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                      text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1)
+MICRO_TEXT_ENCODER_ARCH = dict(TEXT_ENCODER_ARCH, d_model=16, d_kv=8, d_ff=32, num_heads=2)
+
+
+@dataclass
+class Recipe:
+    vae_arch: dict = field(default_factory=lambda: dict(VAE_ARCH))
+    dit_arch: dict = field(default_factory=lambda: dict(DIT_ARCH))
+    text_encoder_arch: dict = field(default_factory=lambda: dict(TEXT_ENCODER_ARCH))
+    frames: int = 17
+    size: int = 64
+    clips_per_spec: int = 40  # training clips per colour x shape x direction combination
+    seed: int = 0
+    # VAE phase
+    vae_steps: int = 6000
+    vae_batch: int = 4
+    vae_frames: int = 9  # clips are cut to this many frames for VAE training (the VAE is causal)
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    vae_object_weight: float = 5.0  # loss weight on object pixels (they are a few % of the frame)
+    # DiT phase
+    dit_steps: int = 8000
+    dit_batch: int = 32
+    dit_lr: float = 1e-3
+    dit_warmup: int = 200
+    dit_caption_dropout: float = 0.1
+    dit_ema: float = 0.999
+    dit_timestep_shift: float = 3.0
+    checkpoint_minutes: float = 5.0
+
+
+PRESETS = {
+    "default": Recipe,
+    "micro": lambda: Recipe(vae_arch=dict(MICRO_VAE_ARCH), dit_arch=dict(MICRO_DIT_ARCH),
+                            text_encoder_arch=dict(MICRO_TEXT_ENCODER_ARCH), frames=5, size=32, clips_per_spec=1,
+                            vae_steps=20, vae_batch=2, vae_frames=5, dit_steps=30, dit_batch=8, dit_warmup=5,
+                            checkpoint_minutes=0.0),
+}

@@ -1,0 +1,89 @@
+"""Phase 1: the VAE, trained on clip reconstruction with a small KL term.
+
+Object pixels (a few % of each frame) get a larger loss weight, otherwise the average
+background satisfies the loss. The decoder is trained on its unclamped output (the
+inference decode clamps to [-1, 1], whose gradient is zero where it saturates).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.wan_vae import WanVAE, WanVAEConfig
+from .data import to_model_range
+from .loop import Checkpointer, lr_at, restore_rng, rng_state, run_steps
+from .recipe import Recipe
+
+
+def new_vae(recipe: Recipe, seed: int) -> WanVAE:
+    torch.manual_seed(seed)
+    vae = WanVAE(WanVAEConfig.from_dict(recipe.vae_arch))
+    z = vae.config.z_dim
+    with torch.no_grad():
+        # start with little posterior noise: log-variance half of quant_conv's output near -6
+        vae.quant_conv.bias[z:].fill_(-6.0)
+    return vae
+
+
+def vae_loss(vae: WanVAE, x: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, dict]:
+    mean, logvar = vae.encode(x)
+    z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+    rec = vae.decode(z, clamp=False)
+    # object pixels: far from the frame's background colour (the clip's corner pixel)
+    background = x[:, :, :, :1, :1]
+    is_object = ((x - background).abs().amax(dim=1, keepdim=True) > 0.3).float()
+    weight = 1 + (recipe.vae_object_weight - 1) * is_object
+    l1 = (weight * (rec - x).abs()).mean()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+    mse = (rec.clamp(-1, 1) - x).pow(2).mean()
+    psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))  # range [-1, 1]: peak-to-peak 2
+    return l1 + recipe.vae_kl_weight * kl, {"l1": l1.item(), "kl": kl.item(), "psnr": psnr.item()}
+
+
+def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float | None = None) -> WanVAE:
+    """Train (or resume) the VAE in ``run_dir``; returns the VAE at the step reached."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(run_dir / "vae.pt")
+    np_rng = np.random.default_rng(recipe.seed + 1)
+    vae = new_vae(recipe, recipe.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    start = 0
+    if (state := ckpt.load()) is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], np_rng)
+        start = state["step"]
+    vae.train()
+    n, t_total = len(clips), clips.shape[1]
+
+    def step_fn(step: int) -> float:
+        idx = np_rng.integers(0, n, recipe.vae_batch)
+        t0 = int(np_rng.integers(0, t_total - recipe.vae_frames + 1))
+        x = to_model_range(clips[idx, t0:t0 + recipe.vae_frames])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.vae_steps, recipe.vae_lr, warmup=100)
+        loss, _ = vae_loss(vae, x, recipe)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    def save_fn(step: int) -> None:
+        ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng), "step": step})
+
+    run_steps(start, recipe.vae_steps, step_fn, save_fn, run_dir / "vae_log.jsonl", recipe.checkpoint_minutes,
+              "vae", minutes)
+    return vae.eval()
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: WanVAE, clips: np.ndarray, count: int = 16) -> float:
+    """Mean PSNR (dB, frames in [0, 1]) of full-length clips through encode-mean and decode."""
+    x = to_model_range(clips[:count])
+    rec = torch.cat([vae.decode(vae.encode_mean(x[i:i + 4])) for i in range(0, len(x), 4)])
+    mse = ((rec - x) / 2).pow(2).mean(dim=(1, 2, 3, 4))
+    return float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean())
