@@ -53,10 +53,11 @@ def restore_rng(state: dict, np_rng: np.random.Generator) -> None:
 
 
 def run_steps(
-    start: int, total: int, step_fn: Callable[[int], float], save_fn: Callable[[int], None],
+    start: int, total: int, step_fn: Callable[[int], float | dict], save_fn: Callable[[int], None],
     log_path: Path, checkpoint_minutes: float, desc: str, minutes: float | None = None,
 ) -> int:
-    """Run ``step_fn(step) -> loss`` from ``start`` to ``total``; checkpoint every few minutes, at the
+    """Run ``step_fn(step) -> loss`` (or a dict with "loss" and other figures to log) from ``start`` to
+    ``total``; checkpoint every few minutes, at the
     end and when the time budget ``minutes`` runs out. Returns the step reached."""
     from tqdm import tqdm
 
@@ -64,11 +65,12 @@ def run_steps(
     step = start
     with tqdm(total=total, initial=start, desc=desc, unit="it", mininterval=2.0) as bar, open(log_path, "a") as log:
         while step < total:
-            loss = step_fn(step)
+            out = step_fn(step)
+            record = out if isinstance(out, dict) else {"loss": out}
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            log.write(json.dumps({"step": step, "loss": loss, "time": time.time()}) + "\n")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()})
+            log.write(json.dumps({"step": step, **record, "time": time.time()}) + "\n")
             out_of_time = minutes is not None and time.time() - began > minutes * 60
             if step == total or out_of_time or time.time() - last_save > checkpoint_minutes * 60:
                 log.flush()

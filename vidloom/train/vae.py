@@ -32,8 +32,8 @@ def vae_loss(vae: WanVAE, x: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor
     mean, logvar = vae.encode(x)
     z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
     rec = vae.decode(z, clamp=False)
-    # object pixels: far from the frame's background colour (the clip's corner pixel)
-    background = x[:, :, :, :1, :1]
+    # object pixels: far from the background colour (the plain background fills the borders)
+    background = x.flatten(2).median(dim=2).values[:, :, None, None, None]
     is_object = ((x - background).abs().amax(dim=1, keepdim=True) > 0.3).float()
     weight = 1 + (recipe.vae_object_weight - 1) * is_object
     l1 = (weight * (rec - x).abs()).mean()
@@ -57,20 +57,22 @@ def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float |
         restore_rng(state["rng"], np_rng)
         start = state["step"]
     vae.train()
-    n, t_total = len(clips), clips.shape[1]
+    n, t_total, size = len(clips), clips.shape[1], clips.shape[2]
+    crop = min(recipe.vae_crop, size)
 
     def step_fn(step: int) -> float:
         idx = np_rng.integers(0, n, recipe.vae_batch)
         t0 = int(np_rng.integers(0, t_total - recipe.vae_frames + 1))
-        x = to_model_range(clips[idx, t0:t0 + recipe.vae_frames])
+        y0, x0 = (int(v) for v in np_rng.integers(0, size - crop + 1, 2))
+        x = to_model_range(clips[idx, t0:t0 + recipe.vae_frames, y0:y0 + crop, x0:x0 + crop])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe.vae_steps, recipe.vae_lr, warmup=100)
-        loss, _ = vae_loss(vae, x, recipe)
+        loss, info = vae_loss(vae, x, recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        return loss.item()
+        return {"loss": loss.item(), "psnr": info["psnr"]}
 
     def save_fn(step: int) -> None:
         ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng), "step": step})
