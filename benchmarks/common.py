@@ -110,3 +110,44 @@ def write_result(name: str, data: dict) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def ensure_converted_folder(src: Path, name: str, dtype: torch.dtype) -> Path:
+    """A copy of the model folder ``src`` with its floating-point tensors cast to ``dtype``,
+    written tensor by tensor (never the whole model in memory) and reused once written."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from vidloom.loader.weights import SAFETENSORS_DTYPES as TYPES
+
+    folder = CACHE / name
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    src_file = src / "diffusion_pytorch_model.safetensors"
+    codes = {dt: code for code, dt in TYPES.items()}
+    with safe_open(str(src_file), framework="pt") as fh:
+        keys = list(fh.keys())
+        header, offset = {"__metadata__": fh.metadata() or {}}, 0
+        for key in keys:
+            info = fh.get_slice(key)
+            src_dt = TYPES[info.get_dtype()]
+            dt = dtype if src_dt.is_floating_point else src_dt
+            nbytes = dt.itemsize
+            for n in info.get_shape():
+                nbytes *= n
+            header[key] = dict(dtype=codes[dt], shape=info.get_shape(), data_offsets=[offset, offset + nbytes])
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        tmp = folder / "diffusion_pytorch_model.safetensors.tmp"
+        with open(tmp, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+            for key in keys:
+                t = fh.get_tensor(key)
+                t = t.to(dtype) if t.is_floating_point() else t
+                out.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    tmp.rename(folder / "diffusion_pytorch_model.safetensors")
+    shutil.copy(src / "config.json", folder / "config.json")
+    return folder

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from vidloom import ModelLoadError, VideoGenerator
-from vidloom.loader.weights import load_model, param_to_checkpoint_names
+from vidloom.loader import weights as weights_mod
+from vidloom.loader.weights import load_model, param_to_checkpoint_names, save_model
 from vidloom.models.wan_dit import WanDiT
 from vidloom.pipelines import registered_pipelines
 
@@ -133,3 +137,132 @@ def test_component_dtypes(tiny_wan_dir):
     gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype=torch.float32, dit_dtype="bf16")
     assert gen.pipeline.components["transformer"].proj_out.weight.dtype == torch.bfloat16
     assert gen.pipeline.components["text_encoder"].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- the safetensors reader
+
+def _header(path):
+    """(header dict, data start) of a safetensors file."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), 8 + n
+
+
+def _write_with_header(path, header, data: bytes):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def _bits(t):
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def _reference_param(ckpt, name, dtype):
+    """What safetensors gives for parameter ``name``: the checkpoint tensor(s), fused, cast."""
+    keys = param_to_checkpoint_names(WanDiT, name)
+    return torch.cat([ckpt[k] for k in keys]).to(dtype)
+
+
+@pytest.mark.parametrize("stored,loaded", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_loading_is_bit_exact(tiny_wan_dir, tmp_path, monkeypatch, stored, loaded):
+    src = load_file(weights(tiny_wan_dir))
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    shutil.copy(tiny_wan_dir / "transformer" / "config.json", folder / "config.json")
+    ckpt = {k: v.to(stored) for k, v in src.items()}
+    save_file(ckpt, str(folder / "diffusion_pytorch_model.safetensors"))
+    # tiny tensors: force the huge-page mapping and several staging chunks and serial pieces
+    monkeypatch.setattr(weights_mod, "HUGE_PAGE_BYTES", 1)
+    monkeypatch.setattr(weights_mod, "STAGING_BYTES", 100)
+    monkeypatch.setattr(weights_mod, "TRANSPOSE_ROWS", 3)
+    monkeypatch.setattr(weights_mod, "SERIAL_ELEMENTS", 7)
+    model = load_model(WanDiT, folder, dtype=loaded)
+    for name, p in model.named_parameters():
+        want = _reference_param(ckpt, name, p.dtype)
+        assert p.dtype == (torch.float32 if any(k in f".{name}" for k in WanDiT.keep_fp32) else loaded), name
+        assert p.shape == want.shape and torch.equal(_bits(p), _bits(want)), name
+    qkv = model.blocks[0].attn1.to_qkv.weight
+    assert qkv.stride() == ((1, qkv.shape[0]) if loaded == torch.bfloat16 else (qkv.shape[1], 1))
+
+
+def test_truncated_data_names_file_and_key(model_copy):
+    path = weights(model_copy)
+    header, start = _header(path)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    path.write_bytes(path.read_bytes()[:-10])  # the header is intact, the data 10 bytes short
+    with pytest.raises(ModelLoadError, match="truncated") as err:
+        load_model(WanDiT, model_copy / "transformer")
+    assert err.value.key == last and err.value.file == str(path)
+
+
+@pytest.mark.parametrize("corrupt,match,names_key", [
+    (lambda h, d: (b"\xff" * 8, b""), "header length", False),
+    (lambda h, d: (len(b"{nope").to_bytes(8, "little") + b"{nope", d), "not valid JSON", False),
+    (lambda h, d: _replace(h, d, dtype="F7"), "unknown dtype 'F7'", True),
+    (lambda h, d: _replace(h, d, shape=[-1]), "invalid shape", True),
+    (lambda h, d: _replace(h, d, data_offsets=[8, 4]), "invalid data_offsets", True),
+    (lambda h, d: _replace(h, d, shape=[3, 3]), "F32 needs 36", True),
+])
+def test_bad_header_names_file(model_copy, corrupt, match, names_key):
+    path = weights(model_copy)
+    header, start = _header(path)
+    data = path.read_bytes()[start:]
+    head, body = corrupt(header, data)
+    path.write_bytes(head + body)
+    with pytest.raises(ModelLoadError, match=f"cannot read safetensors file.*{match}") as err:
+        load_model(WanDiT, model_copy / "transformer")
+    assert err.value.file == str(path)
+    assert (err.value.key == "proj_out.bias") == names_key
+
+
+def _replace(header, data, **fields):
+    header = dict(header)
+    header["proj_out.bias"] = {**header["proj_out.bias"], **fields}
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw, data
+
+
+def test_file_shrinking_while_loading(model_copy, monkeypatch):
+    real = os.preadv
+
+    def short_read(fd, buffers, offset):  # the file ends early, as if truncated under the loader
+        return 0 if offset > 4096 else real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", short_read)
+    with pytest.raises(ModelLoadError, match="file ended early") as err:
+        load_model(WanDiT, model_copy / "transformer")
+    assert err.value.key and err.value.file == str(weights(model_copy))
+
+
+_PEAK_SCRIPT = """
+import sys, torch
+from vidloom.loader.weights import load_model
+from vidloom.models.wan_dit import WanDiT, WanDiTConfig
+def status(field):  # kB; VmHWM is this process's own peak (ru_maxrss keeps a forking parent's across exec)
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field))
+with torch.device("meta"):  # imports that building a model triggers, outside the measurement
+    WanDiT(WanDiTConfig.from_json(sys.argv[1] + "/config.json"))
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # peak := current
+before = status("VmRSS")
+model = load_model(WanDiT, sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+print(status("VmHWM") - before, sum(p.numel() * p.element_size() for p in model.parameters()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_peak_memory_is_about_the_weights(tmp_path, dtype):
+    """Loading holds the weights once: no mapped file pages, no second copy (18 or 36 MB of weights)."""
+    from vidloom.models.wan_dit import WanDiTConfig
+
+    cfg = WanDiTConfig(num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, num_layers=8, text_dim=256,
+                       freq_dim=64)
+    torch.manual_seed(0)
+    save_model(WanDiT(cfg).to(torch.bfloat16), tmp_path)
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path), dtype], check=True,
+                         capture_output=True, text=True)
+    peak, weights_bytes = (int(v) for v in out.stdout.split())
+    assert peak <= 1.15 * weights_bytes + 8 * 2**20, (peak, weights_bytes)  # the old loader: 2.1x, 1.55x

@@ -1,24 +1,46 @@
-"""Build a model on the meta device and stream its safetensors weights into it.
+"""Build a model on the meta device and read its safetensors weights straight into it.
 
-No second full copy of the weights is made: each tensor is read from the file, cast to
-the target dtype and device, and becomes the parameter. Every checkpoint key must be
-consumed and every parameter filled, otherwise a ModelLoadError names the key and file.
+Each parameter is allocated once, in its final dtype, device and layout, and the file's bytes
+are read into it with plain positioned reads. No mmap: the touched pages of a mapped file count
+as resident memory of the process, so reading through a mapping and then copying holds the
+weights twice. A tensor that needs converting (another dtype, the input-major layout, another
+device) goes through a small staging buffer a few rows at a time. Large CPU parameters live in
+anonymous mappings advised for huge pages: filling 4 KiB pages one fault at a time cost about as
+much as the reads themselves. Every checkpoint key must be consumed and every parameter filled,
+otherwise a ModelLoadError names the key and file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import mmap
 import os
+import threading
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ModelLoadError
 from ..models.base import LoadableModel
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+
+# the dtype codes of the safetensors format
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
+HUGE_PAGE_BYTES = 2 * 2**20  # CPU parameters at least this large get a huge-page mapping
+STAGING_BYTES = 2 * 2**20  # bytes read per converting copy: they stay in L2 between the read and the copy
+TRANSPOSE_ROWS = 64  # rows per read into an input-major weight: the transposed writes stay in cache
+SERIAL_ELEMENTS = 32767  # torch runs an elementwise copy below its grain size (32768) on the calling thread
+LOAD_THREADS = 2  # tensors read and converted at once, each on its own thread
 
 
 def find_weight_files(folder: Path) -> list[Path]:
@@ -102,25 +124,186 @@ def _input_major(model: torch.nn.Module, name: str, device, dtype) -> bool:
     return isinstance(model.get_submodule(owner_name), torch.nn.Linear)
 
 
+# ----------------------------------------------------------------------------- safetensors files
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file: where its bytes lie and what they hold."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # file position of the first byte
+    nbytes: int
+
+
+class SafetensorsFile:
+    """A safetensors file read with positioned reads: ``entries`` from the header (checked against
+    the file's size), ``read_into`` to fill a buffer. Format: an 8-byte little-endian header
+    length, a JSON header {key: {dtype, shape, data_offsets: [begin, end]}}, then the data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read safetensors file ({exc.strerror})", file=str(path)) from exc
+        try:
+            self.entries = self._read_header()
+            if hasattr(os, "posix_fadvise"):  # a larger read-ahead window for a cold file
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except BaseException as exc:
+            os.close(self.fd)
+            if isinstance(exc, OSError):
+                raise self._error(str(exc)) from exc
+            raise
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+    def _error(self, reason: str, key: str | None = None) -> ModelLoadError:
+        return ModelLoadError(f"cannot read safetensors file ({reason})", file=str(self.path), key=key)
+
+    def _read_header(self) -> list[StoredTensor]:
+        size = os.fstat(self.fd).st_size
+        if size < 8:
+            raise self._error(f"{size} bytes, too short for a header")
+        header_len = int.from_bytes(os.pread(self.fd, 8, 0), "little")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise self._error(f"header length {header_len} does not fit a file of {size} bytes")
+        try:
+            header = json.loads(os.pread(self.fd, header_len, 8))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise self._error(f"header is not valid JSON: {exc}") from exc
+        if not isinstance(header, dict):
+            raise self._error("header is not a JSON object")
+        data_start, data_len = 8 + header_len, size - 8 - header_len
+        entries = [self._entry(key, info, data_start, data_len) for key, info in header.items()
+                   if key != "__metadata__"]
+        return sorted(entries, key=lambda e: e.offset)  # file order: sequential reads
+
+    def _entry(self, key: str, info, data_start: int, data_len: int) -> StoredTensor:
+        if not isinstance(info, dict):
+            raise self._error(f"header entry is not an object: {info!r}", key)
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise self._error(f"unknown dtype {info.get('dtype')!r}", key)
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+            raise self._error(f"invalid shape {shape!r}", key)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise self._error(f"invalid data_offsets {offsets!r}", key)
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise self._error(f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
+                              f"shape {shape} {info['dtype']} needs {nbytes}", key)
+        if offsets[1] > data_len:
+            raise self._error(f"file is truncated: tensor data ends at byte {offsets[1]} of a data "
+                              f"section of {data_len} bytes", key)
+        return StoredTensor(key, dtype, tuple(shape), data_start + offsets[0], nbytes)
+
+    def read_into(self, buffer: memoryview, offset: int, key: str) -> None:
+        """Fill ``buffer`` with the file's bytes from ``offset`` on."""
+        done = 0
+        try:
+            while done < len(buffer):
+                n = os.preadv(self.fd, [buffer[done:]], offset + done)
+                if n == 0:
+                    raise ModelLoadError("cannot read tensor (the file ended early: changed while loading?)",
+                                         file=str(self.path), key=key)
+                done += n
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read tensor ({exc})", file=str(self.path), key=key) from exc
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A writable view of the bytes of contiguous CPU tensor ``t`` (keeps ``t`` alive)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class _Staging:
+    """One reusable CPU buffer for the rows of a tensor on their way to a converted destination."""
+
+    def __init__(self):
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+
+    def rows(self, n: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = n * math.prod(row_shape) * dtype.itemsize
+        if nbytes > self.buffer.numel():
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buffer[:nbytes].view(dtype).view(n, *row_shape)
+
+
+def _read_tensor(file: SafetensorsFile, entry: StoredTensor, dst: torch.Tensor, staging: _Staging) -> None:
+    """Fill ``dst`` (shape ``entry.shape``, any dtype, device and strides) with ``entry``'s values."""
+    if entry.nbytes == 0:
+        return
+    if dst.device.type == "cpu" and dst.dtype == entry.dtype and dst.is_contiguous():
+        file.read_into(_bytes_of(dst), entry.offset, entry.key)  # straight into the parameter
+        return
+    dst = dst.reshape(1) if dst.dim() == 0 else dst
+    rows, row_shape = dst.shape[0], tuple(dst.shape[1:])
+    row_bytes = entry.nbytes // rows
+    input_major = dst.dim() == 2 and dst.stride(0) == 1 and dst.shape[1] > 1
+    step = TRANSPOSE_ROWS if input_major else max(1, STAGING_BYTES // row_bytes)
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        chunk = staging.rows(n, row_shape, entry.dtype)
+        file.read_into(_bytes_of(chunk), entry.offset + r0 * row_bytes, entry.key)
+        _copy_serial(dst[r0:r0 + n], chunk)
+
+
+def _copy_serial(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for a contiguous CPU ``src``, in pieces below torch's parallel grain
+    size so that each runs on the calling thread alone. The loader's threads give the
+    parallelism: torch's own thread team waits at a barrier after every piece, and on a machine
+    whose other core is busy that made loading 3-7x slower (measured on 2 shared cores)."""
+    if dst.device.type != "cpu":
+        dst.copy_(src)
+    elif dst.is_contiguous():
+        for d, s in zip(dst.view(-1).split(SERIAL_ELEMENTS), src.view(-1).split(SERIAL_ELEMENTS)):
+            d.copy_(s)
+    elif dst.dim() == 2 and dst.stride(0) == 1:  # input-major rows: write (in, n) tiles of the storage
+        cols = max(1, SERIAL_ELEMENTS // dst.shape[0])
+        for j in range(0, dst.shape[1], cols):
+            dst.t()[j:j + cols].copy_(src[:, j:j + cols].t())
+    else:
+        dst.copy_(src)
+
+
+# ----------------------------------------------------------------------------- model loading
+
+
 def _empty(shape, device, dtype, input_major: bool) -> torch.Tensor:
     if input_major:  # (in, out) storage seen through a transpose: shape (out, in), strides (1, out)
-        return torch.empty(shape[::-1], device=device, dtype=dtype).t()
-    return torch.empty(shape, device=device, dtype=dtype)
+        return _empty(tuple(shape[::-1]), device, dtype, False).t()
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.empty(shape, device=device, dtype=dtype)
+    # an anonymous mapping owned by the tensor (unmapped when the tensor dies), in huge pages where
+    # the kernel allows: a 2 MiB page costs one fault instead of 512
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
-def _fill_part(model, name: str, shape, part: int, parts: int, tensor: torch.Tensor, device, dtype) -> None:
-    """Write ``tensor`` as part ``part`` of ``parts`` (stacked along dim 0) of parameter ``name``."""
-    input_major = _input_major(model, name, device, dtype)
-    if parts == 1 and not input_major:
-        _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
-        return
+def _destination(model, name: str, shape, part: int, parts: int, device, dtype) -> torch.Tensor:
+    """The rows of parameter ``name`` that part ``part`` of ``parts`` (stacked along dim 0) fills,
+    allocating the parameter when its first part arrives."""
     param = model.get_parameter(name)
-    if param.is_meta:  # first part seen: allocate the parameter once
-        _set_tensor(model, name, _empty(shape, device, dtype, input_major))
+    if param.is_meta:
+        _set_tensor(model, name, _empty(shape, device, dtype, _input_major(model, name, device, dtype)))
         param = model.get_parameter(name)
+    if parts == 1:
+        return param.data
     rows = shape[0] // parts
-    with torch.no_grad():
-        param[part * rows:(part + 1) * rows].copy_(tensor)
+    return param.data[part * rows:(part + 1) * rows]
 
 
 def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu", dtype=torch.float32):
@@ -139,7 +322,13 @@ def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu",
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     filled: set[str] = set()  # checkpoint keys consumed
     for path in find_weight_files(folder):
-        _stream_file(model_cls, model, path, expected, filled, device, dtype)
+        with SafetensorsFile(path) as file:
+            plan = _plan_file(model_cls, file, expected, filled)
+            jobs = []
+            for entry, name, part, parts in plan:
+                target = _target_dtype(model_cls, name, entry.dtype, dtype)
+                jobs.append((entry, _destination(model, name, expected[name], part, parts, device, target)))
+            _read_all(file, jobs)
     wanted = [key for name in expected for key in param_to_checkpoint_names(model_cls, name)]
     missing = [key for key in wanted if key not in filled]
     if missing:
@@ -151,29 +340,53 @@ def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu",
     return model.eval()
 
 
-def _stream_file(model_cls, model, path: Path, expected, filled, device, dtype) -> None:
+def _read_all(file: SafetensorsFile, jobs: list[tuple[StoredTensor, torch.Tensor]]) -> None:
+    """Fill every destination of ``jobs`` from ``file``, LOAD_THREADS tensors at a time (reads
+    and copies release the GIL). The first error stops all threads and is raised here."""
+    lock, pending, errors = threading.Lock(), iter(jobs), []
+
+    def work() -> None:
+        staging = _Staging()
+        with torch.no_grad():
+            while not errors:
+                with lock:
+                    job = next(pending, None)
+                if job is None:
+                    return
+                try:
+                    _read_tensor(file, *job, staging)
+                except BaseException as exc:  # handed to the calling thread
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=work, name=f"vidloom-load-{i}") for i in range(LOAD_THREADS - 1)]
+    for t in threads:
+        t.start()
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ModelLoadError(f"cannot read safetensors file ({exc})", file=str(path)) from exc
-    with handle as fh:
-        for key in fh.keys():
-            name, part, parts = checkpoint_target(model_cls, key)
-            if name not in expected or key in filled:
-                raise ModelLoadError("unexpected checkpoint key", file=str(path), key=key)
-            try:
-                tensor = fh.get_tensor(key)
-            except Exception as exc:
-                raise ModelLoadError(f"cannot read tensor ({exc})", file=str(path), key=key) from exc
-            shape = expected[name]
-            want = (shape[0] // parts, *shape[1:])
-            if tuple(tensor.shape) != want:
-                raise ModelLoadError(
-                    f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {want}", file=str(path), key=key
-                )
-            target = _target_dtype(model_cls, name, tensor.dtype, dtype)
-            _fill_part(model, name, shape, part, parts, tensor, device, target)
-            filled.add(key)
+        work()
+    finally:
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+
+
+def _plan_file(model_cls, file: SafetensorsFile, expected, filled: set[str]):
+    """(entry, parameter, part, parts) for every tensor of ``file``; checks every key and shape
+    before a byte of data is read, so a wrong checkpoint fails at once."""
+    plan = []
+    for entry in file.entries:
+        name, part, parts = checkpoint_target(model_cls, entry.key)
+        if name not in expected or entry.key in filled:
+            raise ModelLoadError("unexpected checkpoint key", file=str(file.path), key=entry.key)
+        shape = expected[name]
+        want = (shape[0] // parts, *shape[1:])
+        if entry.shape != want:
+            raise ModelLoadError(
+                f"shape mismatch: checkpoint {entry.shape} vs model {want}", file=str(file.path), key=entry.key
+            )
+        filled.add(entry.key)
+        plan.append((entry, name, part, parts))
+    return plan
 
 
 def save_model(model: LoadableModel, folder: str | Path, version: str = "0.42.1") -> None:
