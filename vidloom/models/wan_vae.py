@@ -4,11 +4,12 @@ Shapes: a video ``x`` is (B, C, T, H, W) in [-1, 1]; its latents ``z`` are (B, z
 ``t = 1 + (T - 1) / temporal_factor`` and ``h, w = H / spatial_factor, W / spatial_factor``.
 
 Causality. Every temporal convolution sees only the current and earlier frames, so a video can be
-processed in chunks over time: the encoder takes the first frame alone and then ``temporal_factor``
-frames at a time, the decoder one latent frame at a time. What a layer needs from earlier chunks
-(the last two input frames of a 3-tap convolution, the last frame of a temporal downsampler) is
-carried in a :class:`CausalCache`, one object per encode or decode, so decodes can interleave over
-the same read-only module. The first frame is special: the temporal down- and upsamplers pass it
+processed in chunks over time, and any chunking gives the same frames. diffusers encodes the first
+frame alone and then ``temporal_factor`` frames at a time, and decodes one latent frame at a time;
+here chunks are sized by ``WanVAE.step_elements``. What a layer needs from earlier chunks (the last
+two input frames of a 3-tap convolution, the last frame of a temporal downsampler) is carried in
+a :class:`CausalCache`, one object per encode or decode, so decodes can interleave over the same
+read-only module. The first frame is special: the temporal down- and upsamplers pass it
 through unchanged, which is why 1 + 4k frames map to 1 + k latents and back.
 
 Parameter names equal those of diffusers' ``AutoencoderKLWan``, so its checkpoints load unchanged.
@@ -24,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidloom.models import winograd
 from vidloom.models.base import ArchConfig, LoadableModel
+from vidloom.models.winograd import Workspace  # by name: CausalCache's `winograd` flag shadows the module
 
 # Per-channel statistics of the Wan2.1 latent space (the defaults of the released checkpoints).
 WAN21_LATENTS_MEAN = (
@@ -38,6 +41,14 @@ WAN21_LATENTS_STD = (
 
 # Bounds diffusers' DiagonalGaussianDistribution puts on the log-variance, so exp() stays finite.
 LOGVAR_RANGE = (-30.0, 20.0)
+
+# Frames x pixels below which a 3x3x3 convolution runs direct rather than Winograd: the per-call
+# weight transform (4x the weights' size) does not pay for a few small frames.
+WINOGRAD_MIN_PIXELS = 2048
+
+# Default WanVAE.step_elements: half a latent frame of a 256x256 video at the decoder's last stage
+# (2 frames x 256 x 256 pixels x 96 channels, 48 MiB in fp32), half of diffusers' steps there.
+STEP_ELEMENTS = 2 * 256 * 256 * 96
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -139,11 +150,21 @@ class CausalCache:
 
     Entries are keyed by the layer object, so one cache serves a whole encoder or decoder and
     several caches can run over the same module at once. A fresh cache means "no frames seen".
+
+    ``inference`` selects the fast path: channels-last frames, inputs written once into reused
+    zero-bordered buffers of ``workspace``, norms fused into those writes; it writes into buffers in
+    place, so it is only set where autograd is off and the model is in eval mode. ``winograd``
+    (with ``inference``) lets fp32 3x3 convolutions run by Winograd. In bf16 the channels-last
+    convolutions round differently from diffusers' contiguous ones, with the same error against
+    fp32 (see tests/models/test_wan_vae.py).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, inference: bool = False, winograd: bool = False) -> None:
         self._history: dict[nn.Module, torch.Tensor] = {}
         self._started: set[nn.Module] = set()
+        self.inference = inference
+        self.winograd = inference and winograd
+        self.workspace = Workspace()
 
     def history(self, layer: nn.Module) -> torch.Tensor | None:
         return self._history.get(layer)
@@ -176,7 +197,14 @@ def _unfold_time(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded in time on the past side only (2 * padding_t frames), so output frame i sees
-    input frames <= i. With a cache, the past frames come from the previous chunk instead of zeros."""
+    input frames <= i. With a cache, the past frames come from the previous chunk instead of zeros.
+
+    ``prologue(x, out=None)`` is applied to the input first (the norm and activation before the
+    conv) and ``residual`` is added to the output. On the inference path the prologue writes
+    straight into the padded input buffer; on the Winograd path the residual is added as the output
+    tiles are scattered, into ``residual``'s own storage when it is channels-last (the caller hands
+    it over), so neither makes a full-size intermediate.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0) -> None:
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=0)
@@ -184,7 +212,14 @@ class CausalConv3d(nn.Conv3d):
         self.context = 2 * pad_t  # past frames the kernel reaches back to
         self.spatial_pad = (pad_w, pad_w, pad_h, pad_h)
 
-    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: CausalCache | None = None,
+        prologue: Callable[..., torch.Tensor] | None = None, residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if cache is not None and cache.inference and self._pads_like_3x3(x):
+            return self._forward_padded(x, cache, prologue, residual)
+        if prologue is not None:
+            x = prologue(x)
         missing = self.context
         if self.context and cache is not None:
             past = cache.history(self)
@@ -195,7 +230,67 @@ class CausalConv3d(nn.Conv3d):
             cache.set_history(self, x[:, :, -self.context :].clone())
         if missing or any(self.spatial_pad):
             x = F.pad(x, (*self.spatial_pad, missing, 0))
-        return super().forward(x)
+        out = super().forward(x)
+        return out if residual is None else out + residual
+
+    def _pads_like_3x3(self, x: torch.Tensor) -> bool:
+        # two frames of context and one pixel of border, stride 1: the residual blocks' convolutions
+        return (self.context == 2 and self.spatial_pad == (1, 1, 1, 1) and self.stride == (1, 1, 1)
+                and x.device.type == "cpu")
+
+    def _winograd_fits(self, x: torch.Tensor, cache: CausalCache) -> bool:
+        # 3x3x3 in fp32; frames a multiple of 4 pixels; enough input channels for the batched
+        # matmuls and enough pixels for the per-call weight transform to pay (small frames run
+        # direct). Few output channels (the decoder's RGB head) also go by Winograd: oneDNN is
+        # slow there (~2 GFLOP/s) and the slow_conv3d fallback unfolds the whole input (27x).
+        _, c, t, h, w = x.shape
+        return (cache.winograd and self.kernel_size == (3, 3, 3) and x.dtype == torch.float32
+                and h % 4 == 0 and w % 4 == 0 and c >= 16 and t * h * w >= WINOGRAD_MIN_PIXELS)
+
+    def _forward_padded(self, x, cache, prologue, residual) -> torch.Tensor:
+        """Inference: the input (after the prologue) is written once into a reused, zero-bordered
+        buffer behind the cached context frames, then convolved by Winograd or directly."""
+        b, c, t, h, w = x.shape
+        ws = cache.workspace
+        # (B, 2 + T, H + 2, W + 2, C): zero border, two context frames, then this chunk's frames
+        padded = ws.take("conv_in", (b, t + 2, h + 2, w + 2, c), x.dtype, x.device)
+        for edge in (padded[:, :, 0], padded[:, :, -1], padded[:, :, :, 0], padded[:, :, :, -1]):
+            edge.zero_()
+        past = cache.history(self)
+        seen = 0 if past is None else min(past.shape[2], 2)
+        padded[:, : 2 - seen].zero_()
+        if seen:
+            padded[:, 2 - seen : 2, 1 : h + 1, 1 : w + 1] = _channels_last(past[:, :, -seen:])
+        frames = padded[:, 2:, 1 : h + 1, 1 : w + 1]  # (B, T, H, W, C) view
+        if prologue is not None:
+            prologue(x, out=frames.permute(0, 4, 1, 2, 3))
+        else:
+            frames.copy_(_channels_last(x))
+        history = _empty_channels_last(x, (b, c, 2, h, w))
+        _channels_last(history).copy_(padded[:, -2:, 1 : h + 1, 1 : w + 1])
+        cache.set_history(self, history)
+        if not self._winograd_fits(x, cache):
+            out = F.conv3d(padded.permute(0, 4, 1, 2, 3), self.weight, self.bias)
+            return out if residual is None else out.add_(residual)
+        weight = winograd.transform_weight(self.weight, ws)
+        if residual is not None:
+            # out = residual + conv(x), in place: one full-size activation fewer at the peak
+            out = residual = residual.contiguous(memory_format=torch.channels_last_3d)
+        else:
+            out = _empty_channels_last(x, (b, self.out_channels, t, h, w))
+        for i in range(b):
+            winograd.conv3x3(padded[i], weight, self.bias, _channels_last(out)[i], ws,
+                             residual=None if residual is None else _channels_last(residual)[i])
+        return out
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    # (B, C, T, H, W) -> (B, T, H, W, C): a view, contiguous when x is channels_last_3d
+    return x.permute(0, 2, 3, 4, 1)
+
+
+def _empty_channels_last(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last_3d)
 
 
 class RMSNorm(nn.Module):
@@ -212,6 +307,17 @@ class RMSNorm(nn.Module):
         x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
         return F.normalize(x32, dim=1).to(x.dtype) * self.scale * self.gamma
 
+    def silu(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """silu(norm(x)), written into ``out`` (any strides; inference only) when given."""
+        if out is None or x.dtype not in (torch.float32, torch.float64):
+            y = F.silu(self(x))
+            return y if out is None else out.copy_(y)
+        # F.normalize is x / max(||x||, eps); here the per-pixel norm is divided out into `out`
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
+        torch.div(x, norm, out=out)
+        out.mul_(self.gamma * self.scale)
+        return F.silu(out, inplace=True)
+
 
 class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout: float) -> None:
@@ -225,9 +331,14 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         shortcut = self.conv_shortcut(x)
-        x = self.conv1(F.silu(self.norm1(x)), cache)
-        x = self.conv2(self.dropout(F.silu(self.norm2(x))), cache)
-        return x + shortcut
+        x = self.conv1(x, cache, prologue=self.norm1.silu)
+        # on the inference path the sum lands in the shortcut's storage: for an identity shortcut
+        # that is this block's input, which nothing reads afterwards
+        return self.conv2(x, cache, prologue=self._norm2_silu_dropout, residual=shortcut)
+
+    def _norm2_silu_dropout(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        # `out` is only passed on the inference path, where dropout is the identity
+        return self.dropout(self.norm2.silu(x, out))
 
 
 class AttentionBlock(nn.Module):
@@ -294,29 +405,58 @@ class Resample(nn.Module):
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         if self.mode == "upsample3d":
             x = self._double_frames(x, cache)
+        if self.mode.startswith("upsample") and self._winograd_fits(x, cache):
+            return self._upsample_winograd(x, cache)
         x = _unfold_time(self.resample(_fold_time(x)), x.shape[0])
         if self.mode == "downsample3d":
             x = self._halve_frames(x, cache)
         return x
 
+    def _winograd_fits(self, x: torch.Tensor, cache: CausalCache) -> bool:
+        _, _, t, h, w = x.shape
+        return (cache.winograd and x.dtype == torch.float32 and x.device.type == "cpu" and h % 4 == 0
+                and w % 4 == 0 and t * h * w >= WINOGRAD_MIN_PIXELS)
+
+    def _upsample_winograd(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        # nearest 2x upsample + 3x3 conv == a 3x3 conv of the low-res frames with one output channel
+        # group per output phase (see winograd.upsample_phase_kernels): with Winograd, 4x fewer
+        # products than the direct conv, and the 4x larger upsampled frames never exist
+        b, c, t, h, w = x.shape
+        conv, ws = self.resample[1], cache.workspace
+        weight = winograd.transform_weight(winograd.upsample_phase_kernels(conv.weight), ws)
+        out = _empty_channels_last(x, (b, conv.out_channels, t, 2 * h, 2 * w))
+        padded = ws.take("conv_in", (b, t, h + 2, w + 2, c), x.dtype, x.device)
+        for edge in (padded[:, :, 0], padded[:, :, -1], padded[:, :, :, 0], padded[:, :, :, -1]):
+            edge.zero_()
+        padded[:, :, 1 : h + 1, 1 : w + 1] = _channels_last(x)
+        for i in range(b):
+            winograd.conv3x3(padded[i], weight, conv.bias, _channels_last(out)[i], ws, phases=2)
+        return out
+
     def _double_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        head = None
         if cache.first_call(self):
-            # the first chunk (the first latent frame) decodes to one frame, not two
-            return x
+            # the first latent frame decodes to one frame, not two; the time conv starts after it
+            # (with zeros as its past), so a longer first chunk passes its first frame through
+            if x.shape[2] == 1:
+                return x
+            head, x = x[:, :, :1], x[:, :, 1:]
         b, c, t, h, w = x.shape
         x = self.time_conv(x, cache)
         # (B, 2C, T, H, W) -> (B, 2, C, T, H, W) -> (B, C, T, 2, H, W) -> (B, C, 2T, H, W):
         # the two channel halves become two consecutive frames
         x = x.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5)
-        return x.reshape(b, c, 2 * t, h, w)
+        x = x.reshape(b, c, 2 * t, h, w)
+        return x if head is None else torch.cat([head, x], dim=2)
 
     def _halve_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         past = cache.history(self)
         # the next chunk's first stride-2 window starts on this chunk's last frame
         cache.set_history(self, x[:, :, -1:].clone())
         if past is None:
-            # the first chunk (the first frame) passes through unchanged
-            return x
+            # the first frame passes through unchanged; a longer first chunk continues with the
+            # windows [f0 f1 f2], [f2 f3 f4], ...
+            return x if x.shape[2] == 1 else torch.cat([x[:, :, :1], self.time_conv(x)], dim=2)
         # windows [f0 f1 f2], [f2 f3 f4], ...: frame pairs after the first frame become one frame
         return self.time_conv(torch.cat([past, x], dim=2))
 
@@ -364,7 +504,7 @@ class Encoder3d(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache)
         x = self.mid_block(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        return self.conv_out(x, cache, prologue=self.norm_out.silu)
 
 
 class Decoder3d(nn.Module):
@@ -390,10 +530,47 @@ class Decoder3d(nn.Module):
         self.conv_out = CausalConv3d(dims[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z, cache), cache)
+        x = self._stem(z, cache)
         for block in self.up_blocks:
             x = block(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        return self._head(x, cache)
+
+    def stream(self, z: torch.Tensor, cache: CausalCache, step_elements: int) -> list[torch.Tensor]:
+        """:meth:`forward` stage by stage, depth first: each stage runs on time slices of its input
+        whose output has at most ``step_elements`` elements (at least one frame per slice), and
+        passes its output on in slices sized for the next stage. The causal cache makes any slicing
+        give the same frames; small stages get long slices (few, large calls) and the full-resolution
+        stages short ones (bounded memory). Returns the video pieces in order."""
+        stages = [(self._stem, 1, self.conv_in.out_channels)]
+        for block in self.up_blocks:
+            up = block.upsamplers[0] if block.upsamplers is not None else None
+            growth = 1 if up is None else (8 if up.mode == "upsample3d" else 4)  # frames x pixels
+            stages.append((block, growth, block.resnets[-1].conv2.out_channels // (1 if up is None else 2)))
+        stages.append((self._head, 1, self.conv_out.out_channels))
+        pieces: list[torch.Tensor] = []
+        self._run_stages(stages, 0, z, cache, step_elements, pieces)
+        return pieces
+
+    @classmethod
+    def _run_stages(cls, stages, level: int, x: torch.Tensor, cache: CausalCache, step_elements: int,
+                    pieces: list[torch.Tensor]) -> None:
+        # (a method, not a recursive closure: that would be a reference cycle holding the cache,
+        # and with it every buffer of this decode, until the garbage collector runs)
+        stage, growth, channels = stages[level]
+        frames = max(1, step_elements // (growth * x.shape[-2] * x.shape[-1] * channels))
+        for part in x.split(frames, dim=2):
+            y = stage(part, cache)
+            if level + 1 == len(stages):
+                pieces.append(y)
+            else:
+                cls._run_stages(stages, level + 1, y, cache, step_elements, pieces)
+            del y  # this stage's output is freed before its next slice runs
+
+    def _stem(self, z: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        return self.mid_block(self.conv_in(z, cache), cache)
+
+    def _head(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        return self.conv_out(x, cache, prologue=self.norm_out.silu)
 
 
 # ----------------------------------------------------------------------------------------- tiling
@@ -468,6 +645,22 @@ class WanVAE(LoadableModel):
 
     Methods take inputs of any dtype/device and run in the module's (fp32 and bf16 are tested).
     They do not switch autograd off: wrap inference in ``torch.inference_mode()``.
+
+    Runtime options (attributes, not architecture):
+      winograd      default True: fp32 CPU inference runs the 3x3x3 and upsampling convolutions
+                    of frames with >= WINOGRAD_MIN_PIXELS frames x pixels by Winograd F(4x4, 3x3)
+                    (see vidloom.models.winograd), with 2.25-4x fewer products. Cost: fp32 rounding
+                    only, inside the 1e-4 parity bound; measured against diffusers on the real
+                    Wan2.1 architecture (random weights, 33x128x128) 6.6e-6 decode and 5.0e-6
+                    encode (direct convolution here: ~2.5e-6). False: direct convolutions, as
+                    diffusers. Ignored in bf16, with autograd on, in training mode and off the CPU.
+      step_elements bound on the elements (frames x pixels x channels) one stage of the decoder
+                    produces per call, and on the first encoder layer's output per encoder step;
+                    default: half a latent frame of a 256x256 video at full resolution (48 MiB in
+                    fp32), so a large video goes in smaller steps than diffusers' one latent frame,
+                    and a small one in fewer, larger steps. The frames are the same for any value up
+                    to fp32 rounding (it decides which convolutions are large enough for Winograd;
+                    measured 4e-6 between one latent frame per step and the default).
     """
 
     config_class: ClassVar[type[ArchConfig]] = WanVAEConfig
@@ -481,6 +674,9 @@ class WanVAE(LoadableModel):
         self.quant_conv = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
         self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(config)
+        # runtime options (not architecture): see the class docstring
+        self.winograd = True
+        self.step_elements = STEP_ELEMENTS
 
     @property
     def dtype(self) -> torch.dtype:
@@ -521,12 +717,17 @@ class WanVAE(LoadableModel):
         return self._split_moments(moments[..., : x.shape[-2] // sf, : x.shape[-1] // sf])
 
     def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, T, H, W) -> (B, 2*z_dim, t, h, w): the first frame alone, then tf frames per chunk
+        # (B, C, T, H, W) -> (B, 2*z_dim, t, h, w): chunks of n latent frames, i.e. the first
+        # 1 + tf*(n-1) frames, then tf*n frames at a time (n = 1: diffusers' chunks); n as large as
+        # step_elements allows for the first layer's output
         tf, num_frames = self.config.temporal_factor, x.shape[2]
-        bounds = [(0, 1)] + [(s, s + tf) for s in range(1, num_frames, tf)]
-        cache = CausalCache()
+        per_frame = x.shape[-2] * x.shape[-1] * self.encoder.conv_in.out_channels
+        n = max(1, self.step_elements // (per_frame * tf))
+        first = min(num_frames, 1 + tf * (n - 1))
+        bounds = [(0, first)] + [(s, min(s + tf * n, num_frames)) for s in range(first, num_frames, tf * n)]
+        cache = self._new_cache()
         chunks = [self.encoder(x[:, :, start:stop], cache) for start, stop in bounds]
-        return self.quant_conv(torch.cat(chunks, dim=2))
+        return self.quant_conv(torch.cat(chunks, dim=2)).contiguous()
 
     def _split_moments(self, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = moments.chunk(2, dim=1)
@@ -536,8 +737,8 @@ class WanVAE(LoadableModel):
 
     def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """(B, z_dim, t, h, w) latents -> (B, C, 1 + tf*(t-1), h*sf, w*sf) video, clamped to [-1, 1]
-        unless ``clamp=False`` (the raw decoder output, for training). Decodes one latent frame at a
-        time, as diffusers does, so activation memory does not grow with t."""
+        unless ``clamp=False`` (the raw decoder output, for training). Runs in steps of at most
+        ``step_elements`` outputs per decoder stage, so activation memory does not grow with t."""
         return self.stream_decoder(clamp=clamp).push(z)
 
     def stream_decoder(self, clamp: bool = True) -> WanStreamDecoder:
@@ -559,15 +760,24 @@ class WanVAE(LoadableModel):
         sf = self.config.spatial_factor
         plans = self._tile_plans(z.shape[-2], z.shape[-1], tile_latent, overlap_latent)
         video = _tiled_map(
-            z, lambda tile: self.decode(tile, clamp=False),
+            z, lambda tile: self._decode_tile(tile, z.shape[-2] * z.shape[-1]),
             tile=tuple(p[0] for p in plans), stride=tuple(p[1] for p in plans),
             out_stride=tuple(p[1] * sf for p in plans), out_blend=tuple(p[2] * sf for p in plans),
         )
         video = video[..., : z.shape[-2] * sf, : z.shape[-1] * sf]
         return video.clamp(-1.0, 1.0) if clamp else video
 
-    def _decode_chunk(self, z: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z), cache)
+    def _decode_tile(self, tile: torch.Tensor, frame_area: int) -> torch.Tensor:
+        # a tile's steps get its share of step_elements, so tiling bounds activations (not only
+        # the causal cache) by the tile's size
+        stream = self.stream_decoder(clamp=False)
+        stream.step_elements = max(1, self.step_elements * tile.shape[-2] * tile.shape[-1] // frame_area)
+        return stream.push(tile)
+
+    def _new_cache(self) -> CausalCache:
+        # the fast path writes into buffers in place: inference only
+        inference = not self.training and not torch.is_grad_enabled()
+        return CausalCache(inference=inference, winograd=self.winograd)
 
     # -- latent statistics
 
@@ -613,25 +823,28 @@ class WanStreamDecoder:
 
     The concatenated outputs equal one :meth:`WanVAE.decode` of the concatenated latents, whatever
     the chunk sizes: the first latent frame gives 1 video frame, every later one ``temporal_factor``.
-    Each stream owns its cache, so streams over one VAE may interleave.
+    Each stream owns its cache, so streams over one VAE may interleave. Memory is bounded by the
+    causal cache (two frames per convolution) and ``step_elements`` (the VAE's, per stream), not by
+    the video's length.
     """
 
     def __init__(self, vae: WanVAE, clamp: bool = True) -> None:
         self.vae = vae
         self.clamp = clamp
         self.latent_frames_seen = 0
-        self._cache = CausalCache()
+        self.step_elements = vae.step_elements
+        self._cache = vae._new_cache()
 
     def push(self, z: torch.Tensor) -> torch.Tensor:
         """(B, z_dim, n, h, w) latents -> their (B, C, frames, h*sf, w*sf) video frames (n may be 0)."""
         z = self.vae._check_latents(z)
-        # one latent frame per step: the temporal upsamplers treat their first call as the first
-        # frame, and single frames keep activation memory flat, as in diffusers
-        frames = [self.vae._decode_chunk(z[:, :, i : i + 1], self._cache) for i in range(z.shape[2])]
-        self.latent_frames_seen += z.shape[2]
-        if not frames:
+        if z.shape[2] == 0:
             b, _, _, h, w = z.shape
             sf = self.vae.config.spatial_factor
             return z.new_empty(b, self.vae.config.out_channels, 0, h * sf, w * sf)
-        video = torch.cat(frames, dim=2)
-        return video.clamp(-1.0, 1.0) if self.clamp else video
+        # stage by stage in slices of at most step_elements outputs: memory grows with the step,
+        # not with the video
+        frames = self.vae.decoder.stream(self.vae.post_quant_conv(z), self._cache, self.step_elements)
+        self.latent_frames_seen += z.shape[2]
+        video = torch.cat(frames, dim=2).contiguous()
+        return video.clamp_(-1.0, 1.0) if self.clamp else video
