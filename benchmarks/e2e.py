@@ -3,8 +3,8 @@ same folder with the same settings and the same initial noise, side by side in o
 
     python benchmarks/e2e.py [--model DIR] [--repeats 3]
 
-Until a trained default model ships, the default model is the demo model (``make demo``):
-random weights of the Wan2.1 architecture at the demo's size and settings.
+The default model is the one that ships with vidloom (``vidloom.default_model``: a small
+Wan2.1-architecture model, 64x64, 17 frames, 20 steps), run at its default settings.
 """
 
 from __future__ import annotations
@@ -17,20 +17,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, interleaved, machine_description, write_result  # noqa: E402
+from common import interleaved, machine_description, write_result  # noqa: E402
 
-SETTINGS = dict(prompt="a red circle moving left", height=64, width=64, num_frames=17, num_inference_steps=20,
-                guidance_scale=5.0)
+from vidloom.default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING, DEFAULT_PROMPT  # noqa: E402
+
+SETTINGS = dict(prompt=DEFAULT_PROMPT, **DEFAULT_MODEL_SAMPLING)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def default_model() -> Path:
-    from vidloom.tiny import build_random_wan
-
-    folder = CACHE / "demo-model"
-    if not (folder / "model_index.json").is_file():
-        build_random_wan(folder, preset="demo")
-    return folder
 
 
 def main() -> None:
@@ -44,7 +36,8 @@ def main() -> None:
 
     from vidloom import VideoGenerator
 
-    folder = args.model or default_model()
+    folder = args.model or DEFAULT_MODEL_DIR
+    spatial, temporal = VideoGenerator.size_factors(folder)
     print(f"machine: {machine_description()}")
     print(f"model: {folder}; settings: {SETTINGS}")
     s = dict(SETTINGS)
@@ -58,7 +51,8 @@ def main() -> None:
         pipe.vae.to(torch.float32)
         pipe.set_progress_bar_config(disable=True)
         channels = gen.pipeline.components["transformer"].config.in_channels
-        latents = torch.randn(1, channels, (s["num_frames"] - 1) // 4 + 1, s["height"] // 8, s["width"] // 8,
+        latents = torch.randn(1, channels, (s["num_frames"] - 1) // temporal + 1, s["height"] // spatial,
+                              s["width"] // spatial,
                               generator=torch.Generator().manual_seed(0))
         results = {}
 

@@ -1,6 +1,6 @@
 """Prompt-following quality of a model trained on the procedural world, scored analytically.
 
-    python benchmarks/quality.py --model DIR [--steps 4,8,20] [--seeds 2] [--sheet quality.png]
+    python benchmarks/quality.py --model DIR [--steps 4,8,20] [--seeds 2] [--sheet quality.png] [--device cpu]
 
 For a fixed list of prompts (the held-out combinations and as many trained ones), it generates
 videos and scores each: the colour of the moving object, the direction of its centroid track and
@@ -49,12 +49,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--sheet", type=Path, default=Path("outputs/quality.png"))
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     from vidloom import VideoGenerator
     from vidloom.world import score_clip
 
-    gen = VideoGenerator.from_pretrained(args.model)
+    gen = VideoGenerator.from_pretrained(args.model, device=args.device)
     prompts = prompt_list()
     print(f"machine: {machine_description()}\nmodel: {args.model}; {len(prompts)} prompts x {args.seeds} seeds")
     print(f"{'steps':>5} {'split':>8} " + " ".join(f"{m:>9}" for m in METRICS) + f" {'s/video':>8}")

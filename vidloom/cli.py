@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 from .config import EngineConfig, SamplingParams
+from .default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING
 from .errors import VidloomError
 
 # SamplingParams fields the CLI sets itself, or that are not for the command line
@@ -64,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate a video from a prompt")
-    gen.add_argument("--model", required=True, help="Diffusers-format model folder (with model_index.json)")
+    gen.add_argument("--model", type=Path, default=None,
+                     help="Diffusers-format model folder (with model_index.json); default: the shipped model, "
+                          "a small Wan2.1 trained on moving shapes, with its own default size and steps")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--output", default="outputs/video.mp4",
                      help="output file: .mp4, .gif, .npy (float32 frames) or a folder for PNG frames")
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(gen.add_argument_group("engine"), EngineConfig, dest_prefix="e_")
 
     info = sub.add_parser("info", help="describe a model folder")
-    info.add_argument("--model", required=True)
+    info.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     return parser
 
 
@@ -86,6 +89,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     engine = EngineConfig.from_options(**_collect(args, "e_"))
     sampling = _collect(args, "s_")
+    if args.model is None:
+        args.model = DEFAULT_MODEL_DIR
+        sampling = {**DEFAULT_MODEL_SAMPLING, **sampling}  # what the user gave wins
     # check the request against the model's configs before any weight is read
     SamplingParams.from_kwargs(args.prompt, output_path=args.output, **sampling).validate(
         *VideoGenerator.size_factors(args.model)
@@ -111,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .loader.components import read_model_index
 
-    index = read_model_index(args.model)
+    index = read_model_index(args.model or DEFAULT_MODEL_DIR)
     print(f"pipeline: {index['_class_name']}")
     for name, spec in index.items():
         if not name.startswith("_"):

@@ -1,8 +1,8 @@
 """Small random-weight Wan model folders in Diffusers layout.
 
-Used by ``make demo`` until a trained default model ships, and by the tests. Nothing is
-downloaded: the tokenizer is trained on the spot from a small word list, the weights are
-random. A video generated from such a folder is noise; it exercises the whole engine.
+Used by the tests and the benchmarks; ``build_tokenizer`` also makes the shipped model's
+tokenizer. Nothing is downloaded: the tokenizer is built on the spot from a small word list,
+the weights are random. A video generated from such a folder is noise; it exercises the engine.
 """
 
 from __future__ import annotations
@@ -74,17 +74,12 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
-DEMO_TRANSFORMER = dict(TINY_TRANSFORMER, num_attention_heads=4, attention_head_dim=24, in_channels=8,
-                        out_channels=8, text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4)
-DEMO_VAE = dict(TINY_VAE, base_dim=16, z_dim=8, latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
-DEMO_TEXT_ENCODER = dict(TINY_TEXT_ENCODER, d_model=64, d_kv=16, d_ff=128, num_heads=4)
 PRESETS = {
     "tiny": (TINY_TRANSFORMER, TINY_VAE, TINY_TEXT_ENCODER),
-    "demo": (DEMO_TRANSFORMER, DEMO_VAE, DEMO_TEXT_ENCODER),
 }
 
 
-def build_random_wan(folder: str | Path, preset: str = "demo", seed: int = 0) -> Path:
+def build_random_wan(folder: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write a random-weight Wan2.1 T2V folder with the project's own classes (no diffusers needed)."""
     import torch
     from transformers import UMT5Config, UMT5EncoderModel

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
+import pytest
 import torch
 
 from vidloom import VideoGenerator
@@ -65,3 +67,37 @@ def test_end_to_end_micro_run_exports_a_folder_both_libraries_load(tmp_path):
     ours = gen.generate("a red circle moving left", latents=latents, **kwargs).frames
     ref = pipe(prompt="a red circle moving left", latents=latents.clone(), output_type="np", **kwargs).frames[0]
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-4
+
+
+def test_clip_dataset_does_not_depend_on_the_number_of_processes():
+    a, ca = build_clips(3, 16, 1, seed=5)
+    b, cb = build_clips(3, 16, 1, seed=5, workers=2)
+    assert np.array_equal(a, b) and ca == cb
+
+
+def test_fitting_a_phase_to_a_budget_shortens_it_and_resume_keeps_the_fitted_total(tmp_path):
+    from vidloom.train.loop import run_steps
+
+    saved = {}
+
+    def step_fn(step, total):
+        time.sleep(0.002)
+        return {"loss": torch.tensor(1.0 / (step + 1))}
+
+    def save_fn(step, total):
+        saved.update(step=step, total=total)
+
+    # ~2 ms a step: a 0.01-minute budget fits a few hundred of the 100000 steps
+    step, total = run_steps(0, 100_000, step_fn, save_fn, tmp_path / "log.jsonl", 10.0, "t", fit_minutes=0.01)
+    assert 60 < total < 2000 and step == total and saved == {"step": total, "total": total}
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == total // 10 + (total % 10 > 0)
+
+
+def test_recipe_overrides_are_typed_and_checked():
+    from vidloom.train.__main__ import apply_overrides
+
+    recipe = apply_overrides(PRESETS["micro"](), ["dit_steps=7", "dit_lr=0.5"])
+    assert recipe.dit_steps == 7 and recipe.dit_lr == 0.5
+    with pytest.raises(SystemExit, match="dit_steps"):
+        apply_overrides(recipe, ["no_such_field=1"])

@@ -28,8 +28,9 @@ MAX_SEQUENCE_LENGTH = 512  # the inference default; the DiT cross-attends to eve
 
 @torch.no_grad()
 def encode_latents(vae: WanVAE, clips: np.ndarray, batch: int = 8) -> torch.Tensor:
-    """(N, T, H, W, 3) uint8 -> (N, z, t, h, w) float32 posterior means (not normalised)."""
-    out = [vae.encode_mean(to_model_range(clips[i:i + batch])) for i in range(0, len(clips), batch)]
+    """(N, T, H, W, 3) uint8 -> (N, z, t, h, w) float32 posterior means (not normalised), on the VAE's device."""
+    device = next(vae.parameters()).device
+    out = [vae.encode_mean(to_model_range(clips[i:i + batch]).to(device)) for i in range(0, len(clips), batch)]
     return torch.cat(out)
 
 
@@ -49,7 +50,7 @@ def caption_table(text_encoder: WanTextEncoder, captions: list[str]) -> tuple[to
 
 def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """Logit-normal noise levels, shifted towards high noise as the sampler's flow shift does."""
-    s = torch.sigmoid(torch.randn(n, generator=generator))
+    s = torch.sigmoid(torch.randn(n, generator=generator, device=generator.device))
     return shift * s / (1 + (shift - 1) * s)
 
 
@@ -62,45 +63,52 @@ def flow_matching_loss(dit: WanDiT, x0: torch.Tensor, context: torch.Tensor, sig
 
 
 def train_dit(recipe: Recipe, latents: torch.Tensor, caption_ids: torch.Tensor, table: torch.Tensor,
-              empty_id: int, run_dir: Path, minutes: float | None = None) -> tuple[WanDiT, dict]:
-    """Train (or resume) the DiT on normalised ``latents``; returns the model and its EMA weights."""
+              empty_id: int, run_dir: Path, minutes: float | None = None, fit_minutes: float | None = None,
+              device: torch.device | str = "cpu") -> tuple[WanDiT, dict]:
+    """Train (or resume) the DiT on normalised ``latents``; returns the model and its EMA weights
+    (on ``device``). ``fit_minutes``: shorten the phase to fit that budget (see ``run_steps``)."""
+    device = torch.device(device)
     ckpt = Checkpointer(run_dir / "dit.pt")
     np_rng = np.random.default_rng(recipe.seed + 2)
-    generator = torch.Generator().manual_seed(recipe.seed + 3)
+    generator = torch.Generator(device).manual_seed(recipe.seed + 3)
     torch.manual_seed(recipe.seed + 4)
-    dit = WanDiT(WanDiTConfig.from_dict(recipe.dit_arch))
+    dit = WanDiT(WanDiTConfig.from_dict(recipe.dit_arch)).to(device)
     ema = {n: p.detach().clone() for n, p in dit.named_parameters()}
-    opt = torch.optim.AdamW(dit.parameters(), lr=recipe.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
-    start = 0
-    if (state := ckpt.load()) is not None:
+    opt = torch.optim.AdamW(dit.parameters(), lr=recipe.dit_lr, weight_decay=0.01, betas=(0.9, 0.99),
+                            fused=device.type == "cuda")
+    start, total = 0, recipe.dit_steps
+    if (state := ckpt.load(device)) is not None:
         dit.load_state_dict(state["model"])
         ema = state["ema"]
         opt.load_state_dict(state["optimizer"])
         restore_rng(state["rng"], np_rng)
-        generator.set_state(state["generator"])
-        start = state["step"]
+        generator.set_state(state["generator"].cpu())
+        start, total = state["step"], state.get("total", total)
     dit.train()
+    latents, table, caption_ids = latents.to(device), table.to(device), caption_ids.to(device)
 
-    def step_fn(step: int) -> float:
-        idx = torch.from_numpy(np_rng.integers(0, len(latents), recipe.dit_batch))
+    def step_fn(step: int, total: int) -> dict:
+        idx = torch.from_numpy(np_rng.integers(0, len(latents), recipe.dit_batch)).to(device)
         ids = caption_ids[idx].clone()
-        ids[torch.rand(len(ids), generator=generator) < recipe.dit_caption_dropout] = empty_id
+        drop = torch.rand(len(ids), generator=generator, device=device) < recipe.dit_caption_dropout
+        ids = torch.where(drop, torch.full_like(ids, empty_id), ids)
         sigmas = sample_sigmas(len(idx), recipe.dit_timestep_shift, generator)
-        noise = torch.randn(latents[idx].shape, generator=generator)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=generator, device=device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe.dit_steps, recipe.dit_lr, recipe.dit_warmup)
-        loss = flow_matching_loss(dit, latents[idx], table[ids], sigmas, noise)
+            group["lr"] = lr_at(step, total, recipe.dit_lr, recipe.dit_warmup)
+        loss = flow_matching_loss(dit, x0, table[ids], sigmas, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         opt.step()
         ema_update(ema, dit, recipe.dit_ema)
-        return loss.item()
+        return {"loss": loss.detach()}
 
-    def save_fn(step: int) -> None:
+    def save_fn(step: int, total: int) -> None:
         ckpt.save({"model": dit.state_dict(), "ema": ema, "optimizer": opt.state_dict(), "rng": rng_state(np_rng),
-                   "generator": generator.get_state(), "step": step})
+                   "generator": generator.get_state(), "step": step, "total": total})
 
-    run_steps(start, recipe.dit_steps, step_fn, save_fn, run_dir / "dit_log.jsonl", recipe.checkpoint_minutes,
-              "dit", minutes)
+    run_steps(start, total, step_fn, save_fn, run_dir / "dit_log.jsonl", recipe.checkpoint_minutes,
+              "dit", minutes, fit_minutes=fit_minutes, log_every=recipe.log_every, device=device)
     return dit.eval(), ema

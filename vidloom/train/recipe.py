@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 # Wan2.1 architecture, small: 4x spatial / 4x temporal VAE, 2x2 DiT patches
 VAE_ARCH = dict(
-    base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[True, True],
+    base_dim=24, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[True, True],
     dropout=0.0, latents_mean=[0.0] * 16, latents_std=[1.0] * 16, scale_factor_temporal=4, scale_factor_spatial=4,
 )
 DIT_ARCH = dict(
@@ -31,25 +31,26 @@ class Recipe:
     text_encoder_arch: dict = field(default_factory=lambda: dict(TEXT_ENCODER_ARCH))
     frames: int = 17
     size: int = 64
-    clips_per_spec: int = 40  # training clips per colour x shape x direction combination
+    clips_per_spec: int = 64  # training clips per colour x shape x direction combination
     seed: int = 0
     # VAE phase
-    vae_steps: int = 4000
-    vae_batch: int = 8
+    vae_steps: int = 8000
+    vae_batch: int = 24
     vae_frames: int = 9  # clips are cut to this many frames for VAE training (the VAE is causal)
-    vae_crop: int = 32  # and to square crops of this size (it is convolutional): ~4x faster steps
+    vae_crop: int = 64  # and to square crops of this size (it is convolutional; smaller crops are faster)
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     vae_object_weight: float = 5.0  # loss weight on object pixels (they are a few % of the frame)
     # DiT phase
-    dit_steps: int = 8000
-    dit_batch: int = 32
+    dit_steps: int = 30000
+    dit_batch: int = 64
     dit_lr: float = 1e-3
-    dit_warmup: int = 200
+    dit_warmup: int = 500
     dit_caption_dropout: float = 0.1
     dit_ema: float = 0.999
     dit_timestep_shift: float = 3.0
     checkpoint_minutes: float = 5.0
+    log_every: int = 10  # steps between log lines (figures are read back from the device only then)
 
 
 PRESETS = {
@@ -57,5 +58,5 @@ PRESETS = {
     "micro": lambda: Recipe(vae_arch=dict(MICRO_VAE_ARCH), dit_arch=dict(MICRO_DIT_ARCH),
                             text_encoder_arch=dict(MICRO_TEXT_ENCODER_ARCH), frames=5, size=32, clips_per_spec=1,
                             vae_steps=20, vae_batch=2, vae_frames=5, vae_crop=16, dit_steps=30, dit_batch=8, dit_warmup=5,
-                            checkpoint_minutes=0.0),
+                            checkpoint_minutes=0.0, log_every=1),
 }

@@ -38,54 +38,62 @@ def vae_loss(vae: WanVAE, x: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor
     weight = 1 + (recipe.vae_object_weight - 1) * is_object
     l1 = (weight * (rec - x).abs()).mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-    mse = (rec.clamp(-1, 1) - x).pow(2).mean()
-    psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))  # range [-1, 1]: peak-to-peak 2
-    return l1 + recipe.vae_kl_weight * kl, {"l1": l1.item(), "kl": kl.item(), "psnr": psnr.item()}
+    with torch.no_grad():
+        mse = (rec.clamp(-1, 1) - x).pow(2).mean()
+        psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))  # range [-1, 1]: peak-to-peak 2
+    return l1 + recipe.vae_kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach(), "psnr": psnr}
 
 
-def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float | None = None) -> WanVAE:
-    """Train (or resume) the VAE in ``run_dir``; returns the VAE at the step reached."""
+def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float | None = None,
+              fit_minutes: float | None = None, device: torch.device | str = "cpu") -> WanVAE:
+    """Train (or resume) the VAE in ``run_dir``; returns the VAE at the step reached.
+    ``fit_minutes``: shorten the phase to fit that budget (see ``run_steps``)."""
+    device = torch.device(device)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / "vae.pt")
     np_rng = np.random.default_rng(recipe.seed + 1)
-    vae = new_vae(recipe, recipe.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
-    start = 0
-    if (state := ckpt.load()) is not None:
+    vae = new_vae(recipe, recipe.seed).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, betas=(0.9, 0.99),
+                            fused=device.type == "cuda")
+    start, total = 0, recipe.vae_steps
+    if (state := ckpt.load(device)) is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         restore_rng(state["rng"], np_rng)
-        start = state["step"]
+        start, total = state["step"], state.get("total", total)
     vae.train()
+    data = torch.from_numpy(clips).to(device)  # uint8: the whole set fits an accelerator's memory
     n, t_total, size = len(clips), clips.shape[1], clips.shape[2]
     crop = min(recipe.vae_crop, size)
 
-    def step_fn(step: int) -> float:
-        idx = np_rng.integers(0, n, recipe.vae_batch)
+    def step_fn(step: int, total: int) -> dict:
+        idx = torch.from_numpy(np_rng.integers(0, n, recipe.vae_batch)).to(device)
         t0 = int(np_rng.integers(0, t_total - recipe.vae_frames + 1))
         y0, x0 = (int(v) for v in np_rng.integers(0, size - crop + 1, 2))
-        x = to_model_range(clips[idx, t0:t0 + recipe.vae_frames, y0:y0 + crop, x0:x0 + crop])
+        x = to_model_range(data[idx, t0:t0 + recipe.vae_frames, y0:y0 + crop, x0:x0 + crop])
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe.vae_steps, recipe.vae_lr, warmup=100)
+            group["lr"] = lr_at(step, total, recipe.vae_lr, warmup=100)
         loss, info = vae_loss(vae, x, recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        return {"loss": loss.item(), "psnr": info["psnr"]}
+        return {"loss": loss.detach(), "psnr": info["psnr"]}
 
-    def save_fn(step: int) -> None:
-        ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng), "step": step})
+    def save_fn(step: int, total: int) -> None:
+        ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng), "step": step,
+                   "total": total})
 
-    run_steps(start, recipe.vae_steps, step_fn, save_fn, run_dir / "vae_log.jsonl", recipe.checkpoint_minutes,
-              "vae", minutes)
+    run_steps(start, total, step_fn, save_fn, run_dir / "vae_log.jsonl", recipe.checkpoint_minutes,
+              "vae", minutes, fit_minutes=fit_minutes, log_every=recipe.log_every, device=device)
     return vae.eval()
 
 
 @torch.no_grad()
 def reconstruction_psnr(vae: WanVAE, clips: np.ndarray, count: int = 16) -> float:
     """Mean PSNR (dB, frames in [0, 1]) of full-length clips through encode-mean and decode."""
-    x = to_model_range(clips[:count])
+    device = next(vae.parameters()).device
+    x = to_model_range(clips[:count]).to(device)
     rec = torch.cat([vae.decode(vae.encode_mean(x[i:i + 4])) for i in range(0, len(x), 4)])
     mse = ((rec - x) / 2).pow(2).mean(dim=(1, 2, 3, 4))
     return float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean())
