@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     parser.add_argument("--fit-vae-minutes", type=float, default=None, help="fit a fresh VAE phase to this budget")
     parser.add_argument("--fit-dit-minutes", type=float, default=None, help="fit a fresh DiT phase to this budget")
+    parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                        help="bf16 autocast of the forward passes (the weights and the optimizer stay fp32)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     clips, captions = load_or_build_clips(args.run_dir / "data", recipe.frames, recipe.size, recipe.clips_per_spec,
                                           recipe.seed)
     print(f"{len(clips)} clips ready after {time.time() - began:.0f} s", flush=True)
-    vae = train_vae(recipe, clips, args.run_dir, minutes=left(), fit_minutes=args.fit_vae_minutes, device=device)
+    vae = train_vae(recipe, clips, args.run_dir, minutes=left(), fit_minutes=args.fit_vae_minutes, device=device,
+                    autocast=args.autocast == "bf16")
     psnr = reconstruction_psnr(vae, clips)
     print(f"vae reconstruction: {psnr:.2f} dB", flush=True)
     vae_state = torch.load(args.run_dir / "vae.pt", weights_only=False, map_location="cpu")
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         std, device=latents.device).view(shape)
     ids = torch.tensor([index[c] for c in captions])
     dit, ema = train_dit(recipe, latents, ids, table, index[""], args.run_dir, minutes=left(),
-                         fit_minutes=args.fit_dit_minutes, device=device)
+                         fit_minutes=args.fit_dit_minutes, device=device, autocast=args.autocast == "bf16")
     dit_state = torch.load(args.run_dir / "dit.pt", weights_only=False, map_location="cpu")
     out = export_model(args.out, dit.cpu(), {k: v.cpu() for k, v in ema.items()},
                        with_latent_stats(vae.cpu(), mean, std), args.run_dir / "text", recipe.dit_timestep_shift)

@@ -64,9 +64,10 @@ def flow_matching_loss(dit: WanDiT, x0: torch.Tensor, context: torch.Tensor, sig
 
 def train_dit(recipe: Recipe, latents: torch.Tensor, caption_ids: torch.Tensor, table: torch.Tensor,
               empty_id: int, run_dir: Path, minutes: float | None = None, fit_minutes: float | None = None,
-              device: torch.device | str = "cpu") -> tuple[WanDiT, dict]:
+              device: torch.device | str = "cpu", autocast: bool = False) -> tuple[WanDiT, dict]:
     """Train (or resume) the DiT on normalised ``latents``; returns the model and its EMA weights
-    (on ``device``). ``fit_minutes``: shorten the phase to fit that budget (see ``run_steps``)."""
+    (on ``device``). ``fit_minutes``: shorten the phase to fit that budget (see ``run_steps``).
+    ``autocast``: bf16 autocast for the forward pass (weights, gradients and optimizer stay fp32)."""
     device = torch.device(device)
     ckpt = Checkpointer(run_dir / "dit.pt")
     np_rng = np.random.default_rng(recipe.seed + 2)
@@ -97,7 +98,8 @@ def train_dit(recipe: Recipe, latents: torch.Tensor, caption_ids: torch.Tensor, 
         noise = torch.randn(x0.shape, generator=generator, device=device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, recipe.dit_lr, recipe.dit_warmup)
-        loss = flow_matching_loss(dit, x0, table[ids], sigmas, noise)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = flow_matching_loss(dit, x0, table[ids], sigmas, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)

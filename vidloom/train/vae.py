@@ -29,9 +29,9 @@ def new_vae(recipe: Recipe, seed: int) -> WanVAE:
 
 
 def vae_loss(vae: WanVAE, x: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, dict]:
-    mean, logvar = vae.encode(x)
+    mean, logvar = (m.float() for m in vae.encode(x))
     z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
-    rec = vae.decode(z, clamp=False)
+    rec = vae.decode(z, clamp=False).float()  # the loss in fp32 under autocast too
     # object pixels: far from the background colour (the plain background fills the borders)
     background = x.flatten(2).median(dim=2).values[:, :, None, None, None]
     is_object = ((x - background).abs().amax(dim=1, keepdim=True) > 0.3).float()
@@ -45,9 +45,10 @@ def vae_loss(vae: WanVAE, x: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor
 
 
 def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float | None = None,
-              fit_minutes: float | None = None, device: torch.device | str = "cpu") -> WanVAE:
+              fit_minutes: float | None = None, device: torch.device | str = "cpu", autocast: bool = False) -> WanVAE:
     """Train (or resume) the VAE in ``run_dir``; returns the VAE at the step reached.
-    ``fit_minutes``: shorten the phase to fit that budget (see ``run_steps``)."""
+    ``fit_minutes``: shorten the phase to fit that budget (see ``run_steps``).
+    ``autocast``: bf16 autocast for the forward pass (weights, gradients and optimizer stay fp32)."""
     device = torch.device(device)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / "vae.pt")
@@ -73,7 +74,8 @@ def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float |
         x = to_model_range(data[idx, t0:t0 + recipe.vae_frames, y0:y0 + crop, x0:x0 + crop])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, recipe.vae_lr, warmup=100)
-        loss, info = vae_loss(vae, x, recipe)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, info = vae_loss(vae, x, recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
