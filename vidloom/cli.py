@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 import types
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default="outputs/video.mp4",
                      help="output file: .mp4, .gif, .npy (float32 frames) or a folder for PNG frames")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--nproc", type=int, default=1,
+                     help="start this many processes (as torchrun does) for --sp-size / --cfg-parallel")
     _add_dataclass_flags(gen.add_argument_group("sampling"), SamplingParams, SAMPLING_SKIP, "s_")
     _add_dataclass_flags(gen.add_argument_group("engine"), EngineConfig, dest_prefix="e_")
 
@@ -87,6 +90,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as hf_logging
 
+    if args.nproc < 1:
+        raise ValueError(f"--nproc: expected an integer >= 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(args.nproc, args.argv)
     engine = EngineConfig.from_options(**_collect(args, "e_"))
     sampling = _collect(args, "s_")
     if args.model is None:
@@ -101,17 +108,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generator = VideoGenerator.from_pretrained(args.model, config=engine)
     load_s = time.perf_counter() - start
     task = generator.submit(args.prompt, output_path=args.output, **sampling)
-    with tqdm(total=task.total_units + 1, disable=args.quiet, desc="vidloom", unit="unit", file=sys.stderr) as bar:
+    quiet = args.quiet or not generator.is_main_process  # one progress bar and one report, from rank 0
+    with tqdm(total=task.total_units + 1, disable=quiet, desc="vidloom", unit="unit", file=sys.stderr) as bar:
         while not task.is_finished:
             generator.step(task)
             bar.set_postfix_str(task.status)
             bar.update(1)
     out = task.result
+    if not generator.is_main_process:
+        return 0
     p = out.params
     stages = ", ".join(f"{name} {secs:.2f} s" for name, secs in out.timings.items() if secs >= 0.005)
     print(f"wrote {out.path} ({p.num_frames} frames, {p.width}x{p.height}, {p.fps} fps); "
           f"load {load_s:.2f} s, {stages}")
     return 0
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run this command in ``nproc`` processes under torch's own launcher (what ``torchrun`` runs):
+    it sets each process's rank and, when one fails, stops the others and reports the error."""
+    import subprocess
+
+    forwarded = []
+    skip = False
+    for arg in argv:  # the same command without --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            forwarded.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "vidloom", *forwarded]
+    return subprocess.call(cmd)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -127,7 +156,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
     except (VidloomError, ValueError) as exc:

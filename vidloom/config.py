@@ -70,6 +70,8 @@ class EngineConfig:
     vae_tile_overlap: int = 64  # overlap in pixels when tiling
     batch_cfg: bool = True  # conditional and unconditional passes in one batched forward
     check_finite: bool = True  # stop with an error naming the step when latents turn NaN/Inf
+    sp_size: int = 1  # Ulysses sequence-parallel degree (processes sharing one forward)
+    cfg_parallel: bool = False  # conditional and unconditional passes on different processes
 
     def __post_init__(self):
         try:
@@ -78,6 +80,10 @@ class EngineConfig:
             raise ValueError(f"device: {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from exc
         for name in ("dtype", "dit_dtype", "vae_dtype", "text_encoder_dtype"):
             setattr(self, name, parse_dtype(getattr(self, name), name))
+        if not (isinstance(self.sp_size, int) and not isinstance(self.sp_size, bool) and self.sp_size >= 1):
+            raise ValueError(f"sp_size: expected an integer >= 1, got {self.sp_size!r}")
+        if not isinstance(self.cfg_parallel, bool):
+            raise ValueError(f"cfg_parallel: expected true or false, got {self.cfg_parallel!r}")
         if self.vae_tile_size < 32 or self.vae_tile_overlap < 0 or self.vae_tile_overlap >= self.vae_tile_size:
             raise ValueError("vae_tile_size/vae_tile_overlap: need tile >= 32 and 0 <= overlap < tile")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
 import itertools
 import logging
 import time
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from .config import EngineConfig, SamplingParams
+from .parallel.state import check_layout, world_size_from_env
 from .errors import ModelLoadError, TaskCancelled, VidloomError
 from .loader.components import load_component, read_model_index
 from .pipelines import pipeline_class, registered_pipelines
@@ -101,11 +104,18 @@ class Task:
 class VideoGenerator:
     """Python API: ``from_pretrained`` then ``generate`` or ``submit``/``step``."""
 
-    def __init__(self, pipeline: ComposedPipeline, config: EngineConfig, model_path: Path | None = None):
+    def __init__(self, pipeline: ComposedPipeline, config: EngineConfig, model_path: Path | None = None,
+                 parallel=None):
         self.pipeline = pipeline
         self.config = config
         self.model_path = model_path
+        self.parallel = parallel  # parallel.ParallelState when several processes share the work
         self._ids = itertools.count(1)
+
+    @property
+    def is_main_process(self) -> bool:
+        """True in a single process, and on rank 0 of a parallel run (the one that writes files)."""
+        return self.parallel is None or self.parallel.is_main
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **engine_options) -> "VideoGenerator":
@@ -116,8 +126,18 @@ class VideoGenerator:
         path = Path(path)
         index = read_model_index(path)
         pipe_cls = _pipeline_for(index, path)
+        parallel = None
+        if config.sp_size > 1 or config.cfg_parallel or world_size_from_env() > 1:
+            from .parallel.state import ParallelState, local_device
+
+            # a wrong layout is an error before any weight is read
+            check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), _attention_heads(path))
+            config = dataclasses.replace(config, device=str(local_device(config.torch_device)))
+            parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device)
         components = _load_components(path, index, pipe_cls.required_components, config)
-        return cls(pipe_cls(components, config), config, path)
+        if parallel is None:
+            return cls(pipe_cls(components, config), config, path)
+        return cls(pipe_cls(components, config, parallel), config, path, parallel)
 
     @staticmethod
     def size_factors(path: str | Path) -> tuple[int, int]:
@@ -187,7 +207,7 @@ class VideoGenerator:
         path = p.output_path
         if path is None and p.output_type == "mp4":
             path = Path("outputs") / f"{task.id}-{int(task.created)}.mp4"
-        if path is not None and frames is not None:
+        if path is not None and frames is not None and self.is_main_process:
             from .io import export_video
 
             start = time.perf_counter()
@@ -232,3 +252,9 @@ def _load_components(path: Path, index: dict[str, Any], required: tuple[str, ...
 
 
 __all__ = ["VideoGenerator", "VideoOutput", "Task", "TaskState", "VidloomError"]
+
+
+def _attention_heads(path: Path) -> int | None:
+    """The transformer's head count from its config alone (None if it has none)."""
+    config = path / "transformer" / "config.json"
+    return json.loads(config.read_text()).get("num_attention_heads") if config.is_file() else None

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import attention, gather_sequence, shard_sequence
 from .base import ArchConfig, LoadableModel
 from .layers import apply_rotary, layer_norm_fp32, linear_gelu_tanh, rope_frequencies, sinusoidal_timestep_embedding
 
@@ -131,7 +131,7 @@ class WanSelfAttention(nn.Module):
         q = apply_rotary(self.norm_q(q).unflatten(2, (self.heads, -1)), rope)  # (B, L, H, D)
         k = apply_rotary(self.norm_k(k).unflatten(2, (self.heads, -1)), rope)
         v = v.unflatten(2, (self.heads, -1))
-        return self.to_out(attention(q, k, v).flatten(2).to(x.dtype))
+        return self.to_out(attention(q, k, v, self_attention=True).flatten(2).to(x.dtype))
 
 
 class WanCrossAttention(nn.Module):
@@ -251,12 +251,13 @@ class WanDiT(LoadableModel):
 
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()  # (B, tokens, dim)
         temb, modulation = self.condition_embedder(timestep, dtype=x.dtype)
+        x, rope = shard_sequence(x, rope)  # identity unless sequence parallelism is active
         for block, kv in zip(self.blocks, context_kv):
             x = block(x, kv, modulation, rope)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, dim) each
         x = (layer_norm_fp32(x, self.config.eps) * (1 + scale) + shift).to(x.dtype)
-        x = self.proj_out(x)  # (B, tokens, pt*ph*pw*C)
+        x = gather_sequence(self.proj_out(x))  # (B, tokens, pt*ph*pw*C); the head is per token
         x = x.reshape(b, *grid, pt, ph, pw, -1)  # (B, f, h, w, pt, ph, pw, C)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return x.reshape(b, -1, grid[0] * pt, grid[1] * ph, grid[2] * pw)

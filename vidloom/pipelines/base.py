@@ -110,6 +110,19 @@ class WorkUnit:
         return self.stage.name if self.total == 1 else f"{self.stage.name} {self.index + 1}/{self.total}"
 
 
+def parallel_parts(parallel) -> tuple[object | None, object | None]:
+    """The sequence-parallel and CFG-parallel objects of a ``parallel.ParallelState`` (None, None in one process)."""
+    if parallel is None:
+        return None, None
+    from ..parallel.cfg import CFGParallel
+    from ..parallel.sequence import UlyssesSequenceParallel
+
+    sequence = UlyssesSequenceParallel(parallel.sp_group, parallel.sp_size, parallel.sp_rank) \
+        if parallel.sp_size > 1 else None
+    cfg = CFGParallel(parallel.cfg_group, parallel.cfg_rank) if parallel.cfg_degree > 1 else None
+    return sequence, cfg
+
+
 class ComposedPipeline:
     """An ordered list of stages. Subclasses only wire stages (see ``pipelines/wan.py``)."""
 

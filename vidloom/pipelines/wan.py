@@ -9,7 +9,7 @@ from ..models.wan_dit import WanDiTConfig
 from ..models.wan_vae import WanVAEConfig
 from ..models.encoders import WanTextEncoder
 from . import register_pipeline
-from .base import ComposedPipeline
+from .base import ComposedPipeline, parallel_parts
 from .stages import (
     DecodingStage, DenoisingStage, InputValidationStage, LatentPreparationStage, TextEncodingStage,
     TimestepPreparationStage,
@@ -29,14 +29,16 @@ class WanT2VPipeline(ComposedPipeline):
         vae = WanVAEConfig.from_json(folder / "vae" / "config.json")
         return vae.spatial_factor * max(dit.patch_size[1:]), vae.temporal_factor
 
-    def __init__(self, components: dict, config: EngineConfig):
+    def __init__(self, components: dict, config: EngineConfig, parallel=None):
         dit, vae = components["transformer"], components["vae"]
         spatial = vae.config.spatial_factor * max(dit.config.patch_size[1:])
         temporal = vae.config.temporal_factor
         device = config.torch_device
         text_encoder = WanTextEncoder(components["tokenizer"], components["text_encoder"])
         dit_dtype = dit.proj_out.weight.dtype
-        self.denoising = DenoisingStage(dit, components["scheduler"], config.batch_cfg, config.check_finite)
+        sequence, cfg = parallel_parts(parallel)
+        self.denoising = DenoisingStage(dit, components["scheduler"], config.batch_cfg, config.check_finite,
+                                        sequence=sequence, cfg=cfg)
         self.input_validation = InputValidationStage(spatial, temporal, dit.config.in_channels,
                                                      vae.config.spatial_factor)
         super().__init__(

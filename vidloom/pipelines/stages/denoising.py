@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import NumericalError
+from ...models.attention import sequence_parallel
 from ..base import IterativeStage, VerificationResult, is_tensor
 from ..batch import ForwardBatch
 
@@ -17,11 +18,17 @@ class DenoisingStage(IterativeStage):
 
     name = "denoising"
 
-    def __init__(self, transformer: torch.nn.Module, scheduler, batch_cfg: bool = True, check_finite: bool = True):
+    def __init__(self, transformer: torch.nn.Module, scheduler, batch_cfg: bool = True, check_finite: bool = True,
+                 sequence=None, cfg=None):
+        """``sequence``: a sequence-parallel object made active around every forward
+        (``parallel.sequence``); ``cfg``: a CFG-parallel object (``parallel.cfg``) when the two
+        branches run on different processes. Both None in one process."""
         self.transformer = transformer
         self.scheduler = scheduler
         self.batch_cfg = batch_cfg
         self.check_finite = check_finite
+        self.sequence = sequence
+        self.cfg = cfg
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,14 +64,20 @@ class DenoisingStage(IterativeStage):
         x = batch.latents.to(self.dtype)
         b = x.shape[0]
         if not batch.params.do_cfg:
-            return self.transformer(x, t.expand(b), context_kv=batch.context_kv)
-        if self.batch_cfg:
-            both = self.transformer(torch.cat([x, x]), t.expand(2 * b), context_kv=batch.context_kv)
+            return self._forward(x, t.expand(b), batch.context_kv)
+        if self.cfg is not None:  # one branch here, the other on the CFG partner
+            cond, uncond = self.cfg.exchange(self._forward(x, t.expand(b), _rows(batch.context_kv, self.cfg.rows(b))))
+        elif self.batch_cfg:
+            both = self._forward(torch.cat([x, x]), t.expand(2 * b), batch.context_kv)
             cond, uncond = both.chunk(2)
         else:
-            cond = self.transformer(x, t.expand(b), context_kv=_rows(batch.context_kv, slice(0, b)))
-            uncond = self.transformer(x, t.expand(b), context_kv=_rows(batch.context_kv, slice(b, 2 * b)))
+            cond = self._forward(x, t.expand(b), _rows(batch.context_kv, slice(0, b)))
+            uncond = self._forward(x, t.expand(b), _rows(batch.context_kv, slice(b, 2 * b)))
         return uncond + batch.params.guidance_scale * (cond - uncond)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, context_kv) -> torch.Tensor:
+        with sequence_parallel(self.sequence):
+            return self.transformer(x, t, context_kv=context_kv)
 
     def step(self, batch: ForwardBatch, index: int) -> ForwardBatch:
         t = batch.timesteps[index]

@@ -1,0 +1,113 @@
+"""Multi-process generation on gloo (CPU): sequence parallel, CFG parallel and both give the
+single-process video; wrong layouts are errors before loading; a failing rank ends the run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vidloom import EngineConfig, VideoGenerator
+from vidloom.cli import main as cli_main
+from vidloom.parallel import check_layout
+
+WORKER = Path(__file__).with_name("worker.py")
+LAUNCH_TIMEOUT_S = 240  # a hang would end here, far beyond a normal run's ~15 s
+
+
+def launch(nproc: int, model_dir: Path, request: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    request_path = tmp_path / "request.json"
+    request_path.write_text(json.dumps(request))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(WORKER), str(model_dir), str(request_path), str(tmp_path / "out.npy")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# 48x48 pixels, 9 frames: a 3x3x3 token grid (27 tokens, odd: padded for 2 ranks); 48x64: 36 tokens
+@pytest.mark.parametrize("engine,nproc,size", [
+    ({"sp_size": 2}, 2, (48, 48)),
+    ({"sp_size": 2}, 2, (48, 64)),
+    ({"cfg_parallel": True}, 2, (48, 48)),
+    ({"sp_size": 2, "cfg_parallel": True}, 4, (48, 48)),
+], ids=["sp2-uneven", "sp2-even", "cfg2", "sp2xcfg2-uneven"])
+def test_parallel_generation_equals_one_process(tiny_wan_dir, tmp_path, engine, nproc, size):
+    height, width = size
+    request = dict(prompt="a red circle moving left", height=height, width=width, num_frames=9,
+                   num_inference_steps=3, guidance_scale=4.0)
+    latents = torch.randn(1, 4, 3, height // 8, width // 8, generator=torch.Generator().manual_seed(0))
+    torch.save(latents, tmp_path / "latents.pt")
+    single = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32").generate(latents=latents, **request).frames
+    proc = launch(nproc, tiny_wan_dir, dict(request, engine=engine, latents_path=str(tmp_path / "latents.pt")),
+                  tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # every rank really ran the parallel path
+    for kind in (["sequence=UlyssesSequenceParallel"] if engine.get("sp_size", 1) > 1 else []) + \
+            (["cfg=CFGParallel"] if engine.get("cfg_parallel") else []):
+        assert proc.stdout.count(kind) == nproc, proc.stdout
+    parallel = np.load(tmp_path / "out.npy")
+    assert parallel.shape == single.shape
+    assert rel_err(parallel, single) <= 1e-5  # fp32
+
+
+def test_cli_nproc_starts_the_processes_itself_and_rank_0_writes(tiny_wan_dir, tmp_path):
+    common = ["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat", "--height", "48", "--width", "48",
+              "--num-frames", "9", "--steps", "2", "--seed", "3", "--dtype", "fp32", "--quiet"]
+    assert cli_main(common + ["--output", str(tmp_path / "one.npy")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "vidloom", *common, "--output", str(tmp_path / "two.npy"),
+                           "--nproc", "2", "--sp-size", "2"], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("wrote ") == 1  # one report, from rank 0
+    assert rel_err(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy")) <= 1e-5
+
+
+@pytest.mark.parametrize("fail", [{"fail_on_rank": 1}, {"fail_on_rank": 1, "fail_at_step": 1}],
+                         ids=["before-loading", "mid-denoising"])
+def test_a_failing_rank_ends_the_run_with_its_error(tiny_wan_dir, tmp_path, fail):
+    latents = torch.randn(1, 4, 3, 6, 6)
+    torch.save(latents, tmp_path / "latents.pt")
+    request = dict(prompt="a cat", height=48, width=48, num_frames=9, num_inference_steps=3, guidance_scale=4.0,
+                   engine={"sp_size": 2}, latents_path=str(tmp_path / "latents.pt"), **fail)
+    proc = launch(2, tiny_wan_dir, request, tmp_path)  # returns (does not hang) ...
+    assert proc.returncode != 0  # ... with a failure ...
+    assert "planted failure on rank 1" in proc.stdout + proc.stderr  # ... that names the error
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_layout_errors_name_the_options():
+    check_layout(2, True, 4, num_heads=12)
+    with pytest.raises(ValueError, match=r"sp_size=2 x cfg degree 2 .* needs 4 processes, but the world size is 3"):
+        check_layout(2, True, 3)
+    with pytest.raises(ValueError, match=r"sp_size=5 must divide the transformer's 12 attention heads"):
+        check_layout(5, False, 5, num_heads=12)
+    with pytest.raises(ValueError, match="sp_size"):
+        EngineConfig(sp_size=0)
+    with pytest.raises(ValueError, match="cfg_parallel"):
+        EngineConfig(cfg_parallel="yes")
+
+
+def test_wrong_layout_is_an_error_before_any_weight_is_read(tiny_wan_dir, monkeypatch):
+    import vidloom.generator as generator
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(generator, "_load_components", no_loading)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="needs 2 processes, but the world size is 1"):
+        VideoGenerator.from_pretrained(tiny_wan_dir, sp_size=2)
+
+
+def test_cli_reports_a_wrong_layout_as_one_error_line(tiny_wan_dir, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli_main(["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat", "--cfg-parallel",
+                     "--height", "48", "--width", "48", "--num-frames", "9"]) == 2
+    assert "error: sp_size=1 x cfg degree 2 (cfg_parallel=True) needs 2 processes" in capsys.readouterr().err

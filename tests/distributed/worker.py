@@ -1,0 +1,38 @@
+"""One rank of a multi-process generation, started by torchrun from the tests:
+
+    python -m torch.distributed.run --nproc-per-node N worker.py MODEL_DIR REQUEST_JSON OUT_NPY
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    model_dir, request_path, out = sys.argv[1:4]
+    request = json.loads(open(request_path).read())
+    rank = int(os.environ["RANK"])
+    fail_rank, fail_step = request.pop("fail_on_rank", None), request.pop("fail_at_step", None)
+    if fail_rank == rank and fail_step is None:
+        raise RuntimeError(f"planted failure on rank {rank} before loading")
+
+    def callback(step, total, timestep, latents):
+        if fail_rank == rank and step == fail_step:
+            raise RuntimeError(f"planted failure on rank {rank} at step {step}")
+    from vidloom import VideoGenerator
+
+    engine = request.pop("engine")
+    latents = torch.load(request.pop("latents_path"))
+    gen = VideoGenerator.from_pretrained(model_dir, dtype="fp32", **engine)
+    stage = gen.pipeline.denoising
+    print(f"rank {rank}: sequence={type(stage.sequence).__name__} cfg={type(stage.cfg).__name__}", flush=True)
+    gen.generate(request.pop("prompt"), latents=latents, output_path=out, callback=callback, **request)
+
+
+if __name__ == "__main__":
+    main()

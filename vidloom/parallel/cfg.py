@@ -1,0 +1,23 @@
+"""CFG parallelism: the two ranks of a CFG group compute one branch each (rank 0 the
+conditional, rank 1 the unconditional) and exchange their predictions, so that every rank
+combines the same two tensors and takes the same scheduler step."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class CFGParallel:
+    def __init__(self, group, rank: int):
+        self.group, self.rank = group, rank
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows of the [conditional; unconditional] text batch."""
+        return slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+
+    def exchange(self, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's prediction -> (conditional, unconditional), the same on both ranks."""
+        parts = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(parts, mine.contiguous(), group=self.group)
+        return parts[0], parts[1]

@@ -1,0 +1,83 @@
+"""The process layout: ``world_size = cfg_degree x sp_size`` ranks, each CFG half a contiguous
+block of ``sp_size`` ranks (rank = cfg_rank * sp_size + sp_rank), so that on GPUs the
+all-to-all of sequence parallelism stays among neighbours."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def world_size_from_env() -> int:
+    """The world size a launcher (torchrun, ``vidloom generate --nproc``) gave this process; 1 if none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_layout(sp_size: int, cfg_parallel: bool, world_size: int, num_heads: int | None = None) -> None:
+    """Raise ValueError, naming the options, unless ``world_size == sp_size x cfg_degree`` and the
+    attention heads divide among the sequence-parallel ranks."""
+    cfg_degree = 2 if cfg_parallel else 1
+    if world_size != sp_size * cfg_degree:
+        raise ValueError(
+            f"sp_size={sp_size} x cfg degree {cfg_degree} (cfg_parallel={cfg_parallel}) needs "
+            f"{sp_size * cfg_degree} processes, but the world size is {world_size}: launch with "
+            f"`torchrun --nproc-per-node {sp_size * cfg_degree} -m vidloom generate ...` or "
+            f"`vidloom generate --nproc {sp_size * cfg_degree} ...`, or change sp_size / cfg_parallel"
+        )
+    if num_heads is not None and num_heads % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide the transformer's {num_heads} attention heads "
+                         f"(allowed: {', '.join(str(d) for d in range(1, num_heads + 1) if num_heads % d == 0)})")
+
+
+@dataclass
+class ParallelState:
+    """This process's place in the layout and its process groups."""
+
+    rank: int
+    world_size: int
+    sp_size: int
+    cfg_degree: int
+    sp_group: object
+    cfg_group: object
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
+
+    @property
+    def cfg_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def initialize(cls, sp_size: int, cfg_parallel: bool, device: torch.device,
+                   timeout_s: float = 600.0) -> "ParallelState":
+        """Join (or start) the default process group from the launcher's environment and build the
+        sequence-parallel and CFG groups. NCCL on CUDA, gloo on CPU."""
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        world, rank = dist.get_world_size(), dist.get_rank()
+        cfg_degree = 2 if cfg_parallel else 1
+        check_layout(sp_size, cfg_parallel, world)
+        # every rank creates every group, in the same order (torch.distributed requires it)
+        sp_groups = [dist.new_group(list(range(c * sp_size, (c + 1) * sp_size))) for c in range(cfg_degree)]
+        cfg_groups = [dist.new_group(list(range(s, world, sp_size))) for s in range(sp_size)]
+        return cls(rank=rank, world_size=world, sp_size=sp_size, cfg_degree=cfg_degree,
+                   sp_group=sp_groups[rank // sp_size], cfg_group=cfg_groups[rank % sp_size])
+
+
+def local_device(device: torch.device) -> torch.device:
+    """``cuda`` without an index means this process's GPU (LOCAL_RANK) under a launcher."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
