@@ -37,7 +37,6 @@ def main() -> None:
     from vidloom import VideoGenerator
 
     folder = args.model or DEFAULT_MODEL_DIR
-    spatial, temporal = VideoGenerator.size_factors(folder)
     print(f"machine: {machine_description()}")
     print(f"model: {folder}; settings: {SETTINGS}")
     s = dict(SETTINGS)
@@ -51,6 +50,8 @@ def main() -> None:
         pipe.vae.to(torch.float32)
         pipe.set_progress_bar_config(disable=True)
         channels = gen.pipeline.components["transformer"].config.in_channels
+        vae_config = gen.pipeline.components["vae"].config
+        spatial, temporal = vae_config.spatial_factor, vae_config.temporal_factor
         latents = torch.randn(1, channels, (s["num_frames"] - 1) // temporal + 1, s["height"] // spatial,
                               s["width"] // spatial,
                               generator=torch.Generator().manual_seed(0))

@@ -58,6 +58,20 @@ def test_parallel_generation_equals_one_process(tiny_wan_dir, tmp_path, engine, 
     assert rel_err(parallel, single) <= 1e-5  # fp32
 
 
+def test_parallel_vae_decode_equals_the_one_process_tiled_decode(tiny_wan_dir, tmp_path):
+    z = torch.randn(1, 4, 3, 12, 16, generator=torch.Generator().manual_seed(2))  # 4 x 6 tiles of 4 latent pixels, overlap 1
+    torch.save(z, tmp_path / "z.pt")
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32")
+    vae = gen.pipeline.components["vae"]
+    single = vae.decode_tiled(z, tile_latent=4, overlap_latent=1).numpy()
+    proc = launch(2, tiny_wan_dir, dict(mode="vae-decode", engine={"sp_size": 2}, latents_path=str(tmp_path / "z.pt"),
+                                        tile=4, overlap=1), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    parallel = np.load(tmp_path / "out.npy")
+    assert parallel.shape == single.shape == (1, 3, 9, 96, 128)
+    assert rel_err(parallel, single) <= 1e-6  # the same tiles, decoded in other processes
+
+
 def test_cli_nproc_starts_the_processes_itself_and_rank_0_writes(tiny_wan_dir, tmp_path):
     common = ["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat", "--height", "48", "--width", "48",
               "--num-frames", "9", "--steps", "2", "--seed", "3", "--dtype", "fp32", "--quiet"]

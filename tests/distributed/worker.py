@@ -27,11 +27,29 @@ def main() -> None:
     from vidloom import VideoGenerator
 
     engine = request.pop("engine")
+    if request.pop("mode", "generate") == "vae-decode":
+        decode_tiles(model_dir, engine, request, out)
+        return
     latents = torch.load(request.pop("latents_path"))
     gen = VideoGenerator.from_pretrained(model_dir, dtype="fp32", **engine)
     stage = gen.pipeline.denoising
     print(f"rank {rank}: sequence={type(stage.sequence).__name__} cfg={type(stage.cfg).__name__}", flush=True)
     gen.generate(request.pop("prompt"), latents=latents, output_path=out, callback=callback, **request)
+
+
+def decode_tiles(model_dir: str, engine: dict, request: dict, out: str) -> None:
+    """The parallel tiled VAE decode alone, on given latents; rank 0 saves the video."""
+    import numpy as np
+
+    from vidloom import VideoGenerator
+
+    gen = VideoGenerator.from_pretrained(model_dir, dtype="fp32", **engine)
+    stage = next(s for s in gen.pipeline.stages if s.name == "decoding")
+    z = torch.load(request["latents_path"])
+    video = stage.vae.decode_tiled(z, tile_latent=request["tile"], overlap_latent=request["overlap"],
+                                   map_tiles=stage.map_tiles)
+    if gen.is_main_process:
+        np.save(out, video.numpy())
 
 
 if __name__ == "__main__":

@@ -598,6 +598,7 @@ def _tiled_map(
     stride: tuple[int, int],
     out_stride: tuple[int, int],
     out_blend: tuple[int, int],
+    map_tiles: Callable | None = None,
 ) -> torch.Tensor:
     """Apply ``fn`` to overlapping (H, W) tiles of ``x`` and stitch the outputs.
 
@@ -605,12 +606,19 @@ def _tiled_map(
     already-blended tile above and to its left over ``out_blend`` pixels, then contributes its first
     ``out_stride`` rows and columns. Rows are stitched as they finish, so at most two rows of tiles
     are alive. The result may extend past the wanted size; the caller crops.
+
+    ``map_tiles(fn, tiles) -> outputs``, if given, computes every tile's output up front (e.g.
+    spread over processes, ``parallel.vae``); the blending is the same.
     """
+    starts = [(top, left) for top in range(0, x.shape[-2], stride[0]) for left in range(0, x.shape[-1], stride[1])]
+    done = None
+    if map_tiles is not None:
+        done = iter(map_tiles(fn, [x[..., top : top + tile[0], left : left + tile[1]] for top, left in starts]))
     rows, above = [], None
     for top in range(0, x.shape[-2], stride[0]):
         row: list[torch.Tensor] = []
         for left in range(0, x.shape[-1], stride[1]):
-            out = fn(x[..., top : top + tile[0], left : left + tile[1]])
+            out = next(done) if done is not None else fn(x[..., top : top + tile[0], left : left + tile[1]])
             if above is not None:
                 out = _blend(above[len(row)], out, out_blend[0], dim=-2)
             if row:
@@ -747,9 +755,10 @@ class WanVAE(LoadableModel):
 
     def decode_tiled(
         self, z: torch.Tensor, tile_latent: int | tuple[int, int] = (32, 32),
-        overlap_latent: int | tuple[int, int] = (8, 8), clamp: bool = True,
+        overlap_latent: int | tuple[int, int] = (8, 8), clamp: bool = True, map_tiles: Callable | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` over overlapping spatial tiles of the latents, blended linearly in the overlaps.
+        ``map_tiles``: decode the tiles elsewhere (see ``_tiled_map``), e.g. spread over processes.
 
         Each tile is decoded on its own (causal over time). The defaults equal diffusers'
         (``tile_sample_min`` 256, stride 192 for an 8x VAE); with ``tile_sample_min = tile_latent * sf``
@@ -763,6 +772,7 @@ class WanVAE(LoadableModel):
             z, lambda tile: self._decode_tile(tile, z.shape[-2] * z.shape[-1]),
             tile=tuple(p[0] for p in plans), stride=tuple(p[1] for p in plans),
             out_stride=tuple(p[1] * sf for p in plans), out_blend=tuple(p[2] * sf for p in plans),
+            map_tiles=map_tiles,
         )
         video = video[..., : z.shape[-2] * sf, : z.shape[-1] * sf]
         return video.clamp(-1.0, 1.0) if clamp else video

@@ -123,6 +123,15 @@ def parallel_parts(parallel) -> tuple[object | None, object | None]:
     return sequence, cfg
 
 
+def tile_spreader(parallel):
+    """The parallel VAE decode's ``map_tiles`` over all processes (None in one process)."""
+    if parallel is None:
+        return None
+    from ..parallel.vae import TileSpreader
+
+    return TileSpreader()
+
+
 class ComposedPipeline:
     """An ordered list of stages. Subclasses only wire stages (see ``pipelines/wan.py``)."""
 

@@ -9,7 +9,7 @@ from ..models.wan_dit import WanDiTConfig
 from ..models.wan_vae import WanVAEConfig
 from ..models.encoders import WanTextEncoder
 from . import register_pipeline
-from .base import ComposedPipeline, parallel_parts
+from .base import ComposedPipeline, parallel_parts, tile_spreader
 from .stages import (
     DecodingStage, DenoisingStage, InputValidationStage, LatentPreparationStage, TextEncodingStage,
     TimestepPreparationStage,
@@ -48,7 +48,8 @@ class WanT2VPipeline(ComposedPipeline):
                 TimestepPreparationStage(components["scheduler"], device),
                 LatentPreparationStage(dit.config.in_channels, vae.config.spatial_factor, temporal, device),
                 self.denoising,
-                DecodingStage(vae, config.vae_tiling, config.vae_tile_size, config.vae_tile_overlap),
+                DecodingStage(vae, config.vae_tiling, config.vae_tile_size, config.vae_tile_overlap,
+                              map_tiles=tile_spreader(parallel)),
             ],
             spatial_factor=spatial,
             temporal_factor=temporal,

@@ -10,13 +10,16 @@ class DecodingStage(PipelineStage):
     """Latents -> video in [0, 1] through the VAE (whole or spatially tiled).
 
     ``output_type="latent"`` skips it. The VAE runs in its own dtype (fp32 by default).
+    ``map_tiles`` (``parallel.vae.TileSpreader`` in a multi-process run) spreads the tiles of the
+    tiled decode over the processes; the decode is then always tiled.
     """
 
     name = "decoding"
 
-    def __init__(self, vae, tiling: bool = False, tile_size: int = 256, tile_overlap: int = 64):
+    def __init__(self, vae, tiling: bool = False, tile_size: int = 256, tile_overlap: int = 64, map_tiles=None):
         self.vae = vae
-        self.tiling = tiling
+        self.tiling = tiling or map_tiles is not None
+        self.map_tiles = map_tiles
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
 
@@ -34,7 +37,8 @@ class DecodingStage(PipelineStage):
         if self.tiling:
             factor = self.vae.config.spatial_factor  # tile sizes are given in pixels, the VAE takes latents
             tile, overlap = self.tile_size // factor, self.tile_overlap // factor
-            video = self.vae.decode_tiled(z, tile_latent=(tile, tile), overlap_latent=(overlap, overlap))
+            video = self.vae.decode_tiled(z, tile_latent=(tile, tile), overlap_latent=(overlap, overlap),
+                                          map_tiles=self.map_tiles)
         else:
             video = self.vae.decode(z)
         return (video.float() * 0.5 + 0.5).clamp(0, 1)
