@@ -24,8 +24,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
-    names = [name for name, _ in model.named_parameters()]
-    torch._foreach_lerp_([ema[n] for n in names], [p.detach() for _, p in model.named_parameters()], 1 - decay)
+    params = dict(model.named_parameters())
+    torch._foreach_lerp_([ema[n] for n in params], [p.detach() for p in params.values()], 1 - decay)
 
 
 class Checkpointer:
