@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -33,9 +34,9 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from vidloom.loader.weights import load_model
-    from vidloom.models.attention import sequence_parallel
     from vidloom.models.wan_dit import WanDiT
     from vidloom.pipelines.base import parallel_parts
+    from vidloom.pipelines.stages import DenoisingStage
     from vidloom.parallel.cfg import CFGParallel
     from vidloom.parallel.sequence import UlyssesSequenceParallel
     from vidloom.parallel.state import ParallelState, local_device
@@ -69,21 +70,16 @@ def worker(args) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, (f - 1) // 4 + 1, h // 8, w // 8, generator=g).to(device, dtype)
     text = torch.randn(2, TEXT_LEN, WAN_1_3B_TRANSFORMER["text_dim"], generator=g).to(device, dtype)
-    t = torch.tensor([500.0], device=device)
     with torch.no_grad():
         kv = model.encode_context(text)  # rows [cond; uncond]
+    # the engine's own guided prediction (batched CFG, or one branch per rank), as a generation runs it
+    stage = DenoisingStage(model, scheduler=None, sequence=sequence, cfg=cfg)
+    batch = types.SimpleNamespace(latents=x, context_kv=kv,
+                                  params=types.SimpleNamespace(do_cfg=True, guidance_scale=5.0))
+    t = torch.tensor(500.0, device=device)
 
-    def forward(latents, rows):
-        with sequence_parallel(sequence):
-            return model(latents, t.expand(latents.shape[0]), context_kv=[(k[rows], v[rows]) for k, v in kv])
-
-    @torch.no_grad()
     def step():
-        if cfg is not None:
-            cond, uncond = cfg.exchange(forward(x, cfg.rows(1)))
-        else:
-            cond, uncond = forward(torch.cat([x, x]), slice(0, 2)).chunk(2)
-        out = uncond + 5.0 * (cond - uncond)
+        out = stage.predict(batch, t)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return out
