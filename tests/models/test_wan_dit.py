@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from vidloom.loader.weights import load_model
+from vidloom.models.attention import attention, collapse_repeated_tail
 from vidloom.models.layers import apply_rotary
 from vidloom.models.wan_dit import WanDiT, WanDiTConfig, rope_phasors
 
@@ -49,6 +52,48 @@ def test_forward_matches_diffusers_bf16(tiny_wan_dir, inputs):
         b = ref(x.bfloat16(), t, ctx.bfloat16(), return_dict=False)[0]
     assert a.dtype == torch.bfloat16
     assert rel(a.float(), b.float()) <= BF16_RTOL
+
+
+@pytest.fixture(scope="module")
+def padded_context():
+    """Two prompts of 5 and 2 tokens zero-padded to 40, as the text stage hands them over."""
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.zeros(2, 40, 16)
+    ctx[0, :5] = torch.randn(5, 16, generator=g)
+    ctx[1, :2] = torch.randn(2, 16, generator=g)
+    return ctx
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_padded_prompt_attends_over_collapsed_keys(tiny_wan_dir, inputs, padded_context, dtype):
+    """The padding becomes one key weighed by its count (40 keys -> 6), same output as the reference."""
+    from diffusers import WanTransformer3DModel
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ours = load_model(WanDiT, tiny_wan_dir / "transformer", dtype=torch_dtype)
+    ref = WanTransformer3DModel.from_pretrained(str(tiny_wan_dir / "transformer"), dtype=torch_dtype)
+    x, t, _ = inputs
+    ctx = padded_context.to(torch_dtype)
+    kv = ours.encode_context(ctx)
+    assert kv[0].k.shape[1] == 6 and kv[0].bias.tolist() == pytest.approx([0.0] * 5 + [math.log(35)])
+    with torch.no_grad():
+        a = ours(x.to(torch_dtype), t, context_kv=kv)
+        b = ref(x.to(torch_dtype), t, ctx, return_dict=False)[0]
+    assert rel(a.float(), b.float()) <= {"fp32": FP32_RTOL, "bf16": BF16_RTOL}[dtype]
+
+
+def test_collapse_repeated_tail_keeps_distinct_tokens():
+    ctx = torch.randn(2, 9, 4)
+    assert collapse_repeated_tail(ctx) == (ctx, None)  # nothing repeats
+    ctx[0, 6:] = ctx[0, 8]
+    ctx[1, 4:] = ctx[1, 8]
+    short, bias = collapse_repeated_tail(ctx)  # the shorter repeated run (row 0: 3) decides
+    assert torch.equal(short, ctx[:, :7]) and bias.tolist() == pytest.approx([0.0] * 6 + [math.log(3)])
+    q, k, v = torch.randn(2, 5, 2, 2), torch.randn(2, 9, 2, 2), torch.randn(2, 9, 2, 2)
+    k[0, 6:], v[0, 6:], k[1, 4:], v[1, 4:] = k[0, 8], v[0, 8], k[1, 8], v[1, 8]
+    full = attention(q, k, v)
+    assert rel(attention(q, k[:, :7], v[:, :7], bias=bias), full) <= 1e-6
+    assert rel(attention(q, k[:, :7], v[:, :7]), full) > 1e-2  # without the bias it is another attention
 
 
 def test_rotary_is_a_rotation():

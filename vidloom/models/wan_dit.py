@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention, gather_sequence, shard_sequence
+from .attention import attention, collapse_repeated_tail, gather_sequence, shard_sequence
 from .base import ArchConfig, LoadableModel
 from .layers import apply_rotary, layer_norm_fp32, linear_gelu_tanh, rope_frequencies, sinusoidal_timestep_embedding
 
@@ -134,6 +135,18 @@ class WanSelfAttention(nn.Module):
         return self.to_out(attention(q, k, v, self_attention=True).flatten(2).to(x.dtype))
 
 
+class TextKV(typing.NamedTuple):
+    """One block's cross-attention keys and values (B, Lk, H, D) and their score ``bias``
+    ((Lk,) float32, or None; see ``attention.collapse_repeated_tail``)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def rows(self, rows: slice) -> TextKV:
+        return TextKV(self.k[rows], self.v[rows], self.bias)
+
+
 class WanCrossAttention(nn.Module):
     """Attention from the video tokens to the text tokens. The text keys and values depend
     only on the prompt, so they are computed once per request (``context_kv``)."""
@@ -147,13 +160,14 @@ class WanCrossAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
-    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def context_kv(self, context: torch.Tensor, bias: torch.Tensor | None = None) -> TextKV:
         k, v = self.to_kv(context).chunk(2, dim=-1)
-        return self.norm_k(k).unflatten(2, (self.heads, -1)), v.unflatten(2, (self.heads, -1))  # (B, Lk, H, D)
+        # (B, Lk, H, D) each
+        return TextKV(self.norm_k(k).unflatten(2, (self.heads, -1)), v.unflatten(2, (self.heads, -1)), bias)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: TextKV) -> torch.Tensor:
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
-        return self.to_out(attention(q, *kv).flatten(2).to(x.dtype))
+        return self.to_out(attention(q, kv.k, kv.v, bias=kv.bias).flatten(2).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -229,14 +243,17 @@ class WanDiT(LoadableModel):
             self._rope_cache = {key: rope_phasors(self.config, grid, device)}  # keep only the latest shape
         return self._rope_cache[key]
 
-    def encode_context(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def encode_context(self, context: torch.Tensor) -> list[TextKV]:
         """Text embeddings (B, L, text_dim) -> every block's cross-attention keys and values.
 
         They depend on the prompt only: compute them once per request and pass them to
-        ``forward`` as ``context_kv`` at every step.
+        ``forward`` as ``context_kv`` at every step. The padding of a prompt (equal vectors up
+        to the fixed length) becomes one key weighed by its count, which gives the same
+        attention: a 10-token prompt padded to 512 attends over 11 keys instead of 512.
         """
+        context, bias = collapse_repeated_tail(context)
         context = self.condition_embedder.text_embedder(context)
-        return [block.attn2.context_kv(context) for block in self.blocks]
+        return [block.attn2.context_kv(context, bias) for block in self.blocks]
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None = None,
                 context_kv: list | None = None) -> torch.Tensor:

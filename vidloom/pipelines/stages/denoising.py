@@ -102,4 +102,4 @@ class DenoisingStage(IterativeStage):
 
 
 def _rows(context_kv, rows: slice):
-    return [(k[rows], v[rows]) for k, v in context_kv]
+    return [kv.rows(rows) for kv in context_kv]
