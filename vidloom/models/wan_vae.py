@@ -153,18 +153,22 @@ class CausalCache:
 
     ``inference`` selects the fast path: channels-last frames, inputs written once into reused
     zero-bordered buffers of ``workspace``, norms fused into those writes; it writes into buffers in
-    place, so it is only set where autograd is off and the model is in eval mode. ``winograd``
-    (with ``inference``) lets fp32 3x3 convolutions run by Winograd. In bf16 the channels-last
-    convolutions round differently from diffusers' contiguous ones, with the same error against
-    fp32 (see tests/models/test_wan_vae.py).
+    place, so it is only set where autograd is off and the model is in eval mode. There, a layer's
+    history frames are overwritten in place from step to step, and the residual blocks' hidden
+    activation lives in the workspace: the fixed set of large buffers is what keeps a long decode's
+    resident memory near what it uses (a churn of fresh full-size tensors leaves freed heap memory
+    resident). ``workspace`` may be shared by caches that run one after another (the tiles of one
+    tiled decode). ``winograd`` (with ``inference``) lets fp32 3x3 convolutions run by Winograd.
+    In bf16 the channels-last convolutions round differently from diffusers' contiguous ones, with
+    the same error against fp32 (see tests/models/test_wan_vae.py).
     """
 
-    def __init__(self, inference: bool = False, winograd: bool = False) -> None:
+    def __init__(self, inference: bool = False, winograd: bool = False, workspace: Workspace | None = None) -> None:
         self._history: dict[nn.Module, torch.Tensor] = {}
         self._started: set[nn.Module] = set()
         self.inference = inference
         self.winograd = inference and winograd
-        self.workspace = Workspace()
+        self.workspace = Workspace() if workspace is None else workspace
 
     def history(self, layer: nn.Module) -> torch.Tensor | None:
         return self._history.get(layer)
@@ -215,9 +219,10 @@ class CausalConv3d(nn.Conv3d):
     def forward(
         self, x: torch.Tensor, cache: CausalCache | None = None,
         prologue: Callable[..., torch.Tensor] | None = None, residual: torch.Tensor | None = None,
+        scratch: str | None = None,
     ) -> torch.Tensor:
         if cache is not None and cache.inference and self._pads_like_3x3(x):
-            return self._forward_padded(x, cache, prologue, residual)
+            return self._forward_padded(x, cache, prologue, residual, scratch)
         if prologue is not None:
             x = prologue(x)
         missing = self.context
@@ -247,7 +252,7 @@ class CausalConv3d(nn.Conv3d):
         return (cache.winograd and self.kernel_size == (3, 3, 3) and x.dtype == torch.float32
                 and h % 4 == 0 and w % 4 == 0 and c >= 16 and t * h * w >= WINOGRAD_MIN_PIXELS)
 
-    def _forward_padded(self, x, cache, prologue, residual) -> torch.Tensor:
+    def _forward_padded(self, x, cache, prologue, residual, scratch) -> torch.Tensor:
         """Inference: the input (after the prologue) is written once into a reused, zero-bordered
         buffer behind the cached context frames, then convolved by Winograd or directly."""
         b, c, t, h, w = x.shape
@@ -266,7 +271,12 @@ class CausalConv3d(nn.Conv3d):
             prologue(x, out=frames.permute(0, 4, 1, 2, 3))
         else:
             frames.copy_(_channels_last(x))
-        history = _empty_channels_last(x, (b, c, 2, h, w))
+        # the past frames are in `padded` now: their tensor takes the new ones in place, so the
+        # cache keeps one allocation per layer instead of a fresh one every step
+        history = past
+        reusable = past is not None and past.shape == (b, c, 2, h, w)
+        if not (reusable and past.is_contiguous(memory_format=torch.channels_last_3d)):
+            history = _empty_channels_last(x, (b, c, 2, h, w))
         _channels_last(history).copy_(padded[:, -2:, 1 : h + 1, 1 : w + 1])
         cache.set_history(self, history)
         if not self._winograd_fits(x, cache):
@@ -276,6 +286,9 @@ class CausalConv3d(nn.Conv3d):
         if residual is not None:
             # out = residual + conv(x), in place: one full-size activation fewer at the peak
             out = residual = residual.contiguous(memory_format=torch.channels_last_3d)
+        elif scratch is not None:
+            # (B, T, H, W, Co) buffer seen as channels-last (B, Co, T, H, W)
+            out = ws.take(scratch, (b, t, h, w, self.out_channels), x.dtype, x.device).permute(0, 4, 1, 2, 3)
         else:
             out = _empty_channels_last(x, (b, self.out_channels, t, h, w))
         for i in range(b):
@@ -331,7 +344,10 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         shortcut = self.conv_shortcut(x)
-        x = self.conv1(x, cache, prologue=self.norm1.silu)
+        # the hidden activation is dead once conv2 has read it: on the Winograd path it lives in
+        # one reused workspace buffer, not in a fresh allocation per block and step (a churn of
+        # full-size buffers that leaves freed memory resident)
+        x = self.conv1(x, cache, prologue=self.norm1.silu, scratch="hidden")
         # on the inference path the sum lands in the shortcut's storage: for an identity shortcut
         # that is this block's input, which nothing reads afterwards
         return self.conv2(x, cache, prologue=self._norm2_silu_dropout, residual=shortcut)
@@ -535,25 +551,24 @@ class Decoder3d(nn.Module):
             x = block(x, cache)
         return self._head(x, cache)
 
-    def stream(self, z: torch.Tensor, cache: CausalCache, step_elements: int) -> list[torch.Tensor]:
+    def stream(self, z: torch.Tensor, cache: CausalCache, step_elements: int, out: torch.Tensor) -> None:
         """:meth:`forward` stage by stage, depth first: each stage runs on time slices of its input
         whose output has at most ``step_elements`` elements (at least one frame per slice), and
         passes its output on in slices sized for the next stage. The causal cache makes any slicing
         give the same frames; small stages get long slices (few, large calls) and the full-resolution
-        stages short ones (bounded memory). Returns the video pieces in order."""
+        stages short ones (bounded memory). The video frames are written into ``out`` in order."""
         stages = [(self._stem, 1, self.conv_in.out_channels)]
         for block in self.up_blocks:
             up = block.upsamplers[0] if block.upsamplers is not None else None
             growth = 1 if up is None else (8 if up.mode == "upsample3d" else 4)  # frames x pixels
             stages.append((block, growth, block.resnets[-1].conv2.out_channels // (1 if up is None else 2)))
         stages.append((self._head, 1, self.conv_out.out_channels))
-        pieces: list[torch.Tensor] = []
-        self._run_stages(stages, 0, z, cache, step_elements, pieces)
-        return pieces
+        written = self._run_stages(stages, 0, z, cache, step_elements, out, 0)
+        assert written == out.shape[2], f"decoded {written} frames into {out.shape[2]}"
 
     @classmethod
     def _run_stages(cls, stages, level: int, x: torch.Tensor, cache: CausalCache, step_elements: int,
-                    pieces: list[torch.Tensor]) -> None:
+                    out: torch.Tensor, written: int) -> int:
         # (a method, not a recursive closure: that would be a reference cycle holding the cache,
         # and with it every buffer of this decode, until the garbage collector runs)
         stage, growth, channels = stages[level]
@@ -561,10 +576,12 @@ class Decoder3d(nn.Module):
         for part in x.split(frames, dim=2):
             y = stage(part, cache)
             if level + 1 == len(stages):
-                pieces.append(y)
+                out[:, :, written : written + y.shape[2]] = y
+                written += y.shape[2]
             else:
-                cls._run_stages(stages, level + 1, y, cache, step_elements, pieces)
+                written = cls._run_stages(stages, level + 1, y, cache, step_elements, out, written)
             del y  # this stage's output is freed before its next slice runs
+        return written
 
     def _stem(self, z: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         return self.mid_block(self.conv_in(z, cache), cache)
@@ -768,8 +785,9 @@ class WanVAE(LoadableModel):
         z = self._check_latents(z)
         sf = self.config.spatial_factor
         plans = self._tile_plans(z.shape[-2], z.shape[-1], tile_latent, overlap_latent)
+        workspace = Workspace()  # the tiles run one after another: they share the scratch buffers
         video = _tiled_map(
-            z, lambda tile: self._decode_tile(tile, z.shape[-2] * z.shape[-1]),
+            z, lambda tile: self._decode_tile(tile, z.shape[-2] * z.shape[-1], workspace),
             tile=tuple(p[0] for p in plans), stride=tuple(p[1] for p in plans),
             out_stride=tuple(p[1] * sf for p in plans), out_blend=tuple(p[2] * sf for p in plans),
             map_tiles=map_tiles,
@@ -777,17 +795,17 @@ class WanVAE(LoadableModel):
         video = video[..., : z.shape[-2] * sf, : z.shape[-1] * sf]
         return video.clamp(-1.0, 1.0) if clamp else video
 
-    def _decode_tile(self, tile: torch.Tensor, frame_area: int) -> torch.Tensor:
+    def _decode_tile(self, tile: torch.Tensor, frame_area: int, workspace: Workspace) -> torch.Tensor:
         # a tile's steps get its share of step_elements, so tiling bounds activations (not only
         # the causal cache) by the tile's size
-        stream = self.stream_decoder(clamp=False)
+        stream = WanStreamDecoder(self, clamp=False, workspace=workspace)
         stream.step_elements = max(1, self.step_elements * tile.shape[-2] * tile.shape[-1] // frame_area)
         return stream.push(tile)
 
-    def _new_cache(self) -> CausalCache:
+    def _new_cache(self, workspace: Workspace | None = None) -> CausalCache:
         # the fast path writes into buffers in place: inference only
         inference = not self.training and not torch.is_grad_enabled()
-        return CausalCache(inference=inference, winograd=self.winograd)
+        return CausalCache(inference=inference, winograd=self.winograd, workspace=workspace)
 
     # -- latent statistics
 
@@ -838,12 +856,12 @@ class WanStreamDecoder:
     the video's length.
     """
 
-    def __init__(self, vae: WanVAE, clamp: bool = True) -> None:
+    def __init__(self, vae: WanVAE, clamp: bool = True, workspace: Workspace | None = None) -> None:
         self.vae = vae
         self.clamp = clamp
         self.latent_frames_seen = 0
         self.step_elements = vae.step_elements
-        self._cache = vae._new_cache()
+        self._cache = vae._new_cache(workspace)
 
     def push(self, z: torch.Tensor) -> torch.Tensor:
         """(B, z_dim, n, h, w) latents -> their (B, C, frames, h*sf, w*sf) video frames (n may be 0)."""
@@ -852,9 +870,14 @@ class WanStreamDecoder:
             b, _, _, h, w = z.shape
             sf = self.vae.config.spatial_factor
             return z.new_empty(b, self.vae.config.out_channels, 0, h * sf, w * sf)
+        # the output is allocated before any activation: made later, amid the steps' buffers, it
+        # would pin the heap there and keep their freed memory resident
+        b, _, n, h, w = z.shape
+        tf, sf = self.vae.config.temporal_factor, self.vae.config.spatial_factor
+        frames = tf * n - (tf - 1 if self.latent_frames_seen == 0 else 0)
+        video = z.new_empty(b, self.vae.config.out_channels, frames, h * sf, w * sf)
         # stage by stage in slices of at most step_elements outputs: memory grows with the step,
         # not with the video
-        frames = self.vae.decoder.stream(self.vae.post_quant_conv(z), self._cache, self.step_elements)
-        self.latent_frames_seen += z.shape[2]
-        video = torch.cat(frames, dim=2).contiguous()
+        self.vae.decoder.stream(self.vae.post_quant_conv(z), self._cache, self.step_elements, video)
+        self.latent_frames_seen += n
         return video.clamp_(-1.0, 1.0) if self.clamp else video

@@ -83,14 +83,14 @@ def transform_weight(weight: torch.Tensor, ws: Workspace) -> torch.Tensor:
         torch.mm(kg, g.view(9, -1), out=u.view(36, -1))
         return u.transpose(0, 1)  # each tap's (36, C, Co) is what bmm takes
     # large kernels: that permuting copy strides through all of the weights 27 times; instead
-    # transform in the weights' own layout, then 2D transposes (Co*C, 36) -> (36, Co*C), one per
-    # tap. Fresh memory, not the workspace: these are the largest buffers (4x the weights), and
-    # the workspace would keep them through the full-resolution stages
+    # one matmul per tap reads the weights in their own layout (a transposed operand, no copy)
+    # and writes (36, Co*C) rows. Fresh memory, not the workspace: these are the largest
+    # buffers (4x the weights), and the workspace would keep them through the full-resolution
+    # stages
     u = torch.empty((taps, 36, co, c), dtype=weight.dtype, device=weight.device)
-    g = torch.empty((co * c, 36), dtype=weight.dtype, device=weight.device)
     for k in range(taps):
-        torch.mm(weight[:, :, k].reshape(-1, 9), kg.t(), out=g)
-        u[k].view(36, co * c).copy_(g.t())
+        # (Co, C, 3, 3) -> (Co*C, 9), a view -> its transpose (9, Co*C)
+        torch.mm(kg, weight[:, :, k].reshape(-1, 9).t(), out=u[k].view(36, co * c))
     return u.transpose(2, 3)  # (C, Co) matrices stored transposed: bmm takes them
 
 
