@@ -13,7 +13,9 @@ its RSS, then times ``load_model(WanDiT, ...)`` / ``WanTransformer3DModel.from_p
 Two times per load: the load call, and the load call plus a first touch of every 4 KiB page of
 every parameter (what the first forward does at the least). diffusers keeps a parameter that
 needs no dtype change as a view of its mmap'd file, so its load call reads nothing: the pages
-are read, and become resident, when first touched. vidloom reads every byte during the call.
+are read, and become resident, when first touched. vidloom does the same for a tensor it uses as
+stored; it reads the others (fused q/k/v, converted dtypes, the input-major layout on AMX CPUs)
+during the call.
 
 Peak memory is the process's peak RSS (VmHWM, reset to the current RSS just before the load)
 minus its RSS just before the load, after the touch. (``ru_maxrss`` would do in a fresh process,

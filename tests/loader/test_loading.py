@@ -163,9 +163,11 @@ def _reference_param(ckpt, name, dtype):
     return torch.cat([ckpt[k] for k in keys]).to(dtype)
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
+@pytest.mark.parametrize("map_weights", [True, False], ids=["mapped", "read"])
 @pytest.mark.parametrize("stored,loaded", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                            (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
-def test_loading_is_bit_exact(tiny_wan_dir, tmp_path, monkeypatch, stored, loaded):
+def test_loading_is_bit_exact(tiny_wan_dir, tmp_path, monkeypatch, stored, loaded, map_weights, amx):
     src = load_file(weights(tiny_wan_dir))
     folder = tmp_path / "transformer"
     folder.mkdir()
@@ -176,13 +178,50 @@ def test_loading_is_bit_exact(tiny_wan_dir, tmp_path, monkeypatch, stored, loade
     monkeypatch.setattr(weights_mod, "HUGE_PAGE_BYTES", 1)
     monkeypatch.setattr(weights_mod, "STAGING_BYTES", 100)
     monkeypatch.setattr(weights_mod, "TRANSPOSE_ROWS", 3)
-    model = load_model(WanDiT, folder, dtype=loaded)
+    monkeypatch.setattr(weights_mod, "cpu_has_amx", lambda: amx)
+    model = load_model(WanDiT, folder, dtype=loaded, map_weights=map_weights)
+    file_bytes = (folder / "diffusion_pytorch_model.safetensors").stat().st_size
     for name, p in model.named_parameters():
         want = _reference_param(ckpt, name, p.dtype)
         assert p.dtype == (torch.float32 if any(k in f".{name}" for k in WanDiT.keep_fp32) else loaded), name
         assert p.shape == want.shape and torch.equal(_bits(p), _bits(want)), name
+        # a view of the file exactly when it is used as stored: one tensor, same dtype, file layout
+        as_stored = (len(param_to_checkpoint_names(WanDiT, name)) == 1 and p.dtype == stored
+                     and not (amx and p.dtype == torch.bfloat16 and name.endswith(".weight") and p.dim() == 2))
+        assert (p.untyped_storage().nbytes() == file_bytes) == (map_weights and as_stored), name
     qkv = model.blocks[0].attn1.to_qkv.weight
-    assert qkv.stride() == ((1, qkv.shape[0]) if loaded == torch.bfloat16 else (qkv.shape[1], 1))
+    assert qkv.stride() == ((1, qkv.shape[0]) if loaded == torch.bfloat16 and amx else (qkv.shape[1], 1))
+    proj = model.proj_out.weight
+    assert proj.stride() == ((1, proj.shape[0]) if loaded == torch.bfloat16 and amx else (proj.shape[1], 1))
+
+
+def test_mapped_parameters_are_copy_on_write(model_copy):
+    """Writing to a parameter that is a view of the file changes the model, never the file."""
+    path = weights(model_copy)
+    before = path.read_bytes()
+    model = load_model(WanDiT, model_copy / "transformer")
+    bias = model.proj_out.bias
+    assert bias.untyped_storage().nbytes() == len(before)  # mapped
+    with torch.no_grad():
+        bias.add_(1.0)
+    assert path.read_bytes() == before
+    fresh = load_model(WanDiT, model_copy / "transformer")
+    assert torch.equal(fresh.proj_out.bias + 1.0, bias)
+
+
+def test_unaligned_tensors_are_read_not_mapped(model_copy):
+    """A file whose data does not start on a 4-byte boundary (legal, if unusual) loads by reading."""
+    path = weights(model_copy)
+    header, start = _header(path)
+    data = path.read_bytes()[start:]
+    raw = json.dumps(header).encode() + b" "  # header length 1 more: every fp32 tensor off by one byte
+    assert (8 + len(raw)) % 4
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    model = load_model(WanDiT, model_copy / "transformer")
+    ckpt = load_file(path)
+    for name, p in model.named_parameters():
+        assert p.untyped_storage().nbytes() != len(data) + 8 + len(raw), name
+        assert torch.equal(p, _reference_param(ckpt, name, p.dtype)), name
 
 
 def test_truncated_data_names_file_and_key(model_copy):

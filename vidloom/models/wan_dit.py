@@ -189,7 +189,7 @@ class WanBlock(nn.Module):
         self.attn2 = WanCrossAttention(dim, config.num_attention_heads, config.eps)
         self.norm2 = nn.LayerNorm(dim, eps=config.eps) if config.cross_attn_norm else None
         self.ffn = FeedForward(dim, config.ffn_dim)
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim).div_(dim**0.5))
 
     def forward(self, x: torch.Tensor, context_kv, modulation: torch.Tensor, rope) -> torch.Tensor:
         # six (B, 1, dim) fp32 vectors: shift/scale/gate for attention, then for the feed-forward
@@ -234,7 +234,7 @@ class WanDiT(LoadableModel):
         self.condition_embedder = ConditionEmbedder(config)
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim).div_(dim**0.5))
         self._rope_cache: dict = {}
 
     def _rope(self, grid, device):
