@@ -13,6 +13,7 @@ filling 4 KiB pages one fault at a time cost about as much as the reads themselv
 checkpoint key must be consumed and every parameter filled, otherwise a ModelLoadError names the
 key and file. A mapped file must not be rewritten while a model uses it (as with any mmap).
 """
+
 from __future__ import annotations
 
 import dataclasses
