@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from vidloom import ModelLoadError, VideoGenerator
 from vidloom.loader import weights as weights_mod
-from vidloom.loader.weights import load_model, param_to_checkpoint_names, save_model
+from vidloom.loader.weights import load_model, param_to_checkpoint_name, save_model
 from vidloom.models.wan_dit import WanDiT
 from vidloom.pipelines import registered_pipelines
 
@@ -37,7 +38,7 @@ def test_pipeline_registry_discovers_wan():
 def test_every_checkpoint_key_is_consumed(tiny_wan_dir):
     model = load_model(WanDiT, tiny_wan_dir / "transformer")
     ckpt_keys = set(load_file(weights(tiny_wan_dir)))
-    mapped = [k for n, _ in model.named_parameters() for k in param_to_checkpoint_names(WanDiT, n)]
+    mapped = [param_to_checkpoint_name(WanDiT, n) for n, _ in model.named_parameters()]
     assert len(mapped) == len(set(mapped)) and set(mapped) == ckpt_keys
     assert not any(p.is_meta for p in model.parameters())
 
@@ -158,9 +159,8 @@ def _bits(t):
 
 
 def _reference_param(ckpt, name, dtype):
-    """What safetensors gives for parameter ``name``: the checkpoint tensor(s), fused, cast."""
-    keys = param_to_checkpoint_names(WanDiT, name)
-    return torch.cat([ckpt[k] for k in keys]).to(dtype)
+    """What safetensors gives for parameter ``name``, cast."""
+    return ckpt[param_to_checkpoint_name(WanDiT, name)].to(dtype)
 
 
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
@@ -185,14 +185,31 @@ def test_loading_is_bit_exact(tiny_wan_dir, tmp_path, monkeypatch, stored, loade
         want = _reference_param(ckpt, name, p.dtype)
         assert p.dtype == (torch.float32 if any(k in f".{name}" for k in WanDiT.keep_fp32) else loaded), name
         assert p.shape == want.shape and torch.equal(_bits(p), _bits(want)), name
-        # a view of the file exactly when it is used as stored: one tensor, same dtype, file layout
-        as_stored = (len(param_to_checkpoint_names(WanDiT, name)) == 1 and p.dtype == stored
+        # a view of the file exactly when it is used as stored: same dtype, file layout
+        as_stored = (p.dtype == stored
                      and not (amx and p.dtype == torch.bfloat16 and name.endswith(".weight") and p.dim() == 2))
         assert (p.untyped_storage().nbytes() == file_bytes) == (map_weights and as_stored), name
-    qkv = model.blocks[0].attn1.to_qkv.weight
-    assert qkv.stride() == ((1, qkv.shape[0]) if loaded == torch.bfloat16 and amx else (qkv.shape[1], 1))
+    q = model.blocks[0].attn1.to_q.weight
+    assert q.stride() == ((1, q.shape[0]) if loaded == torch.bfloat16 and amx else (q.shape[1], 1))
     proj = model.proj_out.weight
     assert proj.stride() == ((1, proj.shape[0]) if loaded == torch.bfloat16 and amx else (proj.shape[1], 1))
+
+
+def test_meta_build_skips_init_on_its_own_thread_only():
+    """The loader builds without running initialisers, and a model built meanwhile on another
+    thread is initialised as usual."""
+    other = {}
+
+    def build_elsewhere():
+        other["weight"] = torch.nn.Linear(8, 8).weight
+
+    with weights_mod._MetaBuild():
+        meta = torch.nn.Linear(8, 8).weight
+        thread = threading.Thread(target=build_elsewhere)
+        thread.start()
+        thread.join()
+    assert meta.is_meta
+    assert not other["weight"].is_meta and other["weight"].abs().sum() > 0
 
 
 def test_mapped_parameters_are_copy_on_write(model_copy):
@@ -269,7 +286,7 @@ def test_file_shrinking_while_loading(model_copy, monkeypatch):
 
     monkeypatch.setattr(os, "preadv", short_read)
     with pytest.raises(ModelLoadError, match="file ended early") as err:
-        load_model(WanDiT, model_copy / "transformer")
+        load_model(WanDiT, model_copy / "transformer", map_weights=False)  # read, not mapped
     assert err.value.key and err.value.file == str(weights(model_copy))
 
 

@@ -59,8 +59,6 @@ class LoadableModel(nn.Module):
       diffusers_class   the ``_class_name`` written to config.json when saving
       checkpoint_key_map  ordered (regex, replacement) pairs from checkpoint keys to
                           parameter names; an empty table means the names are equal
-      fused_params      (parameter fragment, (checkpoint fragments...)) pairs: the parameter is
-                        the checkpoint tensors stacked along dim 0, in that order (fused QKV)
       keep_fp32         parameter-name substrings kept in float32 whatever the dtype
     Models hold no buffers the checkpoint does not fill: derived tensors (rope
     tables and the like) are computed in forward from shapes.
@@ -69,7 +67,6 @@ class LoadableModel(nn.Module):
     config_class: ClassVar[type[ArchConfig]]
     diffusers_class: ClassVar[str]
     checkpoint_key_map: ClassVar[tuple[tuple[str, str], ...]] = ()
-    fused_params: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()
     keep_fp32: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ArchConfig):
