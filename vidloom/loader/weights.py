@@ -7,19 +7,21 @@ allocated once, in its final dtype, device and layout, and the file's bytes are 
 positioned reads, not through the mapping: a touched mapped page counts as resident memory, so
 reading through it and converting would hold those weights twice. A tensor that needs converting
 (another dtype, the input-major layout, another device) goes through a small staging buffer a
-few rows at a time. Large CPU parameters live in anonymous mappings advised for huge pages:
-filling 4 KiB pages one fault at a time cost about as much as the reads themselves. Every
+few rows at a time. Parameters are plain ``torch.empty`` memory: asking for huge pages
+(MADV_HUGEPAGE) made a bf16 -> float32 load 1.6x slower on an AMD EPYC VM with THP in madvise
+mode (each 2 MiB fault zeroes and may compact), though it had helped on an Intel VM. Every
 checkpoint key must be consumed and every parameter filled, otherwise a ModelLoadError names the
 key and file. A mapped file must not be rewritten while a model uses it (as with any mmap).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import math
-import mmap
 import os
 import threading
 from pathlib import Path
@@ -41,7 +43,6 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
-HUGE_PAGE_BYTES = 2 * 2**20  # CPU parameters at least this large get a huge-page mapping
 STAGING_BYTES = 2 * 2**20  # bytes read per converting copy: they stay in L2 between the read and the copy
 TRANSPOSE_ROWS = 64  # rows per read into an input-major weight: the transposed writes stay in cache
 # Tensors read and converted at once, each on its own thread (reads and copies release the GIL).
@@ -49,6 +50,9 @@ TRANSPOSE_ROWS = 64  # rows per read into an input-major weight: the transposed 
 # with another process spinning on one core, one thread 8.8 / 6.6 s (torch's thread team spins at
 # each copy's barrier waiting for its descheduled twin), two 2.8 / 2.3 s.
 LOAD_THREADS = 2
+# Below this many bytes to read, one thread: for the 1.3B DiT's 6 MB of float32-kept tensors a
+# second thread made the reads 0.01 -> 0.03 s (it competes with torch's own threads in each copy).
+PARALLEL_READ_BYTES = 64 * 2**20
 
 
 def find_weight_files(folder: Path) -> list[Path]:
@@ -99,10 +103,11 @@ def _target_dtype(model_cls, name: str, stored: torch.dtype, dtype: torch.dtype)
     return dtype
 
 
-def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+def _set_tensor(modules: dict[str, torch.nn.Module], name: str, value: torch.Tensor) -> torch.Tensor:
+    """Parameter ``name`` (of the model whose ``named_modules()`` is ``modules``) := ``value``."""
     owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    modules[owner_name]._parameters[leaf] = param = torch.nn.Parameter(value, requires_grad=False)
+    return param
 
 
 @functools.cache
@@ -115,7 +120,7 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def _input_major(model: torch.nn.Module, name: str, device, dtype) -> bool:
+def _input_major(modules: dict[str, torch.nn.Module], name: str, device, dtype) -> bool:
     """Whether ``name`` is a Linear weight to store input-major: (out, in) values laid out as a
     transposed (in, out) matrix. On a CPU with AMX, oneDNN's bf16 matmul runs such weights ~1.5x
     faster at the DiT's shapes (measured: 400 -> 600 GFLOP/s at 640x1536x1536); on an AVX-512
@@ -125,8 +130,7 @@ def _input_major(model: torch.nn.Module, name: str, device, dtype) -> bool:
         return False
     if not cpu_has_amx():
         return False
-    owner_name = name.rpartition(".")[0]
-    return isinstance(model.get_submodule(owner_name), torch.nn.Linear)
+    return isinstance(modules[name.rpartition(".")[0]], torch.nn.Linear)
 
 
 # ----------------------------------------------------------------------------- safetensors files
@@ -294,28 +298,19 @@ def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
 def _empty(shape, device, dtype, input_major: bool) -> torch.Tensor:
     if input_major:  # (in, out) storage seen through a transpose: shape (out, in), strides (1, out)
         return _empty(tuple(shape[::-1]), device, dtype, False).t()
-    nbytes = math.prod(shape) * dtype.itemsize
-    if torch.device(device).type != "cpu" or nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return torch.empty(shape, device=device, dtype=dtype)
-    # an anonymous mapping owned by the tensor (unmapped when the tensor dies), in huge pages where
-    # the kernel allows: a 2 MiB page costs one fault instead of 512
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(buffer, dtype=dtype).view(shape)
+    return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _mappable(model, name: str, entry: StoredTensor, device, dtype) -> bool:
+def _mappable(modules, name: str, entry: StoredTensor, device, dtype) -> bool:
     """Whether parameter ``name`` can be the stored tensor itself: same dtype, CPU, no relayout,
     aligned for its dtype (safetensors writers align; a file that does not is read instead)."""
     return (entry.nbytes > 0 and dtype == entry.dtype and torch.device(device).type == "cpu"
-            and entry.offset % entry.dtype.itemsize == 0 and not _input_major(model, name, device, dtype))
+            and entry.offset % entry.dtype.itemsize == 0 and not _input_major(modules, name, device, dtype))
 
 
-def _destination(model, name: str, shape, device, dtype) -> torch.Tensor:
+def _destination(modules, name: str, shape, device, dtype) -> torch.Tensor:
     """Parameter ``name``, allocated in its final dtype, device and layout."""
-    _set_tensor(model, name, _empty(shape, device, dtype, _input_major(model, name, device, dtype)))
-    return model.get_parameter(name).data
+    return _set_tensor(modules, name, _empty(shape, device, dtype, _input_major(modules, name, device, dtype))).data
 
 
 class _MetaBuild(TorchFunctionMode):
@@ -337,6 +332,20 @@ class _MetaBuild(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while building: the build makes thousands of objects, which
+    right after ``import torch`` triggered a full collection of every module's objects (0.09 s,
+    measured; the build itself takes 0.025 s). The build makes no cycles worth collecting."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu", dtype=torch.float32,
                map_weights: bool = True):
     """Read ``config.json`` and the safetensors in ``folder`` into a ready ``model_cls``.
@@ -353,9 +362,10 @@ def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu",
     except (ValueError, TypeError) as exc:
         raise ModelLoadError(f"invalid config ({exc})", file=str(config_path)) from exc
 
-    with _MetaBuild():
+    with _MetaBuild(), _gc_paused():
         model = model_cls(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    modules = dict(model.named_modules())
     filled: set[str] = set()  # checkpoint keys consumed
     for path in find_weight_files(folder):
         with SafetensorsFile(path) as file:
@@ -363,11 +373,11 @@ def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu",
             jobs, mapping = [], None
             for entry, name in plan:
                 target = _target_dtype(model_cls, name, entry.dtype, dtype)
-                if map_weights and _mappable(model, name, entry, device, target):
+                if map_weights and _mappable(modules, name, entry, device, target):
                     mapping = mapping if mapping is not None else file.mapping()
-                    _set_tensor(model, name, file.view(mapping, entry))
+                    _set_tensor(modules, name, file.view(mapping, entry))
                 else:
-                    jobs.append((entry, _destination(model, name, expected[name], device, target)))
+                    jobs.append((entry, _destination(modules, name, expected[name], device, target)))
             _read_all(file, jobs)
     missing = [param_to_checkpoint_name(model_cls, name) for name in expected
                if param_to_checkpoint_name(model_cls, name) not in filled]
@@ -382,7 +392,7 @@ def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu",
 
 def _read_all(file: SafetensorsFile, jobs: list[tuple[StoredTensor, torch.Tensor]]) -> None:
     """Fill every destination of ``jobs`` from ``file``, LOAD_THREADS tensors at a time (reads
-    and copies release the GIL). The first error stops all threads and is raised here."""
+    and copies release the GIL) when there is enough to read. The first error stops all threads and is raised here."""
     lock, pending, errors = threading.Lock(), iter(jobs), []
 
     def work() -> None:
@@ -398,7 +408,8 @@ def _read_all(file: SafetensorsFile, jobs: list[tuple[StoredTensor, torch.Tensor
                 except BaseException as exc:  # handed to the calling thread
                     errors.append(exc)
 
-    threads = [threading.Thread(target=work, name=f"vidloom-load-{i}") for i in range(LOAD_THREADS - 1)]
+    n_threads = LOAD_THREADS if sum(entry.nbytes for entry, _ in jobs) >= PARALLEL_READ_BYTES else 1
+    threads = [threading.Thread(target=work, name=f"vidloom-load-{i}") for i in range(n_threads - 1)]
     for t in threads:
         t.start()
     try:
