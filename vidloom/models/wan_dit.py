@@ -125,12 +125,12 @@ def _modulation_table(rows: int, dim: int) -> nn.Parameter:
     return nn.Parameter(table)
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention over the video tokens with 3-D rotary positions.
-
-    q, k and v are three matmuls, as stored: fused into one (3 * dim, dim) weight they ran 0-2 %
-    faster (measured, bf16, 640-4608 tokens), but a fused weight cannot be a view of the file and
-    its copy was most of a bf16 load's time (see ``loader.weights``)."""
+class _Projections(nn.Module):
+    """The q, k, v and output projections of a Wan attention, and the RMS norms of q and k over
+    all heads together ("rms_norm_across_heads"). q, k and v are three matmuls, as stored: fused
+    into one (3 * dim, dim) weight they ran 0-2 % faster (measured, bf16, 640-4608 tokens), but a
+    fused weight cannot be a view of the file and its copy was most of a bf16 load's time (see
+    ``loader.weights``)."""
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -139,9 +139,12 @@ class WanSelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.to_out = nn.Linear(dim, dim)
-        # RMS norm over all heads together ("rms_norm_across_heads")
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+
+class WanSelfAttention(_Projections):
+    """Self-attention over the video tokens with 3-D rotary positions."""
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)  # (B, L, dim) each
@@ -163,19 +166,9 @@ class TextKV(typing.NamedTuple):
         return TextKV(self.k[rows], self.v[rows], self.bias)
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_Projections):
     """Attention from the video tokens to the text tokens. The text keys and values depend
     only on the prompt, so they are computed once per request (``context_kv``)."""
-
-    def __init__(self, dim: int, heads: int, eps: float):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.Linear(dim, dim)
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
 
     def context_kv(self, context: torch.Tensor, bias: torch.Tensor | None = None) -> TextKV:
         k = self.norm_k(self.to_k(context)).unflatten(2, (self.heads, -1))  # (B, Lk, H, D)
