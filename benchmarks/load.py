@@ -14,8 +14,8 @@ Two times per load: the load call, and the load call plus a first touch of every
 every parameter (what the first forward does at the least). diffusers keeps a parameter that
 needs no dtype change as a view of its mmap'd file, so its load call reads nothing: the pages
 are read, and become resident, when first touched. vidloom does the same for a tensor it uses as
-stored; it reads the others (fused q/k/v, converted dtypes, the input-major layout on AMX CPUs)
-during the call.
+stored; it reads the others (converted dtypes, the input-major layout on AMX CPUs) during the
+call.
 
 Peak memory is the process's peak RSS (VmHWM, reset to the current RSS just before the load)
 minus its RSS just before the load, after the touch. (``ru_maxrss`` would do in a fresh process,
@@ -26,9 +26,9 @@ Page cache: by default the files are read once before the runs, so every load re
 (a second start of a server). ``--cold`` evicts the folder's files from the page cache
 (posix_fadvise DONTNEED) before every load instead.
 
-Building vidloom's model on the meta device imports torch._dynamo (~1-1.7 s here; a meta-device
-``randn(...) / x`` in wan_dit.py runs a Python decomposition), which ``import diffusers`` does
-before diffusers' timer starts. ``--preimport-dynamo`` imports it before vidloom's timer too.
+``import diffusers`` imports torch._dynamo before diffusers' timer starts; vidloom's load does not
+need it (the field ``imported_dynamo`` of each raw result records whether a load imported it on
+the way). ``--preimport-dynamo`` imports it before vidloom's timer too.
 """
 
 from __future__ import annotations
