@@ -113,7 +113,8 @@ def runner(model, config: str, op: str, size: str, dtype: torch.dtype):
 
     def with_options(fn, winograd=defaults["winograd"], step_scale=1):
         def run():
-            model.winograd, model.step_elements = winograd, defaults["step_elements"] * step_scale
+            steps = defaults["step_elements"] if step_scale == 1 else model.step_budget(dtype) * step_scale
+            model.winograd, model.step_elements = winograd, steps
             try:
                 return fn()
             finally:

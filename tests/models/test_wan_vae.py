@@ -34,6 +34,7 @@ import inspect
 import pytest
 import torch
 
+from vidloom.models import wan_vae
 from vidloom.models.wan_vae import WanVAE, WanVAEConfig
 
 torch.set_num_threads(1)
@@ -386,6 +387,17 @@ def test_winograd_decode_does_not_depend_on_step_size_or_chunks():
         parts = torch.cat([stream.push(z[:, :, :1]), stream.push(z[:, :, 1:])], dim=2)
     assert rel_err(sliced, whole) <= 1e-5
     assert rel_err(parts, whole) <= 1e-5
+
+
+def test_default_step_budget_follows_dtype():
+    """None picks the default for the activations' dtype (larger steps for fp32's Winograd
+    matmuls); a value the user sets wins."""
+    _, vae = wide_models()
+    assert vae.step_elements is None
+    assert vae.step_budget(torch.float32) == wan_vae.STEP_ELEMENTS
+    assert vae.step_budget(torch.bfloat16) == wan_vae.HALF_PRECISION_STEP_ELEMENTS < wan_vae.STEP_ELEMENTS
+    with vae_options(vae, step_elements=123):
+        assert vae.step_budget(torch.bfloat16) == 123
 
 
 def test_winograd_encode_matches_diffusers_in_any_chunking():
