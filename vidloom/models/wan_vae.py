@@ -49,8 +49,8 @@ WINOGRAD_MIN_PIXELS = 2048
 # Default WanVAE.step_elements in fp32: half a latent frame of a 256x256 video at the decoder's
 # last stage (2 frames x 256 x 256 pixels x 96 channels, 48 MiB), half of diffusers' steps there.
 # Larger steps make larger Winograd matmuls. In half precision the convolutions run direct and a
-# quarter of that was both faster and leaner (measured, bf16 decode 17x128x128: 7.3 vs 8.4 s,
-# peak RSS 320 vs 690 MiB).
+# quarter of that was both faster and leaner (measured, bf16 decode 17x128x128: 7.1-7.8 vs 7.8-9.0 s,
+# peak RSS 320-330 vs 650-730 MiB; 33x256x256: time within noise, 792 vs 1036 MiB).
 STEP_ELEMENTS = 2 * 256 * 256 * 96
 HALF_PRECISION_STEP_ELEMENTS = STEP_ELEMENTS // 4
 
@@ -816,7 +816,8 @@ class WanVAE(LoadableModel):
         # a tile's steps get its share of step_elements, so tiling bounds activations (not only
         # the causal cache) by the tile's size
         stream = WanStreamDecoder(self, clamp=False, workspace=workspace)
-        stream.step_elements = max(1, self.step_budget(tile.dtype) * tile.shape[-2] * tile.shape[-1] // frame_area)
+        share = self.step_budget(tile.dtype) * tile.shape[-2] * tile.shape[-1] // frame_area
+        stream.step_elements = max(1, share)
         return stream.push(tile)
 
     def _new_cache(self, workspace: Workspace | None = None) -> CausalCache:
