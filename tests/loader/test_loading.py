@@ -204,10 +204,11 @@ def test_meta_build_skips_init_on_its_own_thread_only():
 
     with weights_mod._MetaBuild():
         meta = torch.nn.Linear(8, 8).weight
+        untouched = torch.nn.init.uniform_(torch.zeros(4, device="cpu"))  # skipped, even off meta
         thread = threading.Thread(target=build_elsewhere)
         thread.start()
         thread.join()
-    assert meta.is_meta
+    assert meta.is_meta and torch.equal(untouched, torch.zeros(4))
     assert not other["weight"].is_meta and other["weight"].abs().sum() > 0
 
 

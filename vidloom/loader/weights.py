@@ -8,11 +8,11 @@ dtype, device and layout, and the file's bytes are read into it with positioned 
 through the mapping: a touched mapped page counts as resident memory, so reading through it
 and converting would hold those weights twice. A tensor that needs converting (another dtype,
 the input-major layout, another device) goes through a small staging buffer a few rows at a
-time. Parameters are plain ``torch.empty`` memory: asking for huge pages
-(MADV_HUGEPAGE) made a bf16 -> float32 load 1.6x slower on an AMD EPYC VM with THP in madvise
-mode (each 2 MiB fault zeroes and may compact), though it had helped on an Intel VM. Every
-checkpoint key must be consumed and every parameter filled, otherwise a ModelLoadError names the
-key and file. A mapped file must not be rewritten while a model uses it (as with any mmap).
+time. Parameters are plain ``torch.empty`` memory: asking for huge pages (MADV_HUGEPAGE) made
+a bf16 -> float32 load 1.6x slower on an AMD EPYC VM with THP in madvise mode (each 2 MiB fault
+zeroes and may compact), though it had helped on an Intel VM. Every checkpoint key must be
+consumed and every parameter filled, otherwise a ModelLoadError names the key and file. A mapped
+file must not be rewritten while a model uses it (as with any mmap).
 """
 
 from __future__ import annotations
@@ -381,8 +381,8 @@ def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu",
                 else:
                     jobs.append((entry, _destination(modules, name, expected[name], device, target)))
             _read_all(file, jobs)
-    missing = [param_to_checkpoint_name(model_cls, name) for name in expected
-               if param_to_checkpoint_name(model_cls, name) not in filled]
+    missing = [key for key in map(functools.partial(param_to_checkpoint_name, model_cls), expected)
+               if key not in filled]
     if missing:
         raise ModelLoadError(
             f"{len(missing)} tensor(s) not found in the checkpoint, first", file=str(folder), key=missing[0]

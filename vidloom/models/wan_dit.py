@@ -116,13 +116,10 @@ class ConditionEmbedder(nn.Module):
 
 
 def _modulation_table(rows: int, dim: int) -> nn.Parameter:
-    """A (1, rows, dim) learned modulation offset, N(0, 1/dim) like the reference's init. Built on
-    the meta device (the loader's case) it is left uninitialised: a random op there runs a Python
-    decomposition that imports sympy (~0.5 s), for values the checkpoint replaces anyway."""
-    table = torch.empty(1, rows, dim)
-    if not table.is_meta:
-        table.normal_(std=dim**-0.5)
-    return nn.Parameter(table)
+    """A (1, rows, dim) learned modulation offset, N(0, 1/dim) like the reference's init. Drawn
+    through ``torch.nn.init`` like every other parameter, so the loader's meta build skips it (a
+    random op on the meta device runs a Python decomposition that imports sympy, ~0.5 s)."""
+    return nn.Parameter(nn.init.normal_(torch.empty(1, rows, dim), std=dim**-0.5))
 
 
 class _Projections(nn.Module):

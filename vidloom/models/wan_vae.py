@@ -55,6 +55,13 @@ STEP_ELEMENTS = 2 * 256 * 256 * 96
 HALF_PRECISION_STEP_ELEMENTS = STEP_ELEMENTS // 4
 
 
+def _step_budget(step_elements: int | None, dtype: torch.dtype) -> int:
+    """``step_elements`` as set, or (None) the default for activations of ``dtype``."""
+    if step_elements is not None:
+        return step_elements
+    return STEP_ELEMENTS if dtype in (torch.float32, torch.float64) else HALF_PRECISION_STEP_ELEMENTS
+
+
 # ----------------------------------------------------------------------------------------- config
 
 
@@ -716,9 +723,7 @@ class WanVAE(LoadableModel):
 
     def step_budget(self, dtype: torch.dtype) -> int:
         """``step_elements``, or its default for activations of ``dtype``."""
-        if self.step_elements is not None:
-            return self.step_elements
-        return STEP_ELEMENTS if dtype in (torch.float32, torch.float64) else HALF_PRECISION_STEP_ELEMENTS
+        return _step_budget(self.step_elements, dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -897,7 +902,6 @@ class WanStreamDecoder:
         # stage by stage in slices of at most step_elements outputs: memory grows with the step,
         # not with the video
         z = self.vae.post_quant_conv(z)
-        steps = self.step_elements if self.step_elements is not None else self.vae.step_budget(z.dtype)
-        self.vae.decoder.stream(z, self._cache, steps, video)
+        self.vae.decoder.stream(z, self._cache, _step_budget(self.step_elements, z.dtype), video)
         self.latent_frames_seen += n
         return video.clamp_(-1.0, 1.0) if self.clamp else video
