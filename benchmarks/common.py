@@ -32,16 +32,10 @@ WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, a
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+    from vidloom import cpu
+
+    found = cpu.features()
+    return (f"{found.model}, {found.describe()}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; python {platform.python_version()}")
 
 

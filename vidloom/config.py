@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import cpu
 from .errors import InvalidRequestError
 
 DTYPE_NAMES = {
@@ -35,24 +36,12 @@ def parse_dtype(value: Any, field_name: str) -> torch.dtype | None:
     raise ValueError(f"{field_name}: unknown dtype {value!r} (allowed: fp32, bf16, fp16 or a torch dtype)")
 
 
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether bf16 matmuls are native on ``device`` (CUDA with bf16, or a CPU with AMX / AVX-512 BF16)."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+        return cpu.features().bf16_native
     return False
 
 

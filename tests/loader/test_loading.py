@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vidloom import ModelLoadError, VideoGenerator
+from vidloom import ModelLoadError, VideoGenerator, cpu
 from vidloom.loader import weights as weights_mod
 from vidloom.loader.weights import load_model, param_to_checkpoint_name, save_model
 from vidloom.models.wan_dit import WanDiT
@@ -177,8 +177,8 @@ def test_loading_is_bit_exact(tiny_wan_dir, tmp_path, monkeypatch, stored, loade
     # tiny tensors: force several staging chunks per tensor
     monkeypatch.setattr(weights_mod, "STAGING_BYTES", 100)
     monkeypatch.setattr(weights_mod, "TRANSPOSE_ROWS", 3)
-    monkeypatch.setattr(weights_mod, "cpu_has_amx", lambda: amx)
-    model = load_model(WanDiT, folder, dtype=loaded, map_weights=map_weights)
+    with cpu.forced(input_major_bf16=amx):  # the layout is a plain strided tensor on every CPU
+        model = load_model(WanDiT, folder, dtype=loaded, map_weights=map_weights)
     file_bytes = (folder / "diffusion_pytorch_model.safetensors").stat().st_size
     for name, p in model.named_parameters():
         want = _reference_param(ckpt, name, p.dtype)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 
+from vidloom import cpu
 from vidloom.loader.weights import load_model
 from vidloom.models.attention import attention, collapse_repeated_tail
 from vidloom.models.layers import apply_rotary
@@ -37,7 +39,10 @@ def test_forward_matches_diffusers_fp32(tiny_wan_dir, tiny_wan_pipe, inputs):
     assert rel(a, b) <= FP32_RTOL
 
 
-def test_forward_matches_diffusers_bf16(tiny_wan_dir, inputs):
+@pytest.mark.parametrize("paths", ["detected", "plain"])
+def test_forward_matches_diffusers_bf16(tiny_wan_dir, inputs, paths):
+    """bf16 with this CPU's fast paths (the fused GELU where oneDNN runs bf16) and with the plain
+    ops forced, so both are checked on every machine."""
     from diffusers import WanTransformer3DModel
 
     ours = load_model(WanDiT, tiny_wan_dir / "transformer", dtype=torch.bfloat16)
@@ -47,7 +52,8 @@ def test_forward_matches_diffusers_bf16(tiny_wan_dir, inputs):
     ref_fp32 = {n for n, p in ref.named_parameters() if p.dtype == torch.float32}
     assert len(ours_fp32) == len(ref_fp32) > 0
     x, t, ctx = inputs
-    with torch.no_grad():
+    forced = cpu.forced(fused_linear_gelu=False) if paths == "plain" else contextlib.nullcontext()
+    with torch.no_grad(), forced:
         a = ours(x.bfloat16(), t, ctx.bfloat16())
         b = ref(x.bfloat16(), t, ctx.bfloat16(), return_dict=False)[0]
     assert a.dtype == torch.bfloat16

@@ -34,6 +34,7 @@ import inspect
 import pytest
 import torch
 
+from vidloom import cpu
 from vidloom.models import wan_vae
 from vidloom.models.wan_vae import WanVAE, WanVAEConfig
 
@@ -360,6 +361,7 @@ def count_winograd_calls():
         winograd.conv3x3 = original
 
 
+@pytest.mark.skipif(not cpu.detect().winograd_fp32, reason="this CPU has no vectorised fp32 kernels: no Winograd")
 def test_winograd_decode_matches_diffusers_and_direct():
     # measured: Winograd vs diffusers 2.1e-6, direct vs diffusers 2.5e-7 (other summation order)
     ref, vae = wide_models()
@@ -373,6 +375,24 @@ def test_winograd_decode_matches_diffusers_and_direct():
     assert 1 in calls and 2 in calls  # 3x3x3 convolutions and the upsampling convolution
     assert rel_err(fast, expected) <= 1e-4
     assert rel_err(direct, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("plain", [("winograd_fp32",), ("winograd_fp32", "channels_last_vae")],
+                         ids=["no-winograd", "no-fast-path"])
+def test_cpu_fallbacks_match_diffusers(plain):
+    """With a CPU fast path forced off (as on a CPU that lacks it), decode and encode still equal
+    diffusers: Winograd off runs the direct convolutions, channels-last off the plain path."""
+    ref, vae = wide_models()
+    video, z = inputs("8x")
+    with torch.inference_mode():
+        expected, expected_mean = ref.decode(z).sample, ref.encode(video).latent_dist.mean
+        with cpu.forced(**dict.fromkeys(plain, False)), count_winograd_calls() as calls:
+            decoded, mean = vae.decode(z), vae.encode_mean(video)
+            cache = vae._new_cache()
+    assert calls == [] and not cache.winograd
+    assert cache.inference == ("channels_last_vae" not in plain)
+    assert rel_err(decoded, expected) <= 1e-5
+    assert rel_err(mean, expected_mean) <= 1e-5
 
 
 def test_winograd_decode_does_not_depend_on_step_size_or_chunks():

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
+from .. import cpu
 from ..errors import ModelLoadError
 from ..models.base import LoadableModel
 
@@ -111,16 +112,6 @@ def _set_tensor(modules: dict[str, torch.nn.Module], name: str, value: torch.Ten
     return param
 
 
-@functools.cache
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (Linux: the ``amx_bf16`` flag in /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in fh)
-    except OSError:
-        return False
-
-
 def _input_major(modules: dict[str, torch.nn.Module], name: str, device, dtype) -> bool:
     """Whether ``name`` is a Linear weight to store input-major: (out, in) values laid out as a
     transposed (in, out) matrix. On a CPU with AMX, oneDNN's bf16 matmul runs such weights ~1.5x
@@ -129,7 +120,7 @@ def _input_major(modules: dict[str, torch.nn.Module], name: str, device, dtype) 
     4608x1536x1536), so there the file's layout is kept (and mapped). Values are unchanged."""
     if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or not name.endswith(".weight"):
         return False
-    if not cpu_has_amx():
+    if not cpu.features().input_major_bf16:
         return False
     return isinstance(modules[name.rpartition(".")[0]], torch.nn.Linear)
 

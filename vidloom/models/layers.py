@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import cpu
+
 
 def sinusoidal_timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, cosine half first.
@@ -48,16 +50,12 @@ def layer_norm_fp32(x: torch.Tensor, eps: float, weight=None, bias=None) -> torc
     )
 
 
-def _mkldnn_linear_pointwise():
-    ops = getattr(torch.ops, "mkldnn", None)
-    return getattr(ops, "_linear_pointwise", None) if ops is not None else None
-
-
 def linear_gelu_tanh(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
-    """gelu_tanh(linear(x)). For bf16 on CPU, one oneDNN matmul with the GELU fused as a
-    post-op: the separate bf16 tanh-GELU pass cost ~9% of a Wan step (measured), the fused
-    one almost nothing. Elsewhere the plain two ops."""
-    fused = _mkldnn_linear_pointwise()
-    if fused is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16 == linear.weight.dtype:
-        return fused(x, linear.weight, linear.bias, "gelu", [], "tanh")
+    """gelu_tanh(linear(x)). For bf16 on a CPU whose oneDNN runs bf16 primitives
+    (``cpu.features().fused_linear_gelu``), one oneDNN matmul with the GELU fused as a post-op:
+    the separate bf16 tanh-GELU pass cost ~9% of a Wan step (measured), the fused one almost
+    nothing. Elsewhere the plain two ops."""
+    if (x.device.type == "cpu" and x.dtype == torch.bfloat16 == linear.weight.dtype
+            and cpu.features().fused_linear_gelu):
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "tanh")
     return F.gelu(linear(x), approximate="tanh")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidloom import cpu
 from vidloom.models import winograd
 from vidloom.models.base import ArchConfig, LoadableModel
 from vidloom.models.winograd import Workspace  # by name: CausalCache's `winograd` flag shadows the module
@@ -826,9 +827,12 @@ class WanVAE(LoadableModel):
         return stream.push(tile)
 
     def _new_cache(self, workspace: Workspace | None = None) -> CausalCache:
-        # the fast path writes into buffers in place: inference only
-        inference = not self.training and not torch.is_grad_enabled()
-        return CausalCache(inference=inference, winograd=self.winograd, workspace=workspace)
+        # the fast path writes into buffers in place: inference only, and (on the CPU) where this
+        # CPU runs it fast; Winograd likewise (see vidloom.cpu)
+        features = cpu.features()
+        inference = not self.training and not torch.is_grad_enabled() and features.channels_last_vae
+        winograd = self.winograd and features.winograd_fp32
+        return CausalCache(inference=inference, winograd=winograd, workspace=workspace)
 
     # -- latent statistics
 
