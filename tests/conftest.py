@@ -46,3 +46,10 @@ def tiny_wan_pipe(tiny_wan_dir):
     from diffusers import WanPipeline
 
     return WanPipeline.from_pretrained(str(tiny_wan_dir), dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_wan_dir):
+    from vidloom import VideoGenerator
+
+    return VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32")

@@ -77,3 +77,41 @@ def test_missing_model_folder(tmp_path):
 def test_info(tiny_wan_dir, capsys):
     assert main(["info", "--model", str(tiny_wan_dir)]) == 0
     assert "pipeline: WanPipeline" in capsys.readouterr().out
+
+
+def test_info_escapes_control_characters(tiny_wan_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_wan_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "WanPipeline\x1b[2J\x1b]0;pwned\x07"
+    index["note"] = "x\x1b[31m"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert main(["info", "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "WanPipeline\\x1b[2J\\x1b]0;pwned\\x07" in out
+
+
+def test_nproc_layout_is_checked_before_any_process_starts(tiny_wan_dir, monkeypatch, capsys):
+    import vidloom.cli as cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cli, "launch", lambda *a: pytest.fail("processes were started"))
+    assert main(["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat", "--nproc", "3", "--sp-size", "2",
+                 *ARGS]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "needs 2 processes, but the world size is 3" in errors[0]
+    assert main(["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat", "--nproc", "100000", *ARGS]) == 2
+    assert "--nproc: expected an integer in 1..64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("index", ["5", "[" * 100_000])
+def test_malformed_folder_is_one_line_error_in_every_command(tmp_path, index, capsys):
+    (tmp_path / "model_index.json").write_text(index)
+    for argv in (["info", "--model", str(tmp_path)], ["generate", "--model", str(tmp_path), "--prompt", "x"]):
+        assert main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "model_index.json" in errors[0]

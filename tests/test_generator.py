@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,19 @@ def test_mp4_output(gen, tmp_path):
     out = gen.generate("a fox", output_type="mp4", output_path=str(tmp_path / "v.mp4"), fps=8, **SMALL)
     assert out.path.is_file() and out.path.stat().st_size > 0
     assert "export" in out.timings
+
+
+def test_default_mp4_paths_never_collide(gen, tiny_wan_dir, tmp_path, monkeypatch):
+    """Two generators (each counting tasks from 1) writing in the same second get files of their own."""
+    monkeypatch.chdir(tmp_path)
+    other = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32")
+    a = gen.generate("a fox", output_type="mp4", seed=1, **SMALL)
+    b = other.generate("a cat", output_type="mp4", seed=2, **SMALL)
+    assert a.path != b.path and a.path.parent == b.path.parent == Path("outputs")
+    assert a.path.read_bytes() != b.path.read_bytes()
+
+
+def test_upper_case_npy_suffix(gen, tmp_path):
+    out = gen.generate("a fox", output_path=str(tmp_path / "x.NPY"), **SMALL)
+    assert np.array_equal(np.load(tmp_path / "x.NPY"), out.frames)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.NPY"]  # no temporary file left

@@ -19,11 +19,13 @@ from pathlib import Path
 from .config import EngineConfig, SamplingParams
 from .default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING
 from .errors import VidloomError
+from .parallel.state import check_layout
 
 # SamplingParams fields the CLI sets itself, or that are not for the command line
 SAMPLING_SKIP = {"prompt", "latents", "output_type", "output_path", "return_trajectory", "decode_trajectory"}
 SHORT_FLAGS = {"num_inference_steps": "--steps"}
 ENGINE_DTYPE_FIELDS = {"dtype", "dit_dtype", "vae_dtype", "text_encoder_dtype"}
+MAX_NPROC = 64  # processes one --nproc starts on this machine
 
 
 def _scalar_type(annotation) -> type | None:
@@ -90,19 +92,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    if args.nproc < 1:
-        raise ValueError(f"--nproc: expected an integer >= 1, got {args.nproc}")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return launch(args.nproc, args.argv)
+    if not 1 <= args.nproc <= MAX_NPROC:
+        raise ValueError(f"--nproc: expected an integer in 1..{MAX_NPROC}, got {args.nproc}")
     engine = EngineConfig.from_options(**_collect(args, "e_"))
     sampling = _collect(args, "s_")
     if args.model is None:
         args.model = DEFAULT_MODEL_DIR
         sampling = {**DEFAULT_MODEL_SAMPLING, **sampling}  # what the user gave wins
-    # check the request against the model's configs before any weight is read
-    SamplingParams.from_kwargs(args.prompt, output_path=args.output, **sampling).validate(
-        *VideoGenerator.size_factors(args.model)
-    )
+    # check the whole folder and the request against it before any weight is read (and, with
+    # --nproc, before any process is started)
+    limits = VideoGenerator.request_limits(args.model, engine)
+    SamplingParams.from_kwargs(args.prompt, output_path=args.output, **sampling).validate(limits)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        check_layout(engine.sp_size, engine.cfg_parallel, args.nproc)
+        return launch(args.nproc, args.argv)
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
     generator = VideoGenerator.from_pretrained(args.model, config=engine)
@@ -147,11 +150,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .loader.components import read_model_index
 
     index = read_model_index(args.model or DEFAULT_MODEL_DIR)
-    print(f"pipeline: {index['_class_name']}")
+    print(f"pipeline: {printable(index['_class_name'])}")
     for name, spec in index.items():
         if not name.startswith("_"):
-            print(f"  {name}: {spec}")
+            print(f"  {printable(name)}: {printable(spec)}")
     return 0
+
+
+def printable(value) -> str:
+    """``value`` as text with every control character escaped: what a model folder says must not
+    reach the terminal as escape sequences (clearing the screen, retitling the window)."""
+    text = value if isinstance(value, str) else repr(value)
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
     except (VidloomError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -6,7 +6,7 @@ Each option has one home. The CLI derives its flags from these dataclasses' fiel
 from __future__ import annotations
 
 import dataclasses
-import functools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,13 @@ DTYPE_NAMES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 OUTPUT_TYPES = ("np", "pt", "latent", "mp4")
+# Request bounds that hold for any model: past them a request is a mistake, not a workload.
+MAX_TOKENS = 2**20  # default EngineConfig.max_tokens: 13x Wan's 720p x 81 frames (75,600 tokens)
+MAX_GUIDANCE = 1000.0
+FLOW_SHIFT_RANGE = (1e-3, 1e3)
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+MAX_PROCESSES = 1024
+MAX_TILE = 8192
 
 
 def parse_dtype(value: Any, field_name: str) -> torch.dtype | None:
@@ -45,6 +52,11 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
+def _require_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+
+
 @dataclass
 class EngineConfig:
     """Options of one engine instance (device, precision, memory)."""
@@ -61,20 +73,30 @@ class EngineConfig:
     check_finite: bool = True  # stop with an error naming the step when latents turn NaN/Inf
     sp_size: int = 1  # Ulysses sequence-parallel degree (processes sharing one forward)
     cfg_parallel: bool = False  # conditional and unconditional passes on different processes
+    # weights used as stored are pages of the mapped file (fast load, shared page cache); the file
+    # must then not change while the engine lives (see README, "Mapped weights")
+    map_weights: bool = True
+    max_tokens: int = MAX_TOKENS  # largest request the engine takes, in DiT tokens (frames x h x w)
 
     def __post_init__(self):
         try:
             self.torch_device = torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device: {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from exc
+        _check_device_present(self.torch_device)
         for name in ("dtype", "dit_dtype", "vae_dtype", "text_encoder_dtype"):
             setattr(self, name, parse_dtype(getattr(self, name), name))
-        if not (isinstance(self.sp_size, int) and not isinstance(self.sp_size, bool) and self.sp_size >= 1):
-            raise ValueError(f"sp_size: expected an integer >= 1, got {self.sp_size!r}")
-        if not isinstance(self.cfg_parallel, bool):
-            raise ValueError(f"cfg_parallel: expected true or false, got {self.cfg_parallel!r}")
-        if self.vae_tile_size < 32 or self.vae_tile_overlap < 0 or self.vae_tile_overlap >= self.vae_tile_size:
-            raise ValueError("vae_tile_size/vae_tile_overlap: need tile >= 32 and 0 <= overlap < tile")
+        if not (_is_int(self.sp_size) and 1 <= self.sp_size <= MAX_PROCESSES):
+            raise ValueError(f"sp_size: expected an integer in 1..{MAX_PROCESSES}, got {self.sp_size!r}")
+        for name in ("vae_tiling", "batch_cfg", "check_finite", "cfg_parallel", "map_weights"):
+            _require_bool(name, getattr(self, name))
+        if not (_is_int(self.vae_tile_size) and 32 <= self.vae_tile_size <= MAX_TILE):
+            raise ValueError(f"vae_tile_size: expected an integer in 32..{MAX_TILE} (pixels), got {self.vae_tile_size!r}")
+        if not (_is_int(self.vae_tile_overlap) and 0 <= self.vae_tile_overlap < self.vae_tile_size):
+            raise ValueError(f"vae_tile_overlap: expected an integer in 0..{self.vae_tile_size - 1} (pixels, less "
+                             f"than vae_tile_size), got {self.vae_tile_overlap!r}")
+        if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
 
     def resolved_dtypes(self) -> dict[str, torch.dtype]:
         fast = torch.bfloat16 if bf16_is_fast(self.torch_device) else torch.float32
@@ -92,6 +114,58 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown} (known: {sorted(names)})")
         return cls(**options)
+
+
+def _check_device_present(device: torch.device) -> None:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {str(device)!r} asked for, but torch sees no CUDA device "
+                             "(torch.cuda.is_available() is False; a CPU build of torch?)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {str(device)!r} does not exist "
+                             f"(allowed: cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device.type not in ("cpu", "meta") and not hasattr(torch, device.type):
+        raise ValueError(f"device: {str(device)!r} is not supported (allowed: cpu, cuda, cuda:N)")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a model can take, from its configs alone (so the CLI checks a request before loading).
+
+    ``vae_spatial_factor`` / ``temporal_factor``: pixels and frames per latent pixel and frame;
+    ``patch``: the DiT's (frames, height, width) patch; ``max_grid_side``: the largest token-grid
+    side the DiT's rotary table covers (``rope_max_seq_len``; None: unbounded); ``max_tokens``:
+    the engine's bound on a request's tokens; ``max_steps``: the scheduler's training timesteps;
+    ``max_sequence_length``: the tokenizer's ``model_max_length``.
+    """
+
+    vae_spatial_factor: int = 8
+    temporal_factor: int = 4
+    patch: tuple[int, int, int] = (1, 2, 2)
+    max_grid_side: int | None = None
+    max_tokens: int = MAX_TOKENS
+    max_steps: int = 1000
+    max_sequence_length: int = 512
+
+    @property
+    def spatial_factor(self) -> int:
+        """Height and width must be multiples of this (VAE factor x patch)."""
+        return self.vae_spatial_factor * max(self.patch[1:])
+
+    def max_size(self, axis: int) -> int | None:
+        """The largest height (axis 1), width (2) or frame count (0) the rotary table covers."""
+        if self.max_grid_side is None:
+            return None
+        if axis == 0:
+            return (self.max_grid_side * self.patch[0] - 1) * self.temporal_factor + 1
+        largest = self.max_grid_side * self.patch[axis] * self.vae_spatial_factor
+        return largest - largest % self.spatial_factor
+
+    def tokens(self, num_frames: int, height: int, width: int) -> int:
+        latent_frames = (num_frames - 1) // self.temporal_factor + 1
+        pt, ph, pw = self.patch
+        sf = self.vae_spatial_factor
+        return -(-latent_frames // pt) * (height // (sf * ph)) * (width // (sf * pw))
 
 
 @dataclass
@@ -120,46 +194,82 @@ class SamplingParams:
         # the reference runs the unconditional pass only when guidance_scale > 1
         return self.guidance_scale > 1.0
 
-    def validate(self, spatial_factor: int = 16, temporal_factor: int = 4) -> "SamplingParams":
-        """Raise InvalidRequestError naming the first bad field."""
+    def validate(self, limits: RequestLimits | None = None) -> "SamplingParams":
+        """Raise InvalidRequestError naming the first bad field; cheap (no model work)."""
+        limits = limits or RequestLimits()
         if not isinstance(self.prompt, str):
             raise InvalidRequestError("prompt", f"must be a string, got {type(self.prompt).__name__}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise InvalidRequestError("negative_prompt", f"must be a string or None, got {type(self.negative_prompt).__name__}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < spatial_factor or value % spatial_factor:
-                raise InvalidRequestError(name, f"got {value!r}", f"positive multiples of {spatial_factor}")
-        if not _is_int(self.num_frames) or self.num_frames < 1 or (self.num_frames - 1) % temporal_factor:
-            raise InvalidRequestError(
-                "num_frames", f"got {self.num_frames!r}", f"{temporal_factor}k+1 frames, e.g. 1, 5, 17, 33, 81"
-            )
-        if not _is_int(self.num_inference_steps) or self.num_inference_steps < 1:
-            raise InvalidRequestError("num_inference_steps", f"got {self.num_inference_steps!r}", "integers >= 1")
-        if not _is_number(self.guidance_scale) or not self.guidance_scale >= 0:
-            raise InvalidRequestError("guidance_scale", f"got {self.guidance_scale!r}", "numbers >= 0")
-        if self.flow_shift is not None and (not _is_number(self.flow_shift) or not self.flow_shift > 0):
-            raise InvalidRequestError("flow_shift", f"got {self.flow_shift!r}", "numbers > 0 or None")
-        if not _is_int(self.seed):
-            raise InvalidRequestError("seed", f"got {self.seed!r}", "integers")
-        if not _is_int(self.max_sequence_length) or self.max_sequence_length < 1:
-            raise InvalidRequestError("max_sequence_length", f"got {self.max_sequence_length!r}", "integers >= 1")
+        self._validate_size(limits)
+        if not _is_int(self.num_inference_steps) or not 1 <= self.num_inference_steps <= limits.max_steps:
+            raise InvalidRequestError("num_inference_steps", f"got {_short(self.num_inference_steps)}",
+                                      f"integers 1..{limits.max_steps} (the scheduler's training timesteps)")
+        if not _is_number(self.guidance_scale) or not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise InvalidRequestError("guidance_scale", f"got {_short(self.guidance_scale)}",
+                                      f"numbers 0..{MAX_GUIDANCE:g}")
+        if self.flow_shift is not None and (not _is_number(self.flow_shift)
+                                            or not FLOW_SHIFT_RANGE[0] <= self.flow_shift <= FLOW_SHIFT_RANGE[1]):
+            raise InvalidRequestError("flow_shift", f"got {_short(self.flow_shift)}",
+                                      f"numbers {FLOW_SHIFT_RANGE[0]:g}..{FLOW_SHIFT_RANGE[1]:g}, or None")
+        if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise InvalidRequestError("seed", f"got {_short(self.seed)}", "integers -2**63 .. 2**64-1")
+        if not _is_int(self.max_sequence_length) or not 1 <= self.max_sequence_length <= limits.max_sequence_length:
+            raise InvalidRequestError("max_sequence_length", f"got {_short(self.max_sequence_length)}",
+                                      f"integers 1..{limits.max_sequence_length} (the tokenizer's length)")
         if self.output_type not in OUTPUT_TYPES:
-            raise InvalidRequestError("output_type", f"got {self.output_type!r}", ", ".join(OUTPUT_TYPES))
+            raise InvalidRequestError("output_type", f"got {_short(self.output_type)}", ", ".join(OUTPUT_TYPES))
         if not _is_int(self.fps) or not 1 <= self.fps <= 240:
-            raise InvalidRequestError("fps", f"got {self.fps!r}", "integers 1..240")
-        if self.latents is not None and not isinstance(self.latents, torch.Tensor):
-            raise InvalidRequestError("latents", f"must be a torch.Tensor, got {type(self.latents).__name__}")
+            raise InvalidRequestError("fps", f"got {_short(self.fps)}", "integers 1..240")
+        for name in ("return_trajectory", "decode_trajectory"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(name, f"got {_short(getattr(self, name))}", "True or False")
+        if self.decode_trajectory and not self.return_trajectory:
+            raise InvalidRequestError("decode_trajectory", "needs return_trajectory=True (it decodes that trajectory)")
+        if self.latents is not None:
+            self._validate_latents()
         if self.output_path is not None:
             self._validate_output_path()
         return self
 
+    def _validate_size(self, limits: RequestLimits) -> None:
+        sf, tf = limits.spatial_factor, limits.temporal_factor
+        for axis, name in ((1, "height"), (2, "width")):
+            value, largest = getattr(self, name), limits.max_size(axis)
+            if not _is_int(value) or value < sf or value % sf or (largest is not None and value > largest):
+                allowed = f"multiples of {sf}" + (f" up to {largest}" if largest is not None else "")
+                raise InvalidRequestError(name, f"got {_short(value)}", allowed)
+        largest = limits.max_size(0)
+        if (not _is_int(self.num_frames) or self.num_frames < 1 or (self.num_frames - 1) % tf
+                or (largest is not None and self.num_frames > largest)):
+            upto = f" up to {largest}" if largest is not None else ""
+            raise InvalidRequestError(
+                "num_frames", f"got {_short(self.num_frames)}", f"{tf}k+1 frames{upto}, e.g. 1, 5, 17, 33, 81"
+            )
+        tokens = limits.tokens(self.num_frames, self.height, self.width)
+        if tokens > limits.max_tokens:
+            raise InvalidRequestError(
+                "height/width/num_frames", f"{self.width}x{self.height}, {self.num_frames} frames is {tokens} tokens",
+                f"at most {limits.max_tokens} tokens (the engine's max_tokens)")
+
+    def _validate_latents(self) -> None:
+        latents = self.latents
+        if not isinstance(latents, torch.Tensor):
+            raise InvalidRequestError("latents", f"must be a torch.Tensor, got {type(latents).__name__}")
+        if not latents.is_floating_point():
+            raise InvalidRequestError("latents", f"dtype {latents.dtype} is not a real floating-point type",
+                                      "float32, float64, bfloat16 or float16")
+        if latents.is_meta:
+            raise InvalidRequestError("latents", "is on the meta device (it holds no values)", "a CPU or CUDA tensor")
+        if not torch.isfinite(latents).all():
+            raise InvalidRequestError("latents", "contains NaN or Inf", "finite values")
+
     def _validate_output_path(self) -> None:
-        from .io.video import output_kind  # the export module owns the list of formats
+        from .io.video import check_output_path  # the export module owns the formats and the checks
 
         if not isinstance(self.output_path, (str, os.PathLike)):
             raise InvalidRequestError("output_path", f"must be a path, got {type(self.output_path).__name__}")
-        kind = output_kind(Path(self.output_path))
+        kind = check_output_path(Path(self.output_path))
         if self.output_type == "mp4" and kind != "mp4":
             raise InvalidRequestError("output_path", "output_type 'mp4' needs a .mp4 path", "*.mp4 or None")
 
@@ -181,4 +291,9 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import itertools
 import logging
 import time
@@ -16,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import EngineConfig, SamplingParams
+from .config import EngineConfig, RequestLimits, SamplingParams
 from .parallel.state import check_layout, world_size_from_env
 from .errors import ModelLoadError, TaskCancelled, VidloomError
-from .loader.components import load_component, read_model_index
+from .loader.components import ComponentPlan, component_spec, plan_component, read_model_index
+from .loader.weights import changed_mapped_files
 from .pipelines import pipeline_class, registered_pipelines
 from .pipelines.base import ComposedPipeline, WorkUnit
 from .pipelines.batch import ForwardBatch
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 COMPONENT_DTYPE = {"transformer": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
 # model_index.json entries that are pipeline settings, with the values this engine supports
 SUPPORTED_SETTINGS = {"boundary_ratio": (None,), "expand_timesteps": (False, None)}
+
+# where an "mp4" request without an output_path is written (relative to the working directory)
+DEFAULT_OUTPUT_DIR = Path("outputs")
 
 StepCallback = Callable[[int, int, float, torch.Tensor], None]  # (step, total, timestep, latents)
 
@@ -124,33 +127,33 @@ class VideoGenerator:
         elif engine_options:
             raise ValueError("pass either config= or engine options, not both")
         path = Path(path)
-        index = read_model_index(path)
-        pipe_cls = _pipeline_for(index, path)
+        pipe_cls, plans, limits = _plan(path, config)
         parallel = None
         if config.sp_size > 1 or config.cfg_parallel or world_size_from_env() > 1:
             from .parallel.state import ParallelState, local_device
 
             # a wrong layout is an error before any weight is read
-            check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), _attention_heads(path))
+            heads = plans["transformer"].config.num_attention_heads
+            check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), heads)
             config = dataclasses.replace(config, device=str(local_device(config.torch_device)))
             parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device)
-        components = _load_components(path, index, pipe_cls.required_components, config)
+        components = _load_components(plans, config)
         if parallel is None:
-            return cls(pipe_cls(components, config), config, path)
-        return cls(pipe_cls(components, config, parallel), config, path, parallel)
+            return cls(pipe_cls(components, config, limits=limits), config, path)
+        return cls(pipe_cls(components, config, parallel, limits=limits), config, path, parallel)
 
     @staticmethod
-    def size_factors(path: str | Path) -> tuple[int, int]:
-        """(spatial, temporal) size factors of a model folder, from its configs alone (no weights read)."""
-        path = Path(path)
-        index = read_model_index(path)
-        return _pipeline_for(index, path).size_factors(path)
+    def request_limits(path: str | Path, config: EngineConfig | None = None) -> RequestLimits:
+        """What a model folder's requests may ask (sizes, frames, steps, text length), from its
+        configs and weight headers alone: checks the whole folder, reads no weights."""
+        return _plan(Path(path), config or EngineConfig())[2]
 
     # --- task API -------------------------------------------------------------------------------
     def submit(self, prompt: str = "", callback: StepCallback | None = None, **sampling) -> Task:
         """Validate a request (raising InvalidRequestError before any work) and queue it as a task."""
         params = SamplingParams.from_kwargs(prompt, **sampling)
         self.pipeline.validate_request(params)
+        self.check_weight_files()
         batch = ForwardBatch(params=params)
         task = Task(id=f"task-{next(self._ids)}", params=params, batch=batch,
                     total_units=self.pipeline.total_units(batch), callback=callback)
@@ -193,6 +196,17 @@ class VideoGenerator:
         """Generate one video; see ``SamplingParams`` for the options."""
         return self.run(self.submit(prompt, callback=callback, **sampling))
 
+    def check_weight_files(self) -> None:
+        """ModelLoadError when a weight file whose pages parameters map changed on disk since
+        loading: reading a truncated mapped file kills the process (SIGBUS), and a file rewritten
+        in place changes the weights under the model. One stat per file; run before each request.
+        Engines built with ``map_weights=False`` hold their own copies and never fail here."""
+        for name, component in self.pipeline.components.items():
+            changed = changed_mapped_files(component) if isinstance(component, torch.nn.Module) else []
+            if changed:
+                raise ModelLoadError(f"the {name} weights changed on disk since they were loaded (they are mapped): "
+                                     "load the model again, or use map_weights=False", file=str(changed[0]))
+
     # --- output ----------------------------------------------------------------------------------
     def _finish(self, task: Task) -> VideoOutput:
         b, p = task.batch, task.params
@@ -205,13 +219,19 @@ class VideoGenerator:
             trajectory_frames=[v[0].permute(1, 2, 3, 0).cpu().numpy() for v in b.trajectory_video],
         )
         path = p.output_path
-        if path is None and p.output_type == "mp4":
-            path = Path("outputs") / f"{task.id}-{int(task.created)}.mp4"
-        if path is not None and frames is not None and self.is_main_process:
-            from .io import export_video
+        if (path is not None or p.output_type == "mp4") and frames is not None and self.is_main_process:
+            from .io import export_video, reserve_output_path
 
+            reserved = path is None
+            if reserved:  # a new file of its own, never another request's
+                path = reserve_output_path(DEFAULT_OUTPUT_DIR, task.id)
             start = time.perf_counter()
-            out.path = export_video(frames_pt.cpu().numpy(), path, fps=p.fps)
+            try:
+                out.path = export_video(frames_pt.cpu().numpy(), path, fps=p.fps)
+            except BaseException:
+                if reserved:
+                    path.unlink(missing_ok=True)
+                raise
             b.timings["export"] = time.perf_counter() - start
         out.timings = dict(b.timings)
         return out
@@ -227,34 +247,42 @@ def _pipeline_for(index: dict[str, Any], path: Path) -> type:
         ) from None
 
 
-def _load_components(path: Path, index: dict[str, Any], required: tuple[str, ...], config: EngineConfig) -> dict:
-    dtypes = config.resolved_dtypes()
-    components = {}
+def _plan(path: Path, config: EngineConfig):
+    """Check a whole model folder before any weight is read: the index, every component's folder,
+    config and weight headers, and that the components fit together. Returns the pipeline class,
+    the component plans and the request limits."""
+    index = read_model_index(path)
+    index_file = path / "model_index.json"
+    pipe_cls = _pipeline_for(index, path)
+    required = pipe_cls.required_components
     for name, spec in index.items():
         if name.startswith("_"):
             continue
-        if not isinstance(spec, list):
+        if not isinstance(spec, list) and name not in required:
             allowed = SUPPORTED_SETTINGS.get(name)
             if allowed is not None and spec not in allowed:
-                raise ModelLoadError(f"setting {name}={spec!r} is not supported yet", file=str(path / "model_index.json"))
-            continue
-        if name not in required:
-            if spec not in ([None, None],):
-                raise ModelLoadError(f"component '{name}' is not supported by this pipeline yet",
-                                     file=str(path / "model_index.json"))
-            continue
-        dtype = dtypes.get(COMPONENT_DTYPE.get(name, ""), torch.float32)
-        components[name] = load_component(path, name, spec, config.torch_device, dtype)
-    missing = [n for n in required if components.get(n) is None]
+                raise ModelLoadError(f"setting {name}={spec!r} is not supported yet", file=str(index_file))
+        elif name not in required and spec != [None, None]:
+            raise ModelLoadError(f"component '{name}' is not supported by this pipeline yet", file=str(index_file))
+    specs = {name: component_spec(index, name, index_file) for name in required}
+    missing = [name for name, spec in specs.items() if spec is None]
     if missing:
-        raise ModelLoadError(f"model_index.json lacks required component(s) {missing}", file=str(path / "model_index.json"))
+        raise ModelLoadError(f"model_index.json lacks required component(s) {missing}", file=str(index_file))
+    plans = {name: plan_component(path, name, spec) for name, spec in specs.items()}
+    configs = {name: plan.config for name, plan in plans.items()}
+    pipe_cls.check_components(configs, config, str(index_file))
+    return pipe_cls, plans, pipe_cls.request_limits(configs, config)
+
+
+def _load_components(plans: dict[str, ComponentPlan], config: EngineConfig) -> dict:
+    dtypes = config.resolved_dtypes()
+    components = {}
+    for name, plan in plans.items():
+        dtype = dtypes.get(COMPONENT_DTYPE.get(name, ""), torch.float32)
+        log.info("loading %s (%s.%s) as %s", name, plan.library, plan.class_name, dtype)
+        components[name] = plan.load(config.torch_device, dtype, config.map_weights)
     return components
 
 
 __all__ = ["VideoGenerator", "VideoOutput", "Task", "TaskState", "VidloomError"]
 
-
-def _attention_heads(path: Path) -> int | None:
-    """The transformer's head count from its config alone (None if it has none)."""
-    config = path / "transformer" / "config.json"
-    return json.loads(config.read_text()).get("num_attention_heads") if config.is_file() else None

@@ -3,16 +3,32 @@ decoder, test dependency only) for MP4, Pillow for GIF / PNG, numpy for .npy."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import re
+import resource
+import signal
+import threading
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from vidloom.errors import InvalidRequestError
-from vidloom.io import VideoEncodingError, export_video, read_video
+from vidloom.errors import InvalidRequestError, VidloomError
+from vidloom.io import (
+    OutputWriteError,
+    VideoDecodingError,
+    VideoEncodingError,
+    check_output_path,
+    export_video,
+    read_video,
+    reserve_output_path,
+)
 from vidloom.io import video as video_module
 
 av = pytest.importorskip("av")
@@ -55,6 +71,11 @@ def decode_with_pyav(path):
 
 def mae(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int32) - b.astype(np.int32)).mean())
+
+
+def hidden_files(folder) -> list[str]:
+    """Names a failed or finished export must not leave behind (its temp files)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
 # ---------------------------------------------------------------- MP4
@@ -146,6 +167,48 @@ def test_mp4_encoder_failure_raises_and_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_truncated_mp4_is_an_error_not_fewer_frames(tmp_path):
+    # +faststart puts the index first, so a file cut in half still opens and promises
+    # 9 frames; ffmpeg decodes the frames that are there and exits 0. Noise keeps the
+    # frames large, so the cut falls after the first few.
+    frames = np.random.default_rng(3).random((9, 32, 48, 3), dtype=np.float32)
+    path = export_video(frames, tmp_path / "clip.mp4", fps=16)
+    assert read_video(path)[0].shape[0] == 9
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoDecodingError, match=r"cut.mp4 is truncated or corrupt: decoded [1-8] of 9") as info:
+        read_video(cut)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, VidloomError)
+
+
+def test_mp4_cut_before_its_first_frame_is_a_decoding_error(tmp_path):
+    path = export_video(gradient_clip(9, 32, 48), tmp_path / "clip.mp4", fps=16)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a smooth clip is small: little past the index
+    with pytest.raises(VideoDecodingError, match="cannot decode .*clip.mp4"):
+        read_video(path)
+
+
+@pytest.mark.parametrize("content", [b"not a video\n", b""], ids=["text", "empty"])
+def test_non_video_file_is_a_one_line_decoding_error(tmp_path, content):
+    path = tmp_path / "notes.mp4"
+    path.write_bytes(content)
+    with pytest.raises(VideoDecodingError, match="cannot decode .*notes.mp4: ") as info:
+        read_video(path)
+    assert "\n" not in str(info.value) and "configuration:" not in str(info.value)
+
+
+def test_path_that_looks_like_a_url_is_a_file(tmp_path, monkeypatch):
+    # Bare, 'pipe:/x.mp4' is ffmpeg's pipe protocol; here it is a folder 'pipe:' in the cwd.
+    monkeypatch.chdir(tmp_path)
+    frames = gradient_clip(4, 16, 16)
+    assert export_video(frames, "pipe:/x.mp4") == Path("pipe:/x.mp4")
+    decoded, _ = decode_with_pyav(tmp_path / "pipe:" / "x.mp4")
+    assert decoded.shape == (4, 16, 16, 3)
+    assert read_video("pipe:/x.mp4")[0].shape == (4, 16, 16, 3)
+
+
 def test_creates_parent_folders_and_accepts_upper_case_suffix(tmp_path):
     path = export_video(gradient_clip(2, 16, 16), tmp_path / "a" / "b" / "clip.MP4")
     assert path.is_file()
@@ -233,11 +296,188 @@ def test_npy_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(loaded.view(np.uint32), frames.view(np.uint32))
 
 
+@pytest.mark.parametrize("suffix", [".NPY", ".Npy"])
+def test_npy_with_upper_case_suffix_is_written_and_leaves_no_temp_file(tmp_path, suffix):
+    frames = np.random.default_rng(2).random((2, 4, 4, 3), dtype=np.float32)
+    path = export_video(frames, tmp_path / f"frames{suffix}")
+    np.testing.assert_array_equal(np.load(path), frames)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"frames{suffix}"]
+
+
+def test_png_frame_symlink_is_replaced_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "frame_00000.png").symlink_to(victim)
+    levels = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(1, 4, 4, 3)
+    export_video(levels, folder)
+    assert victim.read_text() == "keep me"
+    frame = folder / "frame_00000.png"
+    assert frame.is_file() and not frame.is_symlink()
+    with Image.open(frame) as image:
+        np.testing.assert_array_equal(np.asarray(image), levels[0])
+    assert hidden_files(folder) == []
+
+
 def test_npy_from_bf16_tensor_is_float32(tmp_path):
     tensor = torch.rand(2, 4, 4, 3).to(torch.bfloat16)
     loaded = np.load(export_video(tensor, tmp_path / "frames.npy"))
     assert loaded.dtype == np.float32
     np.testing.assert_array_equal(loaded, tensor.float().numpy())
+
+
+# ---------------------------------------------------------------- reserved default outputs
+
+
+def test_reserve_output_path_gives_distinct_new_files_from_two_threads(tmp_path):
+    folder = tmp_path / "outputs" / "day"  # created
+    found: list[list] = [[], []]
+
+    def reserve(into):
+        into.extend(reserve_output_path(folder, "task") for _ in range(100))
+
+    threads = [threading.Thread(target=reserve, args=(into,)) for into in found]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    paths = found[0] + found[1]
+    assert len(set(paths)) == 200
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in paths)
+    assert all(p.stat().st_size == 0 for p in paths)
+    assert all(re.fullmatch(r"task-\d{8}-\d{6}-[0-9a-f]{8}\.mp4", p.name) for p in paths)
+
+
+def test_export_onto_a_reserved_file(tmp_path):
+    path = reserve_output_path(tmp_path, "task", ".mp4")
+    assert export_video(gradient_clip(3, 16, 16), path) == path
+    assert decode_with_pyav(path)[0].shape == (3, 16, 16, 3)
+    assert hidden_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("stem", "suffix", "field"),
+    [("", ".mp4", "stem"), ("a/b", ".mp4", "stem"), ("task", "", "suffix"), ("task", ".avi", "suffix")],
+)
+def test_reserve_output_path_rejects_names_it_cannot_reserve(tmp_path, stem, suffix, field):
+    with pytest.raises(InvalidRequestError) as info:
+        reserve_output_path(tmp_path, stem, suffix)
+    assert info.value.field == field
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- output path checks
+
+
+def test_check_output_path_returns_the_kind_and_creates_nothing(tmp_path):
+    assert check_output_path(tmp_path / "a" / "b" / "clip.GIF") == "gif"
+    assert check_output_path(tmp_path / "a" / "frames") == "png"
+    assert list(tmp_path.iterdir()) == []
+
+
+def not_a_folder_cases(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    return {
+        "device": "/dev/full/x.npy",
+        "file-parent": tmp_path / "file.txt" / "x.npy",
+        "file-grandparent-png": tmp_path / "file.txt" / "sub" / "frames",
+        "dangling-link": tmp_path / "dangling" / "x.mp4",
+    }
+
+
+@pytest.mark.parametrize("case", ["device", "file-parent", "file-grandparent-png", "dangling-link"])
+def test_check_output_path_rejects_a_file_where_a_folder_must_be(tmp_path, case):
+    with pytest.raises(InvalidRequestError, match="is not a folder") as info:
+        check_output_path(not_a_folder_cases(tmp_path)[case])
+    assert info.value.field == "output_path"
+
+
+@pytest.mark.parametrize("path", ["/proc/x.npy", "/sys/x.npy", "/proc/frames", "/proc/self/x.mp4", "link/x.gif"])
+def test_check_output_path_rejects_pseudo_file_systems(tmp_path, monkeypatch, path):
+    # As root os.access calls /proc writable, yet creating a file there fails.
+    (tmp_path / "link").symlink_to("/proc")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidRequestError, match="pseudo file system") as info:
+        check_output_path(path)
+    assert info.value.field == "output_path" and "/proc" in info.value.allowed
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_check_output_path_rejects_an_unwritable_folder(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o500)
+    try:
+        with pytest.raises(InvalidRequestError, match="not writable") as info:
+            check_output_path(folder / "new" / "clip.mp4")
+        assert info.value.field == "output_path"
+    finally:
+        folder.chmod(0o700)
+
+
+def test_export_checks_the_output_path_before_the_frames():
+    with pytest.raises(InvalidRequestError) as info:
+        export_video("not frames", "/dev/full/x.npy")
+    assert info.value.field == "output_path"
+
+
+# ---------------------------------------------------------------- write failures
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int = 8192):
+    """Fail writes past ``limit`` bytes in this process (and ffmpeg, which inherits it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG), pytest lives
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def noise_frames() -> np.ndarray:
+    """4 frames of 64x64 noise: 48 KiB that no format compresses under 8 KiB (a PNG
+    frame is 12 KiB, the whole MP4 13 KiB)."""
+    return np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+
+
+def files_under(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("name", ["clip.npy", "clip.gif", "frames"])
+def test_write_failure_after_the_work_is_an_output_write_error(tmp_path, name):
+    frames, path = noise_frames(), tmp_path / name
+    with pytest.raises(OutputWriteError) as info, file_size_limit():
+        export_video(frames, path)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.EFBIG
+    assert str(info.value) == f"cannot write {path}: File too large"
+    # no partial file; the PNG folder stays, without the frame that failed
+    assert files_under(tmp_path) == (["frames"] if name == "frames" else [])
+
+
+def test_mp4_write_failure_is_an_encoding_error_and_leaves_no_file(tmp_path):
+    # ffmpeg writes the MP4 itself, and subprocess restores SIGXFSZ for it: it is killed.
+    frames = noise_frames()
+    with pytest.raises(VideoEncodingError, match="File size limit exceeded"), file_size_limit():
+        export_video(frames, tmp_path / "clip.mp4")
+    assert files_under(tmp_path) == []
+
+
+def test_output_write_error_is_a_vidloom_and_os_error(tmp_path, monkeypatch):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(video_module, "_write_gif", disk_full)
+    with pytest.raises(OutputWriteError) as info:
+        export_video(gradient_clip(2, 8, 8), tmp_path / "clip.gif")
+    assert isinstance(info.value, VidloomError) and isinstance(info.value, OSError)
+    assert info.value.errno == errno.ENOSPC
+    assert str(info.value) == f"cannot write {tmp_path / 'clip.gif'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- errors
@@ -296,3 +536,19 @@ def test_bad_settings_name_the_field(tmp_path, kwargs, field):
     with pytest.raises(InvalidRequestError) as info:
         export_video(gradient_clip(2, 8, 8), tmp_path / "clip.mp4", **kwargs)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("fps", [1e-9, Fraction(1, 1002), 1000.5, 1e12])
+@pytest.mark.parametrize("name", ["clip.gif", "clip.mp4"])
+def test_fps_without_a_usable_rational_names_the_field(tmp_path, fps, name):
+    # 1e-9 once became Fraction(0) after limit_denominator(1001): ZeroDivisionError in GIF.
+    with pytest.raises(InvalidRequestError) as info:
+        export_video(gradient_clip(2, 8, 8), tmp_path / name, fps=fps)
+    assert info.value.field == "fps" and "1000" in info.value.allowed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fps_range_ends_are_accepted(tmp_path):
+    _, facts = decode_with_pyav(export_video(gradient_clip(2, 8, 8), tmp_path / "fast.mp4", fps=1000))
+    assert facts["average_rate"] == 1000
+    assert export_video(gradient_clip(2, 8, 8), tmp_path / "slow.npy", fps=Fraction(1, 1001)).is_file()

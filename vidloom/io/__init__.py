@@ -1,5 +1,21 @@
 """Video export and reading."""
 
-from vidloom.io.video import VideoEncodingError, export_video, read_video
+from vidloom.io.video import (
+    OutputWriteError,
+    VideoDecodingError,
+    VideoEncodingError,
+    check_output_path,
+    export_video,
+    read_video,
+    reserve_output_path,
+)
 
-__all__ = ["VideoEncodingError", "export_video", "read_video"]
+__all__ = [
+    "OutputWriteError",
+    "VideoDecodingError",
+    "VideoEncodingError",
+    "check_output_path",
+    "export_video",
+    "read_video",
+    "reserve_output_path",
+]

@@ -13,7 +13,10 @@ no suffix / dir    a folder of ``frame_00000.png, frame_00001.png, ...``
 MP4 goes through the ffmpeg binary that imageio-ffmpeg bundles, driven directly
 rather than through ``imageio_ffmpeg.write_frames``: that helper rescales any size that
 is not a multiple of 16 by default and never reports ffmpeg's exit status, so a failed
-encode would go unnoticed.
+encode would go unnoticed. Every path reaches ffmpeg as an absolute ``file:`` URL.
+
+``check_output_path`` tells before any generation whether a path can be written;
+``reserve_output_path`` creates a unique default output file.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from numbers import Real
 from pathlib import Path
@@ -47,10 +52,26 @@ X264_PRESETS = (
 GIF_MIN_DELAY_CS = 2
 # ffmpeg wants a rational frame rate; 1001 keeps NTSC rates (30000/1001) exact.
 MAX_FPS_DENOMINATOR = 1001
+# The slowest rate such a fraction holds: anything slower would round to 0 fps.
+MIN_FPS = Fraction(1, MAX_FPS_DENOMINATOR)
+# Far beyond any display; a larger value is a mistake (a frame count, or ms per frame).
+MAX_FPS = 1000
+# Pseudo file systems: os.access may call them writable (always, for root), yet creating
+# a file there fails.
+PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"))
 
 
 class VideoEncodingError(VidloomError, RuntimeError):
     """The encoder (ffmpeg) failed; the message carries the tail of its log."""
+
+
+class OutputWriteError(VidloomError, OSError):
+    """Writing the output failed after the work was done (disk full, file size limit,
+    I/O error). ``errno`` is the cause's; a single-file output leaves no partial file."""
+
+
+class VideoDecodingError(VidloomError, ValueError):
+    """A file is not a video ffmpeg can decode, or it is truncated or corrupt."""
 
 
 # ---------------------------------------------------------------- public API
@@ -71,33 +92,38 @@ def export_video(
     an error. ``crf`` and ``preset`` are libx264 settings, used only for MP4 (CRF 18 is
     visually near-lossless; lower is better, 0..51).
 
-    MP4 frames with an odd height or width are padded by one replicated edge row or
-    column to the next even size, because yuv420p stores chroma at half resolution;
-    other sizes (any even size, multiple of 16 or not) are kept exactly. Parent
-    folders are created. Single-file outputs are written to a hidden temporary file
-    next to the target and renamed, so a failed export leaves no partial file. A PNG
-    folder may already exist: same-named frames are overwritten, other files are left.
-    ``.npy`` stores the array as given (torch bf16 / fp16 become float32).
+    ``fps`` lies in 1/1001 .. 1000 and is kept as the nearest fraction with a
+    denominator <= 1001.
+
+    ``path`` is checked first, with ``check_output_path``. MP4 frames with an odd
+    height or width are padded by one replicated edge row or column to the next even
+    size, because yuv420p stores chroma at half resolution; other sizes (any even size,
+    multiple of 16 or not) are kept exactly. Parent folders are created. Single-file
+    outputs are written to a new hidden temporary file next to the target (suffix in
+    lower case) and renamed onto it, so a failed export leaves no partial file, an
+    existing file (such as one from ``reserve_output_path``) is replaced whole, and a
+    symlink at the target is replaced, never written through. A PNG folder may already
+    exist: each frame is written the same way, so same-named frames (or symlinks in
+    their place) are replaced and other files are left; frames written before a failure
+    stay. ``.npy`` stores the array as given (torch bf16 / fp16 become float32).
+
+    Raises InvalidRequestError naming the field for a bad argument, OutputWriteError
+    when writing fails (disk full, file size limit, I/O error) and VideoEncodingError
+    when ffmpeg fails (for MP4 that includes ffmpeg's own write errors).
     """
     path = Path(path)
-    kind = output_kind(path)
+    kind = check_output_path(path)
     fps = _check_fps(fps)
     array = as_frame_array(frames)
     if kind == "mp4":
         _check_x264_settings(crf, preset)
 
     start = time.perf_counter()
-    if kind == "png":
-        _write_png_folder(array, path)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic_output(path) as tmp:
-            if kind == "mp4":
-                _write_mp4(array, tmp, fps, crf, preset)
-            elif kind == "gif":
-                _write_gif(array, tmp, fps)
-            else:
-                np.save(tmp, array)
+    try:
+        _write_output(kind, array, path, fps, crf, preset)
+    except OSError as exc:
+        # After minutes of generation the caller needs one error type that names the file.
+        raise _output_write_error(path, exc) from exc
     t, h, w, _ = array.shape
     logger.info("exported %d frames %dx%d to %s in %.2fs", t, w, h, path, time.perf_counter() - start)
     return path
@@ -109,24 +135,88 @@ def read_video(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     ``frames`` is uint8 ``(T, H, W, 3)`` RGB, converted with the colour matrix the file
     is tagged with. ``fps`` is the rate ffmpeg reports, rounded by ffmpeg to two
     decimals for non-integer rates (30000/1001 reads as 29.97); 0.0 if unknown.
+
+    Raises FileNotFoundError for a missing file and VideoDecodingError for a file
+    ffmpeg cannot open as a video, or one that decodes to fewer frames than its
+    container's duration x fps (truncated or corrupt: ffmpeg itself just stops early and
+    exits 0). That count is checked only where the duration and fps are known and there
+    is no audio track, whose length may differ from the video's.
     """
     import imageio_ffmpeg
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no video file at {path}")
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    # read_frames hands the string to ffmpeg's -i unchanged.
+    reader = imageio_ffmpeg.read_frames(_ffmpeg_url(path), pix_fmt="rgb24")
     try:
         meta = next(reader)
         width, height = meta["size"]
         frames = [np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader]
+    except (OSError, RuntimeError) as exc:
+        raise VideoDecodingError(f"cannot decode {path}: {_ffmpeg_verdict(exc)}") from exc
     finally:
         reader.close()
+    _check_frame_count(path, len(frames), meta)
     stacked = np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)
     return stacked, float(meta["fps"])
 
 
+def reserve_output_path(folder: str | os.PathLike[str], stem: str, suffix: str = ".mp4") -> Path:
+    """Create a new, empty file ``folder/{stem}-{YYYYmmdd-HHMMSS}-{8 hex digits}{suffix}``
+    and return its path: a default output name that no other request, thread or
+    process gets.
+
+    The folder is created. The file is created exclusively (O_CREAT | O_EXCL), so two
+    callers never share a name, even within one second; a name that exists is drawn
+    again. ``export_video`` replaces the reserved file with the finished output; a
+    caller that ends up not exporting removes it. ``suffix`` is '.mp4', '.gif' or
+    '.npy' (a PNG folder is no file to reserve); ``stem`` is a plain name, no folders.
+    """
+    if not stem or Path(stem).name != stem:
+        raise InvalidRequestError("stem", f"got {stem!r}", "a non-empty file name without folders")
+    if suffix.lower() not in FILE_FORMATS:
+        raise InvalidRequestError("suffix", f"got {suffix!r}", ", ".join(repr(s) for s in FILE_FORMATS))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return _create_new_file(
+        folder, lambda: f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}{suffix}"
+    )
+
+
 # ---------------------------------------------------------------- validation
+
+
+def check_output_path(path: str | os.PathLike[str]) -> str:
+    """Everything about an output path that can be known before any generation: its
+    format (``output_kind``), and that the folder it goes into exists or can be created
+    and is one this user can write. Creates nothing. Return the kind; raise
+    InvalidRequestError naming output_path otherwise."""
+    path = Path(path)
+    kind = output_kind(path)
+    anchor = _nearest_existing(Path(os.path.abspath(path if kind == "png" else path.parent)))
+    if not anchor.is_dir():
+        raise InvalidRequestError(
+            "output_path", f"{anchor} is not a folder", "a path whose folders exist or can be created"
+        )
+    real = Path(os.path.realpath(anchor))
+    if any(real.is_relative_to(root) for root in PSEUDO_FILESYSTEMS):
+        raise InvalidRequestError(
+            "output_path", f"{anchor} is on a pseudo file system ({real})", "a path outside /proc and /sys"
+        )
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise InvalidRequestError(
+            "output_path", f"folder {anchor} is not writable for this user", "a path in a folder this user can write"
+        )
+    return kind
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists; a dangling symlink counts, as mkdir
+    cannot pass it either."""
+    while not os.path.lexists(path):
+        path = path.parent
+    return path
 
 
 def output_kind(path: Path) -> str:
@@ -180,8 +270,8 @@ def _to_numpy(frames: Any) -> np.ndarray:
 
 
 def _check_fps(fps: Any) -> Fraction:
-    if isinstance(fps, bool) or not isinstance(fps, Real) or not math.isfinite(fps) or fps <= 0:
-        raise InvalidRequestError("fps", f"got {fps!r}", "a positive finite number")
+    if isinstance(fps, bool) or not isinstance(fps, Real) or not math.isfinite(fps) or not MIN_FPS <= fps <= MAX_FPS:
+        raise InvalidRequestError("fps", f"got {fps!r}", f"a number from 1/{MAX_FPS_DENOMINATOR} to {MAX_FPS}")
     return Fraction(fps).limit_denominator(MAX_FPS_DENOMINATOR)
 
 
@@ -213,11 +303,46 @@ def pad_to_even(frame: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- writers
 
 
+def _output_write_error(path: Path, cause: OSError) -> OutputWriteError:
+    error = OutputWriteError(f"cannot write {path}: {cause.strerror or cause}")
+    error.errno = cause.errno  # so callers can still tell ENOSPC from EIO
+    return error
+
+
+def _write_output(kind: str, frames: np.ndarray, path: Path, fps: Fraction, crf: int, preset: str) -> None:
+    if kind == "png":
+        _write_png_folder(frames, path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_output(path) as tmp:
+        if kind == "mp4":
+            _write_mp4(frames, tmp, fps, crf, preset)
+        elif kind == "gif":
+            _write_gif(frames, tmp, fps)
+        else:
+            _write_npy(frames, tmp)
+
+
+def _create_new_file(folder: Path, draw_name: Callable[[], str]) -> Path:
+    """Create an empty file in ``folder`` under a freshly drawn name; return its path.
+    O_EXCL makes this atomic and never opens an existing file or follows a planted
+    symlink; a name that exists is drawn again."""
+    while True:
+        path = folder / draw_name()
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return path
+
+
 @contextlib.contextmanager
 def _atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a hidden sibling temp path (same suffix, so writers infer the format) and
-    move it onto ``path`` only if the block succeeds."""
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    """Yield a new hidden temp file next to ``path`` and move it onto ``path`` only if
+    the block succeeds. The rename replaces whatever entry ``path`` is, a symlink
+    included, and never writes through it. The temp suffix is ``path``'s in lower case,
+    the form writers recognise (np.save given a name ending '.NPY' appends '.npy')."""
+    tmp = _create_new_file(path.parent, lambda: f".{path.stem}.partial-{uuid.uuid4().hex[:8]}{path.suffix.lower()}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -225,13 +350,31 @@ def _atomic_output(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+class _PlainWriter:
+    """A file numpy does not take for a real one, so np.save writes through Python's
+    ``write`` (16 MiB chunks), whose OSError keeps its errno; on a real file it uses
+    ndarray.tofile, which reports a failed write only as "N requested and M written"."""
+
+    def __init__(self, fh: Any):
+        self.write = fh.write
+
+
+def _write_npy(frames: np.ndarray, path: Path) -> None:
+    # Through a file object: np.save given a name may append '.npy' to it.
+    with open(path, "wb") as fh:
+        np.save(_PlainWriter(fh), frames)
+
+
 def _write_png_folder(frames: np.ndarray, folder: Path) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     for index, frame in enumerate(frames):
-        # compress_level 1: several times faster than the default 6 for ~10% larger files.
-        Image.fromarray(to_uint8(frame)).save(folder / f"frame_{index:05d}.png", compress_level=1)
+        # Each frame through its own temp file: a symlink planted at the frame name is
+        # replaced, not followed onto its target.
+        with _atomic_output(folder / f"frame_{index:05d}.png") as tmp:
+            # compress_level 1: several times faster than the default 6 for ~10% larger files.
+            Image.fromarray(to_uint8(frame)).save(tmp, format="PNG", compress_level=1)
 
 
 def gif_durations_ms(num_frames: int, fps: Fraction) -> list[int]:
@@ -306,15 +449,26 @@ def _x264_command(width: int, height: int, fps: Fraction, crf: int, preset: str,
         "-an", "-vf", color,
         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", preset, "-crf", str(crf),
         "-movflags", "+faststart",  # index at the front: playable while still downloading
-        "-f", "mp4", str(path),
+        "-f", "mp4", _ffmpeg_url(path),
     ]
+
+
+def _ffmpeg_url(path: Path) -> str:
+    """``path`` as an absolute ``file:`` URL. ffmpeg takes a name with a colon
+    ('pipe:x.mp4', 'http:x') for a URL of that protocol, while after 'file:' the rest is
+    a path, used as is."""
+    return "file:" + os.path.abspath(path)
 
 
 def _run_encoder(command: list[str], frames: Iterator[np.ndarray]) -> None:
     """Pipe raw frames into ffmpeg; raise VideoEncodingError with its log if it fails."""
     # stderr goes to a file, not a pipe: a pipe nobody drains can fill and deadlock us.
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+        except OSError as exc:
+            # A broken install, not a failure to write the output.
+            raise VideoEncodingError(f"cannot start ffmpeg: {exc}") from exc
         try:
             # A broken pipe means ffmpeg exited early; its status and log below say why.
             with contextlib.suppress(BrokenPipeError):
@@ -330,4 +484,35 @@ def _run_encoder(command: list[str], frames: Iterator[np.ndarray]) -> None:
         if status != 0:
             log.seek(0)
             tail = log.read().decode(errors="replace").strip()[-2000:]
-            raise VideoEncodingError(f"ffmpeg exited with status {status}: {tail or '(no output)'}")
+            raise VideoEncodingError(f"ffmpeg {_exit_text(status)}: {tail or '(no output)'}")
+
+
+def _exit_text(status: int) -> str:
+    # A killed ffmpeg logs nothing; the signal says why (SIGXFSZ: the file size limit).
+    if status < 0:
+        return f"was killed by signal {-status} ({signal.strsignal(-status) or 'unknown'})"
+    return f"exited with status {status}"
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _ffmpeg_verdict(exc: Exception) -> str:
+    """The last line of an imageio_ffmpeg error, ffmpeg's own reason, without the banner
+    of build options that the whole message carries."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "=== stderr ===" not in line]
+    return lines[-1] if lines else repr(exc)
+
+
+def _check_frame_count(path: Path, decoded: int, meta: dict[str, Any]) -> None:
+    """Raise VideoDecodingError where fewer frames decoded than the container's duration
+    x fps. ffmpeg prints the duration to 1/100 s and a fractional fps to 2 decimals, so
+    that product is exact to 0.005 x (duration + fps) frames; one frame more of slack
+    allows for muxers that count the last frame's duration differently."""
+    duration, fps = meta["duration"], meta["fps"]
+    # The container's duration is its longest stream's: with audio, maybe not the video's.
+    if not duration or not fps or "audio_codec" in meta:
+        return
+    expected = duration * fps
+    if decoded < expected - 1 - 0.005 * (duration + fps):
+        raise VideoDecodingError(f"{path} is truncated or corrupt: decoded {decoded} of {round(expected)} frames")

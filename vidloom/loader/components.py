@@ -1,8 +1,20 @@
-"""``model_index.json`` -> loaded components, each chosen by its (library, class name)."""
+"""``model_index.json`` -> components, each chosen by its (library, class name).
+
+Loading is two phases. ``plan_component`` does everything that is cheap: it checks the entry,
+the component folder, its config and its weight files' headers (for the models: the layer counts
+against the checkpoint's keys), and returns a ``ComponentPlan`` whose ``load`` does the heavy
+work. A folder is planned whole before the first weight is read, so a bad last component is an
+error in milliseconds, not after minutes of loading the others.
+
+Model classes are strict: each (library, class) has its own planner. Tokenizers and image
+processors load through transformers' Auto classes whatever class name the index gives
+(``T5TokenizerFast``, ``TokenizersBackend`` as transformers 5 names a ``PreTrainedTokenizerFast``,
+``CLIPImageProcessor``, ...): the files in the folder say what they are.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -11,46 +23,149 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
-from .weights import find_weight_files, load_model
+from ..jsonfile import read_json_object, short_repr
+from .weights import SafetensorsFile, check_layer_counts, find_weight_files, load_prepared, prepare_model
 
 log = logging.getLogger(__name__)
 
+Loader = Callable[[torch.device, torch.dtype, bool], Any]  # (device, dtype, map_weights) -> component
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentPlan:
+    """A checked component: ``config`` is what later checks and limits read (an architecture
+    config, a dict of facts, or None); ``load(device, dtype, map_weights)`` builds it."""
+
+    name: str
+    library: str
+    class_name: str
+    folder: Path
+    config: Any
+    load: Loader
+
 
 def read_model_index(folder: str | Path) -> dict[str, Any]:
+    """The checked ``model_index.json`` of ``folder``: an object with a string ``_class_name``
+    whose other entries are components (``[library, class]``, or ``[null, null]`` for none) or
+    settings (scalars)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError("model folder does not exist", file=str(folder))
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise ModelLoadError("not a Diffusers model folder: model_index.json is missing", file=str(index))
-    try:
-        data = json.loads(index.read_text())
-    except ValueError as exc:
-        raise ModelLoadError(f"model_index.json is not valid JSON ({exc})", file=str(index)) from exc
-    if "_class_name" not in data:
-        raise ModelLoadError("model_index.json has no _class_name", file=str(index))
+    path = folder / "model_index.json"
+    if not path.is_file():
+        raise ModelLoadError("not a Diffusers model folder: model_index.json is missing", file=str(path))
+    data = read_json_object(path, "model_index.json")
+    if not isinstance(data.get("_class_name"), str):
+        raise ModelLoadError(f"model_index.json needs a string _class_name, got {short_repr(data.get('_class_name'))}",
+                             file=str(path))
+    for name, spec in data.items():
+        if name.startswith("_"):
+            continue
+        if isinstance(spec, list):
+            if not (len(spec) == 2 and all(v is None or isinstance(v, str) for v in spec)
+                    and (spec[0] is None) == (spec[1] is None)):
+                raise ModelLoadError(f"component '{name}': entry must be [library, class] (two strings) "
+                                     f"or [null, null], got {short_repr(spec)}", file=str(path))
+        elif not (spec is None or isinstance(spec, (bool, int, float, str))):
+            raise ModelLoadError(f"setting '{name}' must be a scalar, got {short_repr(spec)}", file=str(path))
     return data
 
 
-def _load_dit(folder: Path, device, dtype):
+def component_spec(index: dict[str, Any], name: str, index_file: Path) -> tuple[str, str] | None:
+    """The (library, class) of component ``name``, or None when the index has none."""
+    spec = index.get(name)
+    if spec is None or spec == [None, None]:
+        return None
+    if not isinstance(spec, list):
+        raise ModelLoadError(f"component '{name}': entry must be [library, class], got {short_repr(spec)}",
+                             file=str(index_file))
+    return spec[0], spec[1]
+
+
+def plan_component(folder: Path, name: str, spec: tuple[str, str]) -> ComponentPlan:
+    """Check component ``name`` (``spec`` = (library, class)) without loading it."""
+    library, class_name = spec
+    planner = _planner(library, class_name)
+    if planner is None:
+        known = ", ".join(f"{lib}.{cls}" for lib, cls in MODEL_PLANNERS)
+        raise ModelLoadError(f"component '{name}': unsupported class {library}.{class_name} (supported: {known}, "
+                             "and transformers tokenizers and image processors)",
+                             file=str(folder / "model_index.json"))
+    sub = folder / name
+    if not sub.is_dir():
+        raise ModelLoadError(f"component folder '{name}' is missing", file=str(sub))
+    config, load = planner(sub)
+    return ComponentPlan(name, library, class_name, sub, config, load)
+
+
+def load_component(folder: Path, name: str, spec, device: torch.device, dtype: torch.dtype | None,
+                   map_weights: bool = True):
+    """Plan and load component ``name`` whose model_index entry is ``spec`` (or null)."""
+    if spec is None or list(spec) == [None, None]:
+        return None
+    plan = plan_component(folder, name, tuple(spec))
+    log.info("loading %s (%s.%s) as %s", name, plan.library, plan.class_name, dtype)
+    return plan.load(device, dtype, map_weights)
+
+
+# ----------------------------------------------------------------------------- planners
+
+
+def _plan_dit(folder: Path):
     from ..models.wan_dit import WanDiT
 
-    return load_model(WanDiT, folder, device, dtype)
+    prepared = prepare_model(WanDiT, folder)
+    return prepared.config, lambda device, dtype, map_weights: load_prepared(prepared, device, dtype, map_weights)
 
 
-def _load_vae(folder: Path, device, dtype):
+def _plan_vae(folder: Path):
     from ..models.wan_vae import WanVAE
 
-    return load_model(WanVAE, folder, device, dtype)
+    prepared = prepare_model(WanVAE, folder)
+    return prepared.config, lambda device, dtype, map_weights: load_prepared(prepared, device, dtype, map_weights)
+
+
+# UMT5 encoder: sane maxima (umt5-xxl: 24 layers, d_model 4096, vocab 256384) checked before
+# transformers builds anything, and the checkpoint's layer indices
+UMT5_LIMITS = {"num_layers": 256, "d_model": 32768, "d_ff": 262144, "num_heads": 1024, "d_kv": 4096,
+               "vocab_size": 2**22}
+UMT5_LAYERS = ((r"encoder\.block\.(\d+)\.", lambda config: config["num_layers"]),)
+
+
+def _plan_umt5(folder: Path):
+    path = folder / "config.json"
+    config = read_json_object(path, "config.json")
+    for key, high in UMT5_LIMITS.items():
+        value = config.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high):
+            raise ModelLoadError(f"invalid config ({key}: must be an integer in 1..{high}, got {short_repr(value)})",
+                                 file=str(path))
+    # transformers reads model.safetensors (or its shard index) only; anything else in the folder,
+    # a pickle above all, is never read: use_safetensors=True below refuses the .bin fallback
+    files = find_weight_files(folder, stems=("model",))
+    shapes = {}
+    for file in files:
+        with SafetensorsFile(file) as st:
+            shapes.update({entry.key: entry.shape for entry in st.entries})
+    check_layer_counts(UMT5_LAYERS, config, list(shapes), folder)
+    embedding = (config["vocab_size"], config["d_model"])
+    for key in ("shared.weight", "encoder.embed_tokens.weight"):
+        if key in shapes and shapes[key] != embedding:
+            raise ModelLoadError(f"shape mismatch: checkpoint {shapes[key]} vs config (vocab_size, d_model) "
+                                 f"{embedding}", file=str(files[0]), key=key)
+
+    def load(device, dtype, map_weights):
+        return _load_umt5(folder, device, dtype)
+
+    return config, load
 
 
 def _load_umt5(folder: Path, device, dtype):
     from transformers import UMT5EncoderModel
 
-    find_weight_files(folder)  # a clear error before transformers' own when weights are missing
     try:
         model, info = UMT5EncoderModel.from_pretrained(
-            str(folder), dtype=dtype, output_loading_info=True, local_files_only=True
+            str(folder), dtype=dtype, output_loading_info=True, local_files_only=True, use_safetensors=True,
         )
     except Exception as exc:
         raise ModelLoadError(f"text encoder failed to load ({type(exc).__name__}: {exc})", file=str(folder)) from exc
@@ -59,6 +174,9 @@ def _load_umt5(folder: Path, device, dtype):
         if keys:
             first = keys[0] if isinstance(keys[0], str) else keys[0][0]
             raise ModelLoadError(f"text encoder checkpoint has {kind.replace('_', ' ')}", file=str(folder), key=first)
+    for name, p in model.named_parameters():
+        if not p.dtype.is_floating_point:
+            raise ModelLoadError(f"text encoder parameter stored as {p.dtype}", file=str(folder), key=name)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -67,55 +185,75 @@ def _tied_embedding(key) -> bool:
     return isinstance(key, str) and key.endswith("embed_tokens.weight")
 
 
-def _load_tokenizer(folder: Path, device, dtype):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"tokenizer failed to load ({type(exc).__name__}: {exc})", file=str(folder)) from exc
+# the files a transformers tokenizer is read from (fast, sentencepiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt")
+# a tokenizer that states no length gets transformers' placeholder (int(1e30)); above this it is unset
+UNSET_MAX_LENGTH = 10**9
 
 
-def _load_scheduler(folder: Path, device, dtype):
+def _plan_tokenizer(folder: Path):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})", file=str(folder))
+    facts = {"model_max_length": None}
+    if (folder / "tokenizer_config.json").is_file():
+        raw = read_json_object(folder / "tokenizer_config.json", "tokenizer_config.json").get("model_max_length")
+        if isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw < UNSET_MAX_LENGTH:
+            facts["model_max_length"] = raw
+
+    def load(device, dtype, map_weights):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"tokenizer failed to load ({type(exc).__name__}: {exc})", file=str(folder)) from exc
+
+    return facts, load
+
+
+def _plan_image_processor(folder: Path):
+    path = folder / "preprocessor_config.json"
+    facts = read_json_object(path, "preprocessor_config.json")
+
+    def load(device, dtype, map_weights):
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"image processor failed to load ({type(exc).__name__}: {exc})",
+                                 file=str(folder)) from exc
+
+    return facts, load
+
+
+def _plan_scheduler(folder: Path):
     from ..schedulers import scheduler_from_config
 
     path = folder / "scheduler_config.json"
-    if not path.is_file():
-        raise ModelLoadError("missing scheduler_config.json", file=str(path))
     try:
-        return scheduler_from_config(json.loads(path.read_text()))
+        scheduler = scheduler_from_config(read_json_object(path, "scheduler_config.json"))
     except ValueError as exc:
         raise ModelLoadError(f"unsupported scheduler config ({exc})", file=str(path)) from exc
+    return scheduler.config, lambda device, dtype, map_weights: scheduler
 
 
-# (library, class name) -> loader(folder, device, dtype)
-COMPONENT_LOADERS: dict[tuple[str, str], Callable] = {
-    ("diffusers", "WanTransformer3DModel"): _load_dit,
-    ("diffusers", "AutoencoderKLWan"): _load_vae,
-    ("transformers", "UMT5EncoderModel"): _load_umt5,
-    ("transformers", "T5TokenizerFast"): _load_tokenizer,
-    ("transformers", "T5Tokenizer"): _load_tokenizer,
-    ("transformers", "AutoTokenizer"): _load_tokenizer,
-    ("diffusers", "UniPCMultistepScheduler"): _load_scheduler,
-    ("diffusers", "FlowMatchEulerDiscreteScheduler"): _load_scheduler,
+# (library, class name) -> planner(folder) -> (config, load)
+MODEL_PLANNERS: dict[tuple[str, str], Callable] = {
+    ("diffusers", "WanTransformer3DModel"): _plan_dit,
+    ("diffusers", "AutoencoderKLWan"): _plan_vae,
+    ("transformers", "UMT5EncoderModel"): _plan_umt5,
+    ("diffusers", "UniPCMultistepScheduler"): _plan_scheduler,
+    ("diffusers", "FlowMatchEulerDiscreteScheduler"): _plan_scheduler,
 }
 
 
-def load_component(folder: Path, name: str, spec, device: torch.device, dtype: torch.dtype):
-    """Load component ``name`` whose model_index entry is ``spec`` = [library, class] (or null)."""
-    if spec is None or spec == [None, None]:
-        return None
-    if not (isinstance(spec, (list, tuple)) and len(spec) == 2):
-        raise ModelLoadError(f"component '{name}' entry must be [library, class], got {spec!r}",
-                             file=str(folder / "model_index.json"))
-    library, class_name = spec
-    loader = COMPONENT_LOADERS.get((library, class_name))
-    if loader is None:
-        known = ", ".join(f"{lib}.{cls}" for lib, cls in COMPONENT_LOADERS)
-        raise ModelLoadError(f"component '{name}': unsupported class {library}.{class_name} (supported: {known})",
-                             file=str(folder / "model_index.json"))
-    sub = folder / name
-    if not sub.is_dir():
-        raise ModelLoadError(f"component folder '{name}' is missing", file=str(sub))
-    log.info("loading %s (%s.%s) as %s", name, library, class_name, dtype)
-    return loader(sub, device, dtype)
+def _planner(library: str, class_name: str) -> Callable | None:
+    planner = MODEL_PLANNERS.get((library, class_name))
+    if planner is None and library == "transformers":
+        if class_name.endswith(("Tokenizer", "TokenizerFast")) or class_name == "TokenizersBackend":
+            planner = _plan_tokenizer
+        elif class_name.endswith(("ImageProcessor", "ImageProcessorFast")):
+            planner = _plan_image_processor
+    return planner

@@ -24,6 +24,7 @@ import gc
 import json
 import math
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import cpu
 from ..errors import ModelLoadError
+from ..jsonfile import read_json_object, short_repr
 from ..models.base import LoadableModel
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
@@ -57,28 +59,43 @@ LOAD_THREADS = 2
 PARALLEL_READ_BYTES = 64 * 2**20
 
 
-def find_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a component folder (single file or sharded with an index)."""
-    for stem in WEIGHT_NAMES:
+def find_weight_files(folder: Path, stems: tuple[str, ...] = WEIGHT_NAMES) -> list[Path]:
+    """The safetensors files of a component folder (single file or sharded with an index), named
+    ``<stem>.safetensors`` or by ``<stem>.safetensors.index.json`` for the first stem found."""
+    for stem in stems:
         single = folder / f"{stem}.safetensors"
         if single.is_file():
             return [single]
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise ModelLoadError(f"unreadable shard index ({exc})", file=str(index)) from exc
-            files = [folder / name for name in sorted(set(weight_map.values()))]
-            for f in files:
-                if not f.is_file():
-                    raise ModelLoadError("shard listed in the index is missing", file=str(f))
-            return files
+            return _shards(folder, index)
+    names = " or ".join(f"{stem}.safetensors" for stem in stems)
     raise ModelLoadError(
-        "no safetensors weights found (expected diffusion_pytorch_model.safetensors, model.safetensors "
-        "or a sharded *.safetensors.index.json)",
+        f"no safetensors weights found (expected {names}, or a sharded *.safetensors.index.json)",
         file=str(folder),
     )
+
+
+def _shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files an index names. Each must be a plain file name of this folder: an index may
+    not reach outside it (``../x.safetensors``, ``/etc/passwd``)."""
+    weight_map = read_json_object(index, "shard index").get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+        raise ModelLoadError("shard index needs a non-empty weight_map of tensor name -> file name",
+                             file=str(index))
+    root = folder.resolve()
+    files = []
+    for name in sorted(set(weight_map.values())):
+        path = folder / name
+        if (Path(name).name != name or name in (".", "..") or not name.endswith(".safetensors")
+                or path.resolve().parent != root):
+            raise ModelLoadError(f"shard index names {short_repr(name)}: shards must be *.safetensors files "
+                                 "of the component's own folder", file=str(index))
+        if not path.is_file():
+            raise ModelLoadError("shard listed in the index is missing", file=str(path))
+        files.append(path)
+    return files
 
 
 def _rename(key: str, table, reverse: bool = False) -> str:
@@ -178,6 +195,8 @@ class SafetensorsFile:
             raise self._error(f"header length {header_len} does not fit a file of {size} bytes")
         try:
             header = json.loads(os.pread(self.fd, header_len, 8))
+        except RecursionError as exc:
+            raise self._error("header is nested too deeply") from exc
         except (UnicodeDecodeError, ValueError) as exc:
             raise self._error(f"header is not valid JSON: {exc}") from exc
         if not isinstance(header, dict):
@@ -185,13 +204,29 @@ class SafetensorsFile:
         data_start, data_len = 8 + header_len, size - 8 - header_len
         entries = [self._entry(key, info, data_start, data_len) for key, info in header.items()
                    if key != "__metadata__"]
-        return sorted(entries, key=lambda e: e.offset)  # file order: sequential reads
+        entries.sort(key=lambda e: (e.offset, e.nbytes))  # file order: sequential reads
+        self._check_coverage(entries, data_start, data_len)
+        return entries
+
+    def _check_coverage(self, entries: list[StoredTensor], data_start: int, data_len: int) -> None:
+        """The format's rule: the tensors tile the data section exactly, each beginning where the
+        previous one ends, from its first byte to its last. Overlapping tensors (two names sharing
+        bytes) or bytes that belong to no tensor mean a corrupt or tampered file."""
+        end = data_start
+        for entry in entries:
+            if entry.offset != end:
+                kind = "overlaps the tensor before it" if entry.offset < end else "leaves a gap before it"
+                raise self._error(f"tensor data {kind} (begins at byte {entry.offset - data_start}, "
+                                  f"expected {end - data_start})", entry.key)
+            end += entry.nbytes
+        if end != data_start + data_len:
+            raise self._error(f"{data_start + data_len - end} bytes after the last tensor belong to no tensor")
 
     def _entry(self, key: str, info, data_start: int, data_len: int) -> StoredTensor:
         if not isinstance(info, dict):
             raise self._error(f"header entry is not an object: {info!r}", key)
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise self._error(f"unknown dtype {info.get('dtype')!r}", key)
+        if not isinstance(info.get("dtype"), str) or info["dtype"] not in SAFETENSORS_DTYPES:
+            raise self._error(f"unknown dtype {short_repr(info.get('dtype'))}", key)
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
             raise self._error(f"invalid shape {shape!r}", key)
@@ -339,35 +374,100 @@ def _gc_paused():
             gc.enable()
 
 
+@dataclasses.dataclass(frozen=True)
+class FileSnapshot:
+    """What a mapped weight file looked like when its pages became parameters."""
+
+    path: Path
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileSnapshot:
+        st = os.stat(path)
+        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def changed(self) -> bool:
+        try:
+            return FileSnapshot.of(self.path) != self
+        except OSError:
+            return True
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedModel:
+    """A model folder checked without building anything: its config, the weight files' headers
+    read and checked against the config (layer counts), so a corrupt or mismatched folder fails
+    before any module is built or any weight read."""
+
+    model_cls: type[LoadableModel]
+    folder: Path
+    config: object
+    files: tuple[Path, ...]
+
+
+def prepare_model(model_cls: type[LoadableModel], folder: str | Path) -> PreparedModel:
+    folder = Path(folder)
+    config = model_cls.config_class.from_json(folder / "config.json")
+    files = find_weight_files(folder)
+    keys = []
+    for path in files:
+        with SafetensorsFile(path) as file:
+            keys += [entry.key for entry in file.entries]
+    check_layer_counts(model_cls.layer_counts, config, keys, folder)
+    return PreparedModel(model_cls, folder, config, tuple(files))
+
+
+def check_layer_counts(layer_counts, config, keys: list[str], folder: Path) -> None:
+    """Each (pattern, count) of ``layer_counts``: the indices the checkpoint's keys hold must be
+    exactly 0..count(config)-1. Checked on the headers, before the model is built: a config that
+    says 10**9 layers over a 2-layer checkpoint is an error at once, not minutes of building."""
+    for pattern, count in layer_counts:
+        regex = re.compile(pattern)
+        found = {int(m.group(1)) for m in map(regex.match, keys) if m is not None}
+        expected = count(config)
+        if found != set(range(expected)):
+            held = f"indices 0..{max(found)}" if found == set(range(len(found))) and found else \
+                f"{len(found)} distinct indices"
+            raise ModelLoadError(f"config.json implies {expected} of '{pattern}' but the checkpoint holds "
+                                 f"{held}", file=str(folder / "config.json"))
+
+
 def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu", dtype=torch.float32,
                map_weights: bool = True):
     """Read ``config.json`` and the safetensors in ``folder`` into a ready ``model_cls``.
 
     ``map_weights``: parameters used exactly as stored are views of the mapped file (see the
-    module's doc); False reads every tensor into memory of the process's own.
+    module's doc; ``changed_mapped_files`` tells whether a file changed since); False reads every
+    tensor into memory of the process's own.
     """
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError("missing config.json", file=str(config_path))
-    try:
-        config = model_cls.config_class.from_json(config_path)
-    except (ValueError, TypeError) as exc:
-        raise ModelLoadError(f"invalid config ({exc})", file=str(config_path)) from exc
+    return load_prepared(prepare_model(model_cls, folder), device, dtype, map_weights)
 
-    with _MetaBuild(), _gc_paused():
-        model = model_cls(config)
+
+def load_prepared(prepared: PreparedModel, device="cpu", dtype=torch.float32, map_weights: bool = True):
+    """Build ``prepared``'s model on meta and fill it from its files (see ``load_model``)."""
+    model_cls, folder = prepared.model_cls, prepared.folder
+    try:
+        with _MetaBuild(), _gc_paused():
+            model = model_cls(prepared.config)
+    except (ValueError, TypeError, RuntimeError) as exc:  # e.g. sizes whose product overflows
+        raise ModelLoadError(f"invalid config ({exc})", file=str(folder / "config.json")) from exc
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     modules = dict(model.named_modules())
     filled: set[str] = set()  # checkpoint keys consumed
-    for path in find_weight_files(folder):
+    mapped: list[FileSnapshot] = []
+    for path in prepared.files:
         with SafetensorsFile(path) as file:
             plan = _plan_file(model_cls, file, expected, filled)
             jobs, mapping = [], None
             for entry, name in plan:
                 target = _target_dtype(model_cls, name, entry.dtype, dtype)
                 if map_weights and _mappable(modules, name, entry, device, target):
-                    mapping = mapping if mapping is not None else file.mapping()
+                    if mapping is None:
+                        mapping = file.mapping()
+                        mapped.append(FileSnapshot.of(path))
                     _set_tensor(modules, name, file.view(mapping, entry))
                 else:
                     jobs.append((entry, _destination(modules, name, expected[name], device, target)))
@@ -380,7 +480,16 @@ def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu",
         )
     if any(b.is_meta for b in model.buffers()):
         raise ModelLoadError("model has buffers the checkpoint cannot fill", file=str(folder))
+    model.mapped_files = tuple(mapped)
     return model.eval()
+
+
+def changed_mapped_files(model: torch.nn.Module) -> list[Path]:
+    """The files whose pages ``model``'s parameters map and that changed on disk since loading
+    (replaced, truncated, rewritten in place). Reading a parameter of a truncated mapped file kills
+    the process (SIGBUS), and a file rewritten in place changes the weights under the model; this
+    check (a stat per file) lets a caller refuse to run such a model."""
+    return [snap.path for snap in getattr(model, "mapped_files", ()) if snap.changed()]
 
 
 def _read_all(file: SafetensorsFile, jobs: list[tuple[StoredTensor, torch.Tensor]]) -> None:
@@ -423,6 +532,9 @@ def _plan_file(model_cls, file: SafetensorsFile, expected, filled: set[str]):
         name = checkpoint_to_param_name(model_cls, entry.key)
         if name not in expected or entry.key in filled:
             raise ModelLoadError("unexpected checkpoint key", file=str(file.path), key=entry.key)
+        if not entry.dtype.is_floating_point:
+            raise ModelLoadError(f"stored as {entry.dtype} but the model's parameters are floating point",
+                                 file=str(file.path), key=entry.key)
         if entry.shape != expected[name]:
             raise ModelLoadError(
                 f"shape mismatch: checkpoint {entry.shape} vs model {expected[name]}", file=str(file.path),

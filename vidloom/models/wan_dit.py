@@ -18,8 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention, collapse_repeated_tail, gather_sequence, shard_sequence
-from .base import ArchConfig, LoadableModel
+from .base import ArchConfig, LoadableModel, require_range
 from .layers import apply_rotary, layer_norm_fp32, linear_gelu_tanh, rope_frequencies, sinusoidal_timestep_embedding
+
+
+# Sane maxima of the architecture (the largest Wan models use 40 layers, 40 x 128 heads, ffn 13824):
+# a backstop, so a corrupt config fails at once instead of building modules for minutes.
+MAX_PATCH = 16
+MAX_WIDTH = 32768
+LIMITS = {
+    "num_attention_heads": 1024, "attention_head_dim": 2048, "in_channels": 4096, "out_channels": 4096,
+    "text_dim": 32768, "freq_dim": 32768, "ffn_dim": 262144, "num_layers": 512, "rope_max_seq_len": 65536,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +58,17 @@ class WanDiTConfig(ArchConfig):
         return self.num_attention_heads * self.attention_head_dim
 
     def validate(self) -> None:
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size: expected three positive ints, got {self.patch_size}")
-        for name in ("num_attention_heads", "attention_head_dim", "in_channels", "text_dim", "freq_dim",
-                     "ffn_dim", "num_layers", "rope_max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1 or max(self.patch_size) > MAX_PATCH:
+            raise ValueError(f"patch_size: expected three ints in 1..{MAX_PATCH}, got {list(self.patch_size)}")
+        for name, high in LIMITS.items():
+            require_range(self, name, 1, high)
         if self.attention_head_dim % 2:
             raise ValueError(f"attention_head_dim: rotary embedding needs an even head dim, got {self.attention_head_dim}")
+        if self.dim > MAX_WIDTH:
+            raise ValueError(f"num_attention_heads x attention_head_dim: the width must be at most {MAX_WIDTH}, "
+                             f"got {self.dim}")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps: must be in (0, 1), got {self.eps}")
         if self.qk_norm != "rms_norm_across_heads":
             raise ValueError(f"qk_norm: only 'rms_norm_across_heads' is supported, got {self.qk_norm!r}")
         if self.image_dim is not None or self.added_kv_proj_dim is not None or self.pos_embed_seq_len is not None:
@@ -228,6 +241,7 @@ class WanDiT(LoadableModel):
         (".ffn.net.2.", ".ffn.fc_out."),
     )
     keep_fp32 = ("condition_embedder.time_embedder.", "scale_shift_table", ".norm2.")
+    layer_counts = ((r"blocks\.(\d+)\.", lambda config: config.num_layers),)
 
     def __init__(self, config: WanDiTConfig):
         super().__init__(config)

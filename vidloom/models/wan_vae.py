@@ -65,6 +65,12 @@ def _step_budget(step_elements: int | None, dtype: torch.dtype) -> int:
 
 # ----------------------------------------------------------------------------------------- config
 
+# Sane maxima (Wan2.1: base_dim 96, 4 stages, 2 res blocks; Wan2.2: base_dim 160): a backstop, so a
+# corrupt config fails at once instead of building modules for minutes.
+VAE_LIMITS = {"base_dim": 4096, "z_dim": 1024, "num_res_blocks": 16, "in_channels": 64, "out_channels": 64}
+MAX_STAGES = 8
+MAX_DIM_MULT = 64
+
 
 @dataclasses.dataclass(frozen=True)
 class WanVAEConfig(ArchConfig):
@@ -135,12 +141,16 @@ class WanVAEConfig(ArchConfig):
                 "the residual (Wan2.2) VAE is not supported yet; only Wan2.1 (is_residual=false)")
         require(self.patch_size is None, "patch_size",
                 f"patchified VAEs (patch_size={self.patch_size}) are not supported yet; use null")
-        for name in ("base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"):
-            require(positive_int(getattr(self, name)), name, f"must be a positive int, got {getattr(self, name)!r}")
-        require(self.decoder_base_dim is None or positive_int(self.decoder_base_dim), "decoder_base_dim",
-                f"must be null or a positive int, got {self.decoder_base_dim!r}")
-        require(len(self.dim_mult) > 0 and all(positive_int(m) for m in self.dim_mult), "dim_mult",
-                f"must be a non-empty list of positive ints, got {list(self.dim_mult)}")
+        for name, high in VAE_LIMITS.items():
+            value = getattr(self, name)
+            require(positive_int(value) and value <= high, name, f"must be an integer in 1..{high}, got {value!r}")
+        require(self.decoder_base_dim is None or (positive_int(self.decoder_base_dim)
+                                                  and self.decoder_base_dim <= VAE_LIMITS["base_dim"]),
+                "decoder_base_dim", f"must be null or an integer in 1..{VAE_LIMITS['base_dim']}, "
+                f"got {self.decoder_base_dim!r}")
+        require(0 < len(self.dim_mult) <= MAX_STAGES and all(positive_int(m) and m <= MAX_DIM_MULT
+                                                              for m in self.dim_mult),
+                "dim_mult", f"must be 1..{MAX_STAGES} integers in 1..{MAX_DIM_MULT}, got {list(self.dim_mult)}")
         require(len(self.temperal_downsample) == len(self.dim_mult) - 1, "temperal_downsample",
                 f"needs one flag per downsampling stage, len(dim_mult) - 1 = {len(self.dim_mult) - 1}, "
                 f"got {len(self.temperal_downsample)}")
@@ -709,6 +719,11 @@ class WanVAE(LoadableModel):
 
     config_class: ClassVar[type[ArchConfig]] = WanVAEConfig
     diffusers_class: ClassVar[str] = "AutoencoderKLWan"
+    # every up block holds num_res_blocks + 1 residual blocks (see Decoder3d)
+    layer_counts = (
+        (r"decoder\.up_blocks\.(\d+)\.", lambda config: len(config.dim_mult)),
+        (r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", lambda config: config.num_res_blocks + 1),
+    )
     config: WanVAEConfig
 
     def __init__(self, config: WanVAEConfig) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..config import RequestLimits
 from ..errors import VidloomError
 from .batch import ForwardBatch
 
@@ -135,14 +136,13 @@ def tile_spreader(parallel):
 class ComposedPipeline:
     """An ordered list of stages. Subclasses only wire stages (see ``pipelines/wan.py``)."""
 
-    def __init__(self, stages: list[PipelineStage], spatial_factor: int, temporal_factor: int):
+    def __init__(self, stages: list[PipelineStage], limits: RequestLimits):
         self.stages = stages
-        self.spatial_factor = spatial_factor  # pixels per token edge (VAE factor x patch)
-        self.temporal_factor = temporal_factor
+        self.limits = limits  # what a request may ask of these models
 
     def validate_request(self, params) -> None:
         """Check a request cheaply, before any work (subclasses with an input stage override)."""
-        params.validate(self.spatial_factor, self.temporal_factor)
+        params.validate(self.limits)
 
     def run(self, batch: ForwardBatch) -> ForwardBatch:
         for stage in self.stages:

@@ -13,6 +13,10 @@ import torch
 
 from vidloom.errors import InvalidRequestError, ModelLoadError
 
+# A bound on a config's training timesteps (Wan: 1000): a request may not ask for more steps than
+# this, so a hostile config cannot make a request allocate a giant schedule.
+MAX_TRAIN_TIMESTEPS = 100_000
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:

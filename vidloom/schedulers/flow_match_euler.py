@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from vidloom.schedulers.common import (
+    MAX_TRAIN_TIMESTEPS,
     ConfigReader,
     Schedule,
     SchedulerConfigError,
@@ -66,7 +67,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> FlowMatchEulerConfig:
     # only read by dynamic shifting, which is rejected above
     r.ignore("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
     config = FlowMatchEulerConfig(
-        num_train_timesteps=r.integer("num_train_timesteps", 1000, minimum=1),
+        num_train_timesteps=r.integer("num_train_timesteps", 1000, minimum=1, maximum=MAX_TRAIN_TIMESTEPS),
         shift=r.positive_number("shift", 1.0),
     )
     r.finish()

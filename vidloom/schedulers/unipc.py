@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vidloom.schedulers.common import (
+    MAX_TRAIN_TIMESTEPS,
     ConfigReader,
     Schedule,
     SchedulerConfigError,
@@ -144,7 +145,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> UniPCConfig:
         raise r.error("disable_corrector", f"got {disable_corrector!r}", "a list of step indices >= 0")
     # every other key is a field of UniPCConfig; its __post_init__ checks the combinations
     config = UniPCConfig(
-        num_train_timesteps=r.integer("num_train_timesteps", 1000, minimum=2),
+        num_train_timesteps=r.integer("num_train_timesteps", 1000, minimum=2, maximum=MAX_TRAIN_TIMESTEPS),
         flow_shift=r.positive_number("flow_shift", 1.0),
         solver_order=r.integer("solver_order", 2, minimum=1, maximum=3),
         solver_type=_SOLVER_TYPE_ALIASES[solver_type],

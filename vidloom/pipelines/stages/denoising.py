@@ -86,9 +86,10 @@ class DenoisingStage(IterativeStage):
             batch.schedule, batch.scheduler_state, noise_pred, batch.latents
         )
         if self.check_finite and not torch.isfinite(latents).all():
-            raise NumericalError(
-                f"latents became NaN/Inf at timestep {float(t):g} (try fp32 or bf16 instead of fp16)", step=index + 1
-            )
+            # fp16's range is what overflows in practice; in fp32/bf16 the weights or inputs are suspect
+            hint = ("try fp32 or bf16 instead of fp16" if self.dtype == torch.float16
+                    else f"the transformer runs in {str(self.dtype).removeprefix('torch.')}: check the weights and inputs")
+            raise NumericalError(f"latents became NaN/Inf at timestep {float(t):g} ({hint})", step=index + 1)
         batch.latents = latents
         batch.step_index = index + 1
         if batch.params.return_trajectory:

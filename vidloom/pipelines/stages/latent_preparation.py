@@ -28,9 +28,7 @@ class LatentPreparationStage(PipelineStage):
             if tuple(p.latents.shape) != shape:
                 raise InvalidRequestError("latents", f"shape {tuple(p.latents.shape)} does not fit the request",
                                           f"shape {shape}")
-            latents = p.latents.to(self.device, torch.float32)
-            if not torch.isfinite(latents).all():
-                raise InvalidRequestError("latents", "contains NaN or Inf", "finite values")
+            latents = p.latents.to(self.device, torch.float32)  # checked finite at validation
         else:
             generator = torch.Generator("cpu").manual_seed(p.seed)
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
