@@ -46,10 +46,11 @@ def decode_tiles(model_dir: str, engine: dict, request: dict, out: str) -> None:
     gen = VideoGenerator.from_pretrained(model_dir, dtype="fp32", **engine)
     stage = next(s for s in gen.pipeline.stages if s.name == "decoding")
     z = torch.load(request["latents_path"])
-    video = stage.vae.decode_tiled(z, tile_latent=request["tile"], overlap_latent=request["overlap"],
-                                   map_tiles=stage.map_tiles)
+    with torch.inference_mode():  # as the decoding stage runs it
+        video = stage.vae.decode_tiled(z, tile_latent=request["tile"], overlap_latent=request["overlap"],
+                                       map_tiles=stage.map_tiles)
     if gen.is_main_process:
-        np.save(out, video.numpy())
+        np.save(out, video.cpu().numpy())
 
 
 if __name__ == "__main__":

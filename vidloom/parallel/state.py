@@ -63,6 +63,10 @@ class ParallelState:
                    timeout_s: float = 600.0) -> "ParallelState":
         """Join (or start) the default process group from the launcher's environment and build the
         sequence-parallel and CFG groups. NCCL on CUDA, gloo on CPU."""
+        if device.type == "cuda":
+            # this rank's GPU becomes the current one: NCCL's collectives and every CUDA query
+            # would otherwise open a context on GPU 0 in every rank
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

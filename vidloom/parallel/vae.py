@@ -23,7 +23,9 @@ class TileSpreader:
             owner = i % self.size
             src = dist.get_global_rank(self.group, owner) if self.group is not None else owner
             # output shapes differ at the edges: the owner sends the shape first
-            shape = torch.tensor(mine[i].shape if owner == self.rank else [0] * tile.dim(), dtype=torch.int64)
+            # on the tile's device: an NCCL group has no CPU tensors
+            shape = torch.tensor(mine[i].shape if owner == self.rank else [0] * tile.dim(), dtype=torch.int64,
+                                 device=tile.device)
             dist.broadcast(shape, src=src, group=self.group)
             decoded = mine[i].contiguous() if owner == self.rank else tile.new_empty(shape.tolist())
             dist.broadcast(decoded, src=src, group=self.group)
