@@ -165,7 +165,6 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
     for _ in range(3):
         torch.mm(a, b)
     times = [meter.call(lambda: torch.mm(a, b))[1] for _ in range(repeats)]
-    del a, b
     return 2 * n**3 / statistics.median(times)
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from vidloom import EngineConfig, InvalidRequestError, ModelLoadError, SamplingParams, VideoGenerator
+from vidloom import EngineConfig, InvalidRequestError, SamplingParams, VideoGenerator
 from vidloom.config import RequestLimits
 
 SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=2)

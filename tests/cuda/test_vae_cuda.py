@@ -10,56 +10,32 @@ Bounds, relative error over the whole output, fp32 with TF32 off:
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
 import torch
 
+from ..models import test_wan_vae
+from ..models.test_wan_vae import LATENT_FRAMES, LATENT_HW, VARIANTS
 from .common import DEVICE, FP32_RTOL, rel_err, requires_cuda
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
 STREAM_RTOL = 1e-5
-VARIANTS = {
-    # 8x spatial, 4x temporal: the Wan2.1 layout, shrunk
-    "8x": dict(dim_mult=[1, 2, 2, 2], temperal_downsample=[False, True, True],
-               scale_factor_temporal=4, scale_factor_spatial=8),
-    # 4x spatial, 2x temporal
-    "4x": dict(dim_mult=[1, 2, 2], temperal_downsample=[False, True],
-               scale_factor_temporal=2, scale_factor_spatial=4),
-}
-COMMON = dict(base_dim=8, z_dim=4, num_res_blocks=1, attn_scales=[], dropout=0.0,
-              latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
-LATENT_FRAMES, LATENT_HW = 3, 8
 
 
 @functools.cache
 def models(variant: str):
-    """(diffusers AutoencoderKLWan, WanVAE with the same weights), fp32, eval, on the device."""
-    from diffusers import AutoencoderKLWan
-
-    from vidloom.models.wan_vae import WanVAE, WanVAEConfig
-
-    torch.manual_seed(0)
-    ref = AutoencoderKLWan(**COMMON, **VARIANTS[variant]).eval()
-    with torch.no_grad():  # non-trivial norm scales, so a swapped gamma would show
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    vae = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).eval()
-    vae.load_state_dict(ref.state_dict(), strict=True)
-    return ref.to(DEVICE), vae.to(DEVICE)
+    """The CPU tests' (diffusers AutoencoderKLWan, WanVAE with the same weights), copied to the device."""
+    ref, vae = test_wan_vae.models(variant)
+    return copy.deepcopy(ref).to(DEVICE), copy.deepcopy(vae).to(DEVICE)
 
 
 @functools.cache
 def inputs(variant: str):
-    """A video of 1 + tf*(LATENT_FRAMES-1) frames and latents (1, 4, LATENT_FRAMES, 8, 8), on the device."""
-    config = models(variant)[1].config
-    gen = torch.Generator().manual_seed(1)
-    frames = 1 + config.temporal_factor * (LATENT_FRAMES - 1)
-    side = LATENT_HW * config.spatial_factor
-    video = torch.rand(1, 3, frames, side, side, generator=gen) * 2 - 1
-    latents = torch.randn(1, 4, LATENT_FRAMES, LATENT_HW, LATENT_HW, generator=gen)
+    """The CPU tests' video and latents for ``variant``, on the device."""
+    video, latents = test_wan_vae.inputs(variant)
     return video.to(DEVICE), latents.to(DEVICE)
 
 
