@@ -139,8 +139,8 @@ class VideoGenerator:
             parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device)
         components = _load_components(plans, config)
         if parallel is None:
-            return cls(pipe_cls(components, config, limits=limits), config, path)
-        return cls(pipe_cls(components, config, parallel, limits=limits), config, path, parallel)
+            return cls(pipe_cls(components, config, limits), config, path)
+        return cls(pipe_cls(components, config, limits, parallel), config, path, parallel)
 
     @staticmethod
     def request_limits(path: str | Path, config: EngineConfig | None = None) -> RequestLimits:

@@ -53,18 +53,13 @@ class WanT2VPipeline(ComposedPipeline):
                              f"{engine.vae_tile_size} px tile at this VAE's {sf}x factor "
                              f"(allowed: less than {engine.vae_tile_size // sf * sf} px)")
 
-    def __init__(self, components: dict, config: EngineConfig, parallel=None, limits: RequestLimits | None = None):
+    def __init__(self, components: dict, config: EngineConfig, limits: RequestLimits, parallel=None):
+        """``limits``: ``request_limits`` of the components' configs, computed before loading."""
         dit, vae = components["transformer"], components["vae"]
         device = config.torch_device
         text_encoder = WanTextEncoder(components["tokenizer"], components["text_encoder"])
         dit_dtype = dit.proj_out.weight.dtype
         sequence, cfg = parallel_parts(parallel)
-        if limits is None:
-            max_text = getattr(components["tokenizer"], "model_max_length", None)
-            limits = self.request_limits({
-                "transformer": dit.config, "vae": vae.config, "scheduler": components["scheduler"].config,
-                "tokenizer": {"model_max_length": max_text if isinstance(max_text, int) and max_text < 10**9 else None},
-            }, config)
         self.denoising = DenoisingStage(dit, components["scheduler"], config.batch_cfg, config.check_finite,
                                         sequence=sequence, cfg=cfg)
         self.input_validation = InputValidationStage(limits, dit.config.in_channels)
