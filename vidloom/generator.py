@@ -21,7 +21,7 @@ from .errors import ModelLoadError, TaskCancelled, VidloomError
 from .loader.components import ComponentPlan, component_spec, plan_component, read_model_index
 from .loader.weights import changed_mapped_files
 from .pipelines import pipeline_class, registered_pipelines
-from .pipelines.base import ComposedPipeline, WorkUnit
+from .pipelines.base import ComposedPipeline, Phase, WorkUnit
 from .pipelines.batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ class TaskState(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
-_STAGE_STATES = {"denoising": TaskState.DENOISING, "decoding": TaskState.DECODING}
+_PHASE_STATES = {Phase.ENCODING: TaskState.ENCODING, Phase.DENOISING: TaskState.DENOISING,
+                 Phase.DECODING: TaskState.DECODING}
 
 
 @dataclass
@@ -174,9 +175,9 @@ class VideoGenerator:
                 task.result = self._finish(task)
                 task.state = TaskState.DONE
             else:
-                task.state = _STAGE_STATES.get(unit.stage.name, TaskState.ENCODING)
+                task.state = _PHASE_STATES[unit.stage.phase]
                 task.batch = unit.run(task.batch)
-                if unit.stage.name == "denoising" and task.callback is not None:
+                if unit.stage.phase == Phase.DENOISING and task.callback is not None:
                     b = task.batch
                     task.callback(b.step_index, b.num_steps, float(b.timesteps[unit.index]), b.latents)
             task.units_done += 1

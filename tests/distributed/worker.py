@@ -44,7 +44,7 @@ def decode_tiles(model_dir: str, engine: dict, request: dict, out: str) -> None:
     from vidloom import VideoGenerator
 
     gen = VideoGenerator.from_pretrained(model_dir, dtype="fp32", **engine)
-    stage = next(s for s in gen.pipeline.stages if s.name == "decoding")
+    stage = gen.pipeline.decoding
     z = torch.load(request["latents_path"])
     with torch.inference_mode():  # as the decoding stage runs it
         video = stage.vae.decode_tiled(z, tile_latent=request["tile"], overlap_latent=request["overlap"],

@@ -229,6 +229,18 @@ class WanBlock(nn.Module):
         return torch.addcmul(x.float(), self.ffn(h), gate_f).to(dtype)
 
 
+class Tokens(typing.NamedTuple):
+    """The embedded input of the blocks: tokens ``x`` (B, L, dim) (this process's share under
+    sequence parallelism), the timestep embedding ``temb`` (B, dim) and its six modulation vectors
+    (B, 6, dim), the rotary phasors of the tokens, and the (f, h, w) token grid."""
+
+    x: torch.Tensor
+    temb: torch.Tensor
+    modulation: torch.Tensor
+    rope: torch.Tensor
+    grid: tuple[int, int, int]
+
+
 class WanDiT(LoadableModel):
     """Wan diffusion transformer; loads ``WanTransformer3DModel`` checkpoints."""
 
@@ -275,20 +287,35 @@ class WanDiT(LoadableModel):
                 context_kv: list | None = None) -> torch.Tensor:
         """latents (B, C, F, H, W), timestep (B,), and either context (B, L, text_dim) or its
         ``encode_context`` result -> prediction (B, C_out, F, H, W)."""
+        if context_kv is None:
+            context_kv = self.encode_context(context)
+        tokens = self.embed(latents, timestep)
+        x = self.run_blocks(tokens, context_kv)
+        return self.head(x, tokens)
+
+    def embed(self, latents: torch.Tensor, timestep: torch.Tensor) -> Tokens:
+        """Patchify the latents and embed the timestep: what every block takes besides the text."""
         b, _, f, h, w = latents.shape
         pt, ph, pw = self.config.patch_size
         grid = (f // pt, h // ph, w // pw)
         rope = self._rope(grid, latents.device)
-        if context_kv is None:
-            context_kv = self.encode_context(context)
-
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()  # (B, tokens, dim)
         temb, modulation = self.condition_embedder(timestep, dtype=x.dtype)
         x, rope = shard_sequence(x, rope)  # identity unless sequence parallelism is active
-        for block, kv in zip(self.blocks, context_kv):
-            x = block(x, kv, modulation, rope)
+        return Tokens(x, temb, modulation, rope, grid)
 
-        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, dim) each
+    def run_blocks(self, tokens: Tokens, context_kv: list) -> torch.Tensor:
+        """The transformer blocks over the embedded tokens -> (B, tokens, dim)."""
+        x = tokens.x
+        for block, kv in zip(self.blocks, context_kv):
+            x = block(x, kv, tokens.modulation, tokens.rope)
+        return x
+
+    def head(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """The modulated output norm and projection, unpatchified -> (B, C_out, F, H, W)."""
+        pt, ph, pw = self.config.patch_size
+        grid, b = tokens.grid, x.shape[0]
+        shift, scale = (self.scale_shift_table + tokens.temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, dim) each
         x = (layer_norm_fp32(x, self.config.eps) * (1 + scale) + shift).to(x.dtype)
         x = gather_sequence(self.proj_out(x))  # (B, tokens, pt*ph*pw*C); the head is per token
         x = x.reshape(b, *grid, pt, ph, pw, -1)  # (B, f, h, w, pt, ph, pw, C)

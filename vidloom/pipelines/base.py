@@ -8,6 +8,7 @@ An iterative stage (denoising) also exposes ``step`` so a task can advance one u
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable, Iterator
 
@@ -43,8 +44,20 @@ def is_tensor(x, ndim: int | None = None) -> bool:
     return isinstance(x, torch.Tensor) and (ndim is None or x.ndim == ndim)
 
 
+class Phase(str, enum.Enum):
+    """What part of a generation a stage does; a task reports its state by it."""
+
+    ENCODING = "encoding"  # everything before the denoising loop
+    DENOISING = "denoising"
+    DECODING = "decoding"
+
+
 class PipelineStage:
+    """``name`` is the class's default; a pipeline makes it unique per instance (two denoising
+    stages become "denoising" and "denoising_2"), so timings and lookups never collide."""
+
     name: str = "stage"
+    phase: Phase = Phase.ENCODING
     iterative: bool = False
 
     def verify_input(self, batch: ForwardBatch) -> VerificationResult:
@@ -137,6 +150,11 @@ class ComposedPipeline:
     """An ordered list of stages. Subclasses only wire stages (see ``pipelines/wan.py``)."""
 
     def __init__(self, stages: list[PipelineStage], limits: RequestLimits):
+        seen: dict[str, int] = {}
+        for stage in stages:
+            seen[stage.name] = count = seen.get(stage.name, 0) + 1
+            if count > 1:
+                stage.name = f"{stage.name}_{count}"  # an instance attribute: this stage only
         self.stages = stages
         self.limits = limits  # what a request may ask of these models
 

@@ -62,17 +62,18 @@ class WanT2VPipeline(ComposedPipeline):
         sequence, cfg = parallel_parts(parallel)
         self.denoising = DenoisingStage(dit, components["scheduler"], config.batch_cfg, config.check_finite,
                                         sequence=sequence, cfg=cfg)
-        self.input_validation = InputValidationStage(limits, dit.config.in_channels)
+        # the latents are the VAE's (for text-to-video the DiT takes them as they are)
+        self.input_validation = InputValidationStage(limits, vae.config.z_dim)
+        self.decoding = DecodingStage(vae, config.vae_tiling, config.vae_tile_size, config.vae_tile_overlap,
+                                      map_tiles=tile_spreader(parallel))
         super().__init__(
             [
                 self.input_validation,
                 TextEncodingStage(text_encoder, dit_dtype, device),
                 TimestepPreparationStage(components["scheduler"], device),
-                LatentPreparationStage(dit.config.in_channels, vae.config.spatial_factor, limits.temporal_factor,
-                                       device),
+                LatentPreparationStage(vae.config.z_dim, vae.config.spatial_factor, limits.temporal_factor, device),
                 self.denoising,
-                DecodingStage(vae, config.vae_tiling, config.vae_tile_size, config.vae_tile_overlap,
-                              map_tiles=tile_spreader(parallel)),
+                self.decoding,
             ],
             limits,
         )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import PipelineStage, VerificationResult, is_tensor
+from ..base import Phase, PipelineStage, VerificationResult, is_tensor
 from ..batch import ForwardBatch
 
 
@@ -15,6 +15,7 @@ class DecodingStage(PipelineStage):
     """
 
     name = "decoding"
+    phase = Phase.DECODING
 
     def __init__(self, vae, tiling: bool = False, tile_size: int = 256, tile_overlap: int = 64, map_tiles=None):
         self.vae = vae

@@ -4,7 +4,7 @@ import torch
 
 from ...errors import NumericalError
 from ...models.attention import sequence_parallel
-from ..base import IterativeStage, VerificationResult, is_tensor
+from ..base import IterativeStage, Phase, VerificationResult, is_tensor
 from ..batch import ForwardBatch
 
 
@@ -17,6 +17,7 @@ class DenoisingStage(IterativeStage):
     """
 
     name = "denoising"
+    phase = Phase.DENOISING
 
     def __init__(self, transformer: torch.nn.Module, scheduler, batch_cfg: bool = True, check_finite: bool = True,
                  sequence=None, cfg=None):
