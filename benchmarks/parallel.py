@@ -74,7 +74,7 @@ def worker(args) -> None:
         kv = model.encode_context(text)  # rows [cond; uncond]
     # the engine's own guided prediction (batched CFG, or one branch per rank), as a generation runs it
     stage = DenoisingStage(model, scheduler=None, sequence=sequence, cfg=cfg)
-    batch = types.SimpleNamespace(latents=x, context_kv=kv,
+    batch = types.SimpleNamespace(latents=x, context_kv=kv, context_expert=0,
                                   params=types.SimpleNamespace(do_cfg=True, guidance_scale=5.0))
     t = torch.tensor(500.0, device=device)
 

@@ -76,7 +76,8 @@ def test_missing_model_folder(tmp_path):
 
 def test_info(tiny_wan_dir, capsys):
     assert main(["info", "--model", str(tiny_wan_dir)]) == 0
-    assert "pipeline: WanPipeline" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pipeline: WanPipeline" in out and "variant: Wan2.1 text-to-video" in out
 
 
 def test_info_escapes_control_characters(tiny_wan_dir, tmp_path, capsys):

@@ -149,8 +149,17 @@ def launch(nproc: int, argv: list[str]) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .loader.components import read_model_index
 
-    index = read_model_index(args.model or DEFAULT_MODEL_DIR)
+    from .pipelines import pipeline_class
+
+    folder = args.model or DEFAULT_MODEL_DIR
+    index = read_model_index(folder)
     print(f"pipeline: {printable(index['_class_name'])}")
+    try:
+        pipe_cls = pipeline_class(index["_class_name"])
+    except KeyError:
+        print("variant: not supported by this engine")
+    else:
+        print(f"variant: {pipe_cls.describe(pipe_cls.read_settings(index, str(folder / 'model_index.json')))}")
     for name, spec in index.items():
         if not name.startswith("_"):
             print(f"  {printable(name)}: {printable(spec)}")

@@ -136,7 +136,8 @@ class RequestLimits:
     ``patch``: the DiT's (frames, height, width) patch; ``max_grid_side``: the largest token-grid
     side the DiT's rotary table covers (``rope_max_seq_len``; None: unbounded); ``max_tokens``:
     the engine's bound on a request's tokens; ``max_steps``: the scheduler's training timesteps;
-    ``max_sequence_length``: the tokenizer's ``model_max_length``.
+    ``max_sequence_length``: the tokenizer's ``model_max_length``; ``experts``: how many
+    transformers share the timesteps (a second guidance scale needs two).
     """
 
     vae_spatial_factor: int = 8
@@ -146,6 +147,7 @@ class RequestLimits:
     max_tokens: int = MAX_TOKENS
     max_steps: int = 1000
     max_sequence_length: int = 512
+    experts: int = 1  # transformers taking turns over the timesteps (Wan2.2 A14B: 2)
 
     @property
     def spatial_factor(self) -> int:
@@ -179,6 +181,7 @@ class SamplingParams:
     num_frames: int = 81
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
+    guidance_scale_2: float | None = None  # the low-noise expert's (two-expert models); None: guidance_scale
     flow_shift: float | None = None  # None: the scheduler config's shift
     seed: int = 0
     max_sequence_length: int = 512
@@ -208,6 +211,13 @@ class SamplingParams:
         if not _is_number(self.guidance_scale) or not 0 <= self.guidance_scale <= MAX_GUIDANCE:
             raise InvalidRequestError("guidance_scale", f"got {_short(self.guidance_scale)}",
                                       f"numbers 0..{MAX_GUIDANCE:g}")
+        if self.guidance_scale_2 is not None:
+            if limits.experts < 2:
+                raise InvalidRequestError("guidance_scale_2", "this model has one transformer (no boundary_ratio)",
+                                          "None")
+            if not _is_number(self.guidance_scale_2) or not 0 <= self.guidance_scale_2 <= MAX_GUIDANCE:
+                raise InvalidRequestError("guidance_scale_2", f"got {_short(self.guidance_scale_2)}",
+                                          f"numbers 0..{MAX_GUIDANCE:g}, or None")
         if self.flow_shift is not None and (not _is_number(self.flow_shift)
                                             or not FLOW_SHIFT_RANGE[0] <= self.flow_shift <= FLOW_SHIFT_RANGE[1]):
             raise InvalidRequestError("flow_shift", f"got {_short(self.flow_shift)}",

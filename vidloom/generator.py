@@ -27,9 +27,8 @@ from .pipelines.batch import ForwardBatch
 log = logging.getLogger(__name__)
 
 # component name -> which resolved dtype it takes (tokenizer and scheduler take none)
-COMPONENT_DTYPE = {"transformer": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
-# model_index.json entries that are pipeline settings, with the values this engine supports
-SUPPORTED_SETTINGS = {"boundary_ratio": (None,), "expand_timesteps": (False, None)}
+COMPONENT_DTYPE = {"transformer": "transformer", "transformer_2": "transformer", "text_encoder": "text_encoder",
+                   "vae": "vae"}
 
 # where an "mp4" request without an output_path is written (relative to the working directory)
 DEFAULT_OUTPUT_DIR = Path("outputs")
@@ -128,20 +127,22 @@ class VideoGenerator:
         elif engine_options:
             raise ValueError("pass either config= or engine options, not both")
         path = Path(path)
-        pipe_cls, plans, limits = _plan(path, config)
+        pipe_cls, plans, limits, settings = _plan(path, config)
         parallel = None
         if config.sp_size > 1 or config.cfg_parallel or world_size_from_env() > 1:
             from .parallel.state import ParallelState, local_device
 
             # a wrong layout is an error before any weight is read
-            heads = plans["transformer"].config.num_attention_heads
-            check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), heads)
+            for name in ("transformer", "transformer_2"):
+                if name in plans:
+                    check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(),
+                                 plans[name].config.num_attention_heads)
             config = dataclasses.replace(config, device=str(local_device(config.torch_device)))
             parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device)
         components = _load_components(plans, config)
         if parallel is None:
-            return cls(pipe_cls(components, config, limits), config, path)
-        return cls(pipe_cls(components, config, limits, parallel), config, path, parallel)
+            return cls(pipe_cls(components, config, limits, settings), config, path)
+        return cls(pipe_cls(components, config, limits, settings, parallel), config, path, parallel)
 
     @staticmethod
     def request_limits(path: str | Path, config: EngineConfig | None = None) -> RequestLimits:
@@ -249,22 +250,21 @@ def _pipeline_for(index: dict[str, Any], path: Path) -> type:
 
 
 def _plan(path: Path, config: EngineConfig):
-    """Check a whole model folder before any weight is read: the index, every component's folder,
-    config and weight headers, and that the components fit together. Returns the pipeline class,
-    the component plans and the request limits."""
+    """Check a whole model folder before any weight is read: the index and its settings, every
+    component's folder, config and weight headers, and that the components fit together. Returns
+    the pipeline class, the component plans, the request limits and the settings."""
     index = read_model_index(path)
     index_file = path / "model_index.json"
     pipe_cls = _pipeline_for(index, path)
-    required = pipe_cls.required_components
+    settings = pipe_cls.read_settings(index, str(index_file))
+    required = pipe_cls.components_needed(settings)
     for name, spec in index.items():
-        if name.startswith("_"):
+        if name.startswith("_") or name in required or not isinstance(spec, list) or spec == [None, None]:
             continue
-        if not isinstance(spec, list) and name not in required:
-            allowed = SUPPORTED_SETTINGS.get(name)
-            if allowed is not None and spec not in allowed:
-                raise ModelLoadError(f"setting {name}={spec!r} is not supported yet", file=str(index_file))
-        elif name not in required and spec != [None, None]:
-            raise ModelLoadError(f"component '{name}' is not supported by this pipeline yet", file=str(index_file))
+        if name in pipe_cls.optional_components:
+            raise ModelLoadError(f"component '{name}' is given but the settings never use it "
+                                 f"({pipe_cls.optional_components_need})", file=str(index_file))
+        raise ModelLoadError(f"component '{name}' is not supported by this pipeline yet", file=str(index_file))
     specs = {name: component_spec(index, name, index_file) for name in required}
     missing = [name for name, spec in specs.items() if spec is None]
     if missing:
@@ -272,7 +272,7 @@ def _plan(path: Path, config: EngineConfig):
     plans = {name: plan_component(path, name, spec) for name, spec in specs.items()}
     configs = {name: plan.config for name, plan in plans.items()}
     pipe_cls.check_components(configs, config, str(index_file))
-    return pipe_cls, plans, pipe_cls.request_limits(configs, config)
+    return pipe_cls, plans, pipe_cls.request_limits(configs, config), settings
 
 
 def _load_components(plans: dict[str, ComponentPlan], config: EngineConfig) -> dict:

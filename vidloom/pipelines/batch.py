@@ -16,7 +16,8 @@ class ForwardBatch:
     # encoder outputs
     prompt_embeds: torch.Tensor | None = None  # (B, L, D) in the DiT's dtype
     negative_embeds: torch.Tensor | None = None  # (B, L, D), only with guidance
-    context_kv: Any = None  # the DiT's per-request text keys/values, [cond; uncond] rows
+    context_kv: Any = None  # the current expert's per-request text keys/values, [cond; uncond] rows
+    context_expert: int | None = None  # which expert context_kv belongs to
     # denoising state
     timesteps: torch.Tensor | None = None  # (N,)
     sigmas: torch.Tensor | None = None  # (N+1,)

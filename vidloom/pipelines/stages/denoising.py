@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 from ...errors import NumericalError
@@ -8,23 +11,43 @@ from ..base import IterativeStage, Phase, VerificationResult, is_tensor
 from ..batch import ForwardBatch
 
 
+@dataclasses.dataclass(frozen=True)
+class Expert:
+    """A transformer and the timesteps it serves, ``t >= min_timestep`` (experts are tried in
+    order, so the last one takes all the rest), with the request field of its guidance scale.
+    Wan2.1 has one expert; Wan2.2's A14B models a high-noise one above ``boundary_ratio x
+    num_train_timesteps`` (``guidance_scale``) and a low-noise one below (``guidance_scale_2``,
+    defaulting to ``guidance_scale`` as diffusers does)."""
+
+    transformer: torch.nn.Module
+    min_timestep: float = -math.inf
+    guidance_field: str = "guidance_scale"
+
+    def guidance_scale(self, params) -> float:
+        value = getattr(params, self.guidance_field)
+        return params.guidance_scale if value is None else value
+
+
 class DenoisingStage(IterativeStage):
     """The denoising loop, one scheduler step per unit.
 
-    Per step: the DiT on the conditional (and, with guidance, unconditional) embeddings,
-    classifier-free guidance, then the scheduler step. Latents stay float32 between steps;
-    the DiT sees them in its own dtype, as the reference does.
+    Per step: the expert for the step's timestep on the conditional (and, with guidance,
+    unconditional) embeddings, classifier-free guidance with that expert's scale, then the
+    scheduler step. Latents stay float32 between steps; the DiT sees them in its own dtype, as
+    the reference does. Each expert's text keys and values are computed once, when it first runs
+    (timesteps only decrease, so an expert left behind is never needed again).
     """
 
     name = "denoising"
     phase = Phase.DENOISING
 
-    def __init__(self, transformer: torch.nn.Module, scheduler, batch_cfg: bool = True, check_finite: bool = True,
-                 sequence=None, cfg=None):
-        """``sequence``: a sequence-parallel object made active around every forward
-        (``parallel.sequence``); ``cfg``: a CFG-parallel object (``parallel.cfg``) when the two
-        branches run on different processes. Both None in one process."""
-        self.transformer = transformer
+    def __init__(self, transformer: torch.nn.Module | list[Expert], scheduler, batch_cfg: bool = True,
+                 check_finite: bool = True, sequence=None, cfg=None):
+        """``transformer``: one transformer, or the experts in order; ``sequence``: a
+        sequence-parallel object made active around every forward (``parallel.sequence``);
+        ``cfg``: a CFG-parallel object (``parallel.cfg``) when the two branches run on different
+        processes. Both None in one process."""
+        self.experts = list(transformer) if isinstance(transformer, (list, tuple)) else [Expert(transformer)]
         self.scheduler = scheduler
         self.batch_cfg = batch_cfg
         self.check_finite = check_finite
@@ -33,7 +56,7 @@ class DenoisingStage(IterativeStage):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.proj_out.weight.dtype
+        return self.experts[0].transformer.proj_out.weight.dtype
 
     def num_units(self, batch: ForwardBatch) -> int:
         return batch.params.num_inference_steps
@@ -47,38 +70,50 @@ class DenoisingStage(IterativeStage):
             r.check("negative_embeds", is_tensor(batch.negative_embeds, 3), "must be encoded with guidance")
         return r
 
+    def expert_index(self, t: torch.Tensor) -> int:
+        """The expert that serves timestep ``t``."""
+        value = float(t)
+        return next((i for i, e in enumerate(self.experts) if value >= e.min_timestep), len(self.experts) - 1)
+
     @torch.no_grad()
-    def prepare(self, batch: ForwardBatch) -> ForwardBatch:
-        """Per-request work done once: the text keys/values of every block, rows [cond; uncond]."""
-        embeds = batch.prompt_embeds
-        if batch.params.do_cfg:
-            embeds = torch.cat([batch.prompt_embeds, batch.negative_embeds])
-        batch.context_kv = self.transformer.encode_context(embeds)
-        return batch
+    def context(self, batch: ForwardBatch, index: int):
+        """Expert ``index``'s text keys/values of every block, rows [cond; uncond], computed once
+        per request and expert (only the current expert's are kept)."""
+        if batch.context_expert != index:
+            embeds = batch.prompt_embeds
+            if batch.params.do_cfg:
+                embeds = torch.cat([batch.prompt_embeds, batch.negative_embeds])
+            batch.context_kv = self.experts[index].transformer.encode_context(embeds)
+            batch.context_expert = index
+        return batch.context_kv
 
     def begin(self, batch: ForwardBatch) -> ForwardBatch:
-        return self.prepare(super().begin(batch))
+        batch = super().begin(batch)
+        batch.context_expert = None
+        return batch
 
     @torch.no_grad()
     def predict(self, batch: ForwardBatch, t: torch.Tensor) -> torch.Tensor:
         """The guided model prediction at timestep ``t``."""
+        index = self.expert_index(t)
+        model, kv = self.experts[index].transformer, self.context(batch, index)
         x = batch.latents.to(self.dtype)
         b = x.shape[0]
         if not batch.params.do_cfg:
-            return self._forward(x, t.expand(b), batch.context_kv)
+            return self._forward(model, x, t.expand(b), kv)
         if self.cfg is not None:  # one branch here, the other on the CFG partner
-            cond, uncond = self.cfg.exchange(self._forward(x, t.expand(b), _rows(batch.context_kv, self.cfg.rows(b))))
+            cond, uncond = self.cfg.exchange(self._forward(model, x, t.expand(b), _rows(kv, self.cfg.rows(b))))
         elif self.batch_cfg:
-            both = self._forward(torch.cat([x, x]), t.expand(2 * b), batch.context_kv)
+            both = self._forward(model, torch.cat([x, x]), t.expand(2 * b), kv)
             cond, uncond = both.chunk(2)
         else:
-            cond = self._forward(x, t.expand(b), _rows(batch.context_kv, slice(0, b)))
-            uncond = self._forward(x, t.expand(b), _rows(batch.context_kv, slice(b, 2 * b)))
-        return uncond + batch.params.guidance_scale * (cond - uncond)
+            cond = self._forward(model, x, t.expand(b), _rows(kv, slice(0, b)))
+            uncond = self._forward(model, x, t.expand(b), _rows(kv, slice(b, 2 * b)))
+        return uncond + self.experts[index].guidance_scale(batch.params) * (cond - uncond)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, context_kv) -> torch.Tensor:
+    def _forward(self, model, x: torch.Tensor, t: torch.Tensor, context_kv) -> torch.Tensor:
         with sequence_parallel(self.sequence):
-            return self.transformer(x, t, context_kv=context_kv)
+            return model(x, t, context_kv=context_kv)
 
     def step(self, batch: ForwardBatch, index: int) -> ForwardBatch:
         t = batch.timesteps[index]
