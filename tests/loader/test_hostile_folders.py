@@ -150,6 +150,11 @@ def test_components_that_do_not_fit_each_other(folder, no_loading, change, match
     expect_error(folder, match)
 
 
+def test_image_conditioned_transformer_in_a_text_to_video_folder(folder, no_loading):
+    edit_json(folder / "transformer" / "config.json", lambda d: d.update(image_dim=20, added_kv_proj_dim=24))
+    expect_error(folder, "transformer is image-conditioned .* gives it no image")
+
+
 def test_empty_tokenizer_folder(folder, no_loading):
     for f in (folder / "tokenizer").iterdir():
         f.unlink()

@@ -117,8 +117,13 @@ def test_rotary_is_a_rotation():
 def test_config_rejects_unknown_and_unsupported_keys():
     with pytest.raises(ValueError, match="unknown config key 'num_blocks'"):
         WanDiTConfig.from_dict({"num_blocks": 3})
-    with pytest.raises(ValueError, match="image_dim"):
-        WanDiTConfig.from_dict({"image_dim": 1280, "added_kv_proj_dim": 5120})
+    with pytest.raises(ValueError, match="image_dim/added_kv_proj_dim: an image-conditioned transformer needs both"):
+        WanDiTConfig.from_dict({"image_dim": 1280})
+    with pytest.raises(ValueError, match="added_kv_proj_dim: must equal the width 5120"):
+        WanDiTConfig.from_dict({"image_dim": 1280, "added_kv_proj_dim": 1280})
+    with pytest.raises(ValueError, match="pos_embed_seq_len: needs image_dim"):
+        WanDiTConfig.from_dict({"pos_embed_seq_len": 514})
+    assert WanDiTConfig.from_dict({"image_dim": 1280, "added_kv_proj_dim": 5120, "pos_embed_seq_len": 514}).image_dim
     with pytest.raises(ValueError, match="qk_norm"):
         WanDiTConfig.from_dict({"qk_norm": "rms_norm"})
     cfg = WanDiTConfig.from_dict({"_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2]})
@@ -129,3 +134,62 @@ def test_grid_larger_than_rope_table_is_an_error():
     cfg = WanDiTConfig(num_attention_heads=2, attention_head_dim=12, rope_max_seq_len=4)
     with pytest.raises(ValueError, match="rope_max_seq_len"):
         rope_phasors(cfg, (2, 5, 2), "cpu")
+
+
+# ------------------------------------------------------------------------- image-conditioned (I2V)
+# The Wan2.1 I2V transformer: a second cross-attention to the image encoder's tokens (add_k_proj,
+# add_v_proj, norm_added_k), their embedder (and, for first-last-frame models, learned positions
+# of the two images' tokens). diffusers splits its context as [image tokens; 512 text tokens].
+
+
+@pytest.fixture(scope="module", params=[None, 8], ids=["i2v", "flf2v"])
+def image_dit_dir(request, tmp_path_factory):
+    from diffusers import WanTransformer3DModel
+
+    from vidloom import tiny
+
+    torch.manual_seed(3)
+    config = dict(tiny.TINY_TRANSFORMER, in_channels=9, image_dim=20, added_kv_proj_dim=24,
+                  pos_embed_seq_len=request.param)
+    ref = WanTransformer3DModel(**config)
+    with torch.no_grad():  # non-zero positions, so a dropped pos_embed would show
+        for name, p in ref.named_parameters():
+            if name.endswith("pos_embed"):
+                p.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("image_dit")
+    ref.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL)],
+                         ids=["fp32", "bf16"])
+def test_image_conditioned_forward_matches_diffusers(image_dit_dir, dtype, bound):
+    from diffusers import WanTransformer3DModel
+
+    ours = load_model(WanDiT, image_dit_dir, dtype=dtype)
+    ref = WanTransformer3DModel.from_pretrained(str(image_dit_dir), dtype=dtype)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 3, 4, 6, generator=g)
+    t = torch.tensor([999, 417])
+    text = torch.zeros(2, 512, 16)
+    text[:, :7] = torch.randn(2, 7, 16, generator=g)  # a 7-token prompt padded to 512, as the text stage gives
+    tokens = 4  # per image; first-last-frame models take two images' tokens
+    image = torch.randn(2 * (2 if ours.config.pos_embed_seq_len else 1), tokens, 20, generator=g)
+    if ours.config.pos_embed_seq_len:
+        assert ours.config.pos_embed_seq_len == 2 * tokens
+    with torch.no_grad():
+        a = ours(x.to(dtype), t, text.to(dtype), image_embeds=image.to(dtype))
+        b = ref(x.to(dtype), t, text.to(dtype), encoder_hidden_states_image=image.to(dtype), return_dict=False)[0]
+        without = ours(x.to(dtype), t, text.to(dtype), image_embeds=torch.zeros_like(image).to(dtype))
+    assert rel(a.float(), b.float()) <= bound
+    assert rel(without.float(), a.float()) > 0.05  # the image matters (measured ~0.19)
+    assert sorted(n for n, p in ours.named_parameters() if p.dtype == torch.float32) == \
+        sorted(n.replace("ff.net.0.proj", "ff.linear_1").replace("ff.net.2", "ff.linear_2")
+               .replace("to_out.0", "to_out").replace("ffn.net.0.proj", "ffn.fc_in").replace("ffn.net.2", "ffn.fc_out")
+               for n, p in ref.named_parameters() if p.dtype == torch.float32)
+
+
+def test_image_embeds_for_a_text_only_transformer(tiny_wan_dir):
+    ours = load_model(WanDiT, tiny_wan_dir / "transformer")
+    with pytest.raises(ValueError, match="image_embeds: this transformer takes no image"):
+        ours.encode_context(torch.zeros(1, 4, 16), image_embeds=torch.zeros(1, 2, 20))

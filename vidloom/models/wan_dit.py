@@ -1,8 +1,9 @@
-"""The Wan diffusion transformer (Wan2.1 text-to-video).
+"""The Wan diffusion transformer (Wan2.1 / Wan2.2, text- and image-conditioned).
 
 Latent video (B, C, F, H, W) is cut into 3-D patches, each patch a token. Every block does
-self-attention with 3-D rotary positions, cross-attention to the text tokens and a GELU
-feed-forward; the timestep modulates each block through six shift/scale/gate vectors
+self-attention with 3-D rotary positions, cross-attention to the text tokens (and, in the
+image-to-video models, a second cross-attention to the image encoder's tokens, summed with the
+first) and a GELU feed-forward; the timestep modulates each block through six shift/scale/gate vectors
 (adaLN). Norms and modulation run in float32 whatever the weight dtype, as the reference
 model does, so bf16 weights only change the matmuls.
 """
@@ -71,8 +72,20 @@ class WanDiTConfig(ArchConfig):
             raise ValueError(f"eps: must be in (0, 1), got {self.eps}")
         if self.qk_norm != "rms_norm_across_heads":
             raise ValueError(f"qk_norm: only 'rms_norm_across_heads' is supported, got {self.qk_norm!r}")
-        if self.image_dim is not None or self.added_kv_proj_dim is not None or self.pos_embed_seq_len is not None:
-            raise ValueError("image_dim/added_kv_proj_dim: image-conditioned Wan transformers are not supported yet")
+        if (self.image_dim is None) != (self.added_kv_proj_dim is None):
+            raise ValueError("image_dim/added_kv_proj_dim: an image-conditioned transformer needs both, "
+                             f"got {self.image_dim} and {self.added_kv_proj_dim}")
+        if self.image_dim is not None:
+            require_range(self, "image_dim", 1, LIMITS["text_dim"])
+            if self.added_kv_proj_dim != self.dim:
+                # the image tokens reach the blocks already projected to the model width
+                raise ValueError(f"added_kv_proj_dim: must equal the width {self.dim}, got {self.added_kv_proj_dim}")
+        if self.pos_embed_seq_len is not None:
+            if self.image_dim is None:
+                raise ValueError("pos_embed_seq_len: needs image_dim (it positions two images' tokens)")
+            require_range(self, "pos_embed_seq_len", 2, 65536)
+            if self.pos_embed_seq_len % 2:
+                raise ValueError(f"pos_embed_seq_len: two images' tokens, so even, got {self.pos_embed_seq_len}")
 
 
 def rope_phasors(config: WanDiTConfig, grid: tuple[int, int, int], device) -> torch.Tensor:
@@ -119,6 +132,7 @@ class ConditionEmbedder(nn.Module):
         self.time_embedder = _TwoLayerMLP(config.freq_dim, dim, dim, nn.SiLU())
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.text_embedder = _TwoLayerMLP(config.text_dim, dim, dim, nn.GELU(approximate="tanh"))
+        self.image_embedder = ImageEmbedder(config) if config.image_dim is not None else None
 
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype):
         """timestep (B,) -> temb (B, dim) and modulation (B, 6, dim), both in ``dtype``."""
@@ -126,6 +140,30 @@ class ConditionEmbedder(nn.Module):
         # the time MLP is kept in fp32; its output follows the activations' dtype
         temb = self.time_embedder(t_freq.to(self.time_embedder.linear_1.weight.dtype)).to(dtype)
         return temb, self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
+
+
+class ImageEmbedder(nn.Module):
+    """Image-encoder tokens (B, N, image_dim) -> (B, N, dim): LayerNorm, GELU MLP, LayerNorm (the
+    norms in float32). With ``pos_embed_seq_len`` (first-last-frame models) the two images'
+    tokens are laid end to end and given learned positions first."""
+
+    def __init__(self, config: WanDiTConfig):
+        super().__init__()
+        d_in, dim = config.image_dim, config.dim
+        self.norm1 = nn.LayerNorm(d_in)
+        self.ff = _TwoLayerMLP(d_in, d_in, dim, nn.GELU())
+        self.norm2 = nn.LayerNorm(dim)
+        self.pos_embed = (nn.Parameter(torch.zeros(1, config.pos_embed_seq_len, d_in))
+                          if config.pos_embed_seq_len is not None else None)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            b, n, d = image_embeds.shape
+            image_embeds = image_embeds.view(-1, 2 * n, d) + self.pos_embed  # (B/2, 2N, d): two images per row
+        dtype = image_embeds.dtype
+        h = layer_norm_fp32(image_embeds, self.norm1.eps, self.norm1.weight, self.norm1.bias).to(dtype)
+        h = self.ff(h)
+        return layer_norm_fp32(h, self.norm2.eps, self.norm2.weight, self.norm2.bias).to(dtype)
 
 
 def _modulation_table(rows: int, dim: int) -> nn.Parameter:
@@ -166,27 +204,48 @@ class WanSelfAttention(_Projections):
 
 class TextKV(typing.NamedTuple):
     """One block's cross-attention keys and values (B, Lk, H, D) and their score ``bias``
-    ((Lk,) float32, or None; see ``attention.collapse_repeated_tail``)."""
+    ((Lk,) float32, or None; see ``attention.collapse_repeated_tail``); in an image-conditioned
+    model also the image tokens' keys and values (B, N, H, D)."""
 
     k: torch.Tensor
     v: torch.Tensor
     bias: torch.Tensor | None = None
+    k_img: torch.Tensor | None = None
+    v_img: torch.Tensor | None = None
 
     def rows(self, rows: slice) -> TextKV:
-        return TextKV(self.k[rows], self.v[rows], self.bias)
+        if self.k_img is None:
+            return TextKV(self.k[rows], self.v[rows], self.bias)
+        return TextKV(self.k[rows], self.v[rows], self.bias, self.k_img[rows], self.v_img[rows])
 
 
 class WanCrossAttention(_Projections):
-    """Attention from the video tokens to the text tokens. The text keys and values depend
-    only on the prompt, so they are computed once per request (``context_kv``)."""
+    """Attention from the video tokens to the text tokens (and, with ``image``, to the image
+    tokens through projections of their own, the two results summed). The keys and values depend
+    only on the request, so they are computed once per request (``context_kv``)."""
 
-    def context_kv(self, context: torch.Tensor, bias: torch.Tensor | None = None) -> TextKV:
+    def __init__(self, dim: int, heads: int, eps: float, image: bool = False):
+        super().__init__(dim, heads, eps)
+        if image:
+            self.add_k_proj = nn.Linear(dim, dim)
+            self.add_v_proj = nn.Linear(dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+
+    def context_kv(self, context: torch.Tensor, bias: torch.Tensor | None = None,
+                   image: torch.Tensor | None = None) -> TextKV:
         k = self.norm_k(self.to_k(context)).unflatten(2, (self.heads, -1))  # (B, Lk, H, D)
-        return TextKV(k, self.to_v(context).unflatten(2, (self.heads, -1)), bias)
+        v = self.to_v(context).unflatten(2, (self.heads, -1))
+        if image is None:
+            return TextKV(k, v, bias)
+        k_img = self.norm_added_k(self.add_k_proj(image)).unflatten(2, (self.heads, -1))  # (B, N, H, D)
+        return TextKV(k, v, bias, k_img, self.add_v_proj(image).unflatten(2, (self.heads, -1)))
 
     def forward(self, x: torch.Tensor, kv: TextKV) -> torch.Tensor:
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
-        return self.to_out(attention(q, kv.k, kv.v, bias=kv.bias).flatten(2).to(x.dtype))
+        out = attention(q, kv.k, kv.v, bias=kv.bias).flatten(2).to(x.dtype)
+        if kv.k_img is not None:
+            out = out + attention(q, kv.k_img, kv.v_img).flatten(2).to(x.dtype)
+        return self.to_out(out)
 
 
 class FeedForward(nn.Module):
@@ -205,7 +264,7 @@ class WanBlock(nn.Module):
         dim = config.dim
         self.eps = config.eps
         self.attn1 = WanSelfAttention(dim, config.num_attention_heads, config.eps)
-        self.attn2 = WanCrossAttention(dim, config.num_attention_heads, config.eps)
+        self.attn2 = WanCrossAttention(dim, config.num_attention_heads, config.eps, image=config.image_dim is not None)
         self.norm2 = nn.LayerNorm(dim, eps=config.eps) if config.cross_attn_norm else None
         self.ffn = FeedForward(dim, config.ffn_dim)
         self.scale_shift_table = _modulation_table(6, dim)
@@ -251,8 +310,10 @@ class WanDiT(LoadableModel):
         (".to_out.0.", ".to_out."),
         (".ffn.net.0.proj.", ".ffn.fc_in."),
         (".ffn.net.2.", ".ffn.fc_out."),
+        (".image_embedder.ff.net.0.proj.", ".image_embedder.ff.linear_1."),
+        (".image_embedder.ff.net.2.", ".image_embedder.ff.linear_2."),
     )
-    keep_fp32 = ("condition_embedder.time_embedder.", "scale_shift_table", ".norm2.")
+    keep_fp32 = ("condition_embedder.time_embedder.", "scale_shift_table", ".norm1.", ".norm2.")
     layer_counts = ((r"blocks\.(\d+)\.", lambda config: config.num_layers),)
 
     def __init__(self, config: WanDiTConfig):
@@ -271,8 +332,9 @@ class WanDiT(LoadableModel):
             self._rope_cache = {key: rope_phasors(self.config, grid, device)}  # keep only the latest shape
         return self._rope_cache[key]
 
-    def encode_context(self, context: torch.Tensor) -> list[TextKV]:
-        """Text embeddings (B, L, text_dim) -> every block's cross-attention keys and values.
+    def encode_context(self, context: torch.Tensor, image_embeds: torch.Tensor | None = None) -> list[TextKV]:
+        """Text embeddings (B, L, text_dim) (and, for an image-conditioned model, the image
+        encoder's tokens (B, N, image_dim)) -> every block's cross-attention keys and values.
 
         They depend on the prompt only: compute them once per request and pass them to
         ``forward`` as ``context_kv`` at every step. The padding of a prompt (equal vectors up
@@ -281,14 +343,20 @@ class WanDiT(LoadableModel):
         """
         context, bias = collapse_repeated_tail(context)
         context = self.condition_embedder.text_embedder(context)
-        return [block.attn2.context_kv(context, bias) for block in self.blocks]
+        image = None
+        if image_embeds is not None:
+            if self.condition_embedder.image_embedder is None:
+                raise ValueError("image_embeds: this transformer takes no image (its config has no image_dim)")
+            image = self.condition_embedder.image_embedder(image_embeds)
+        return [block.attn2.context_kv(context, bias, image) for block in self.blocks]
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None = None,
-                context_kv: list | None = None) -> torch.Tensor:
-        """latents (B, C, F, H, W), timestep (B,), and either context (B, L, text_dim) or its
-        ``encode_context`` result -> prediction (B, C_out, F, H, W)."""
+                context_kv: list | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (B, C, F, H, W), timestep (B,), and either context (B, L, text_dim) (with
+        image_embeds for an image-conditioned model) or their ``encode_context`` result ->
+        prediction (B, C_out, F, H, W)."""
         if context_kv is None:
-            context_kv = self.encode_context(context)
+            context_kv = self.encode_context(context, image_embeds)
         tokens = self.embed(latents, timestep)
         x = self.run_blocks(tokens, context_kv)
         return self.head(x, tokens)

@@ -79,6 +79,10 @@ class WanT2VPipeline(ComposedPipeline):
             other = configs["transformer_2"]
             pairs += [(f"transformer {key}", getattr(dit, key), f"transformer_2 {key}", getattr(other, key))
                       for key in ("in_channels", "out_channels", "text_dim", "patch_size", "rope_max_seq_len")]
+        for name in ("transformer", "transformer_2"):
+            if name in configs and configs[name].image_dim is not None:
+                raise ModelLoadError(f"{name} is image-conditioned (image_dim={configs[name].image_dim}); a text-to-"
+                                     "video WanPipeline gives it no image", file=index_file)
         for name_a, a, name_b, b in pairs:
             if a != b:
                 raise ModelLoadError(f"components do not fit: {name_a}={a} but {name_b}={b}", file=index_file)
