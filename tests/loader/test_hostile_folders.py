@@ -106,7 +106,7 @@ def test_missing_component_folder_and_files_fail_before_loading(folder, no_loadi
 
 @pytest.mark.parametrize("component,change,match", [
     ("transformer", {"num_layers": 10**9}, "num_layers: must be in 1..512, got 1000000000"),
-    ("transformer", {"num_layers": 3}, r"implies 3 of 'blocks\\.\(\\d\+\)\\.' but the checkpoint holds indices 0..1"),
+    ("transformer", {"num_layers": 3}, "implies 3 of 'blocks.N.' but the checkpoint holds indices 0..1"),
     ("transformer", {"num_layers": 1.5}, "num_layers: expected an integer, got 1.5"),
     ("transformer", {"num_layers": "2"}, "num_layers: expected an integer, got '2'"),
     ("transformer", {"out_channels": -4}, "out_channels: must be in 1..4096, got -4"),
@@ -115,11 +115,11 @@ def test_missing_component_folder_and_files_fail_before_loading(folder, no_loadi
     ("transformer", {"eps": -1.0}, "eps: must be in \\(0, 1\\)"),
     ("transformer", {"num_attention_heads": 10**9, "attention_head_dim": 10**9}, "num_attention_heads: must be in"),
     ("vae", {"num_res_blocks": 10**9}, "num_res_blocks: must be an integer in 1..16"),
-    ("vae", {"num_res_blocks": 2}, r"implies 3 of 'decoder\\.up_blocks\\.0\\.resnets"),
+    ("vae", {"num_res_blocks": 2}, "implies 3 of 'decoder.up_blocks.0.resnets.N.'"),
     ("vae", {"dim_mult": [1, 2, 2, 10**9]}, "dim_mult: must be 1..8 integers in 1..64"),
     ("vae", {"dropout": "x"}, "dropout: expected a finite number, got 'x'"),
     ("text_encoder", {"num_layers": 10**7}, r"num_layers: must be an integer in 1..256"),
-    ("text_encoder", {"num_layers": 3}, r"implies 3 of 'encoder\\.block"),
+    ("text_encoder", {"num_layers": 3}, "implies 3 of 'encoder.block.N.'"),
     ("text_encoder", {"vocab_size": 10**6}, r"shape mismatch: checkpoint \(\d+, 16\) vs config"),
 ])
 def test_bad_config_fails_fast_naming_the_field(folder, no_loading, component, change, match):

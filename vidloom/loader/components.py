@@ -15,6 +15,7 @@ processors load through transformers' Auto classes whatever class name the index
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -125,17 +126,47 @@ def _plan_vae(folder: Path):
     return prepared.config, lambda device, dtype, map_weights: load_prepared(prepared, device, dtype, map_weights)
 
 
-# UMT5 encoder: sane maxima (umt5-xxl: 24 layers, d_model 4096, vocab 256384) checked before
-# transformers builds anything, and the checkpoint's layer indices
-UMT5_LIMITS = {"num_layers": 256, "d_model": 32768, "d_ff": 262144, "num_heads": 1024, "d_kv": 4096,
-               "vocab_size": 2**22}
-UMT5_LAYERS = ((r"encoder\.block\.(\d+)\.", lambda config: config["num_layers"]),)
+@dataclasses.dataclass(frozen=True)
+class TransformersModel:
+    """How a transformers model class is checked before transformers builds it: sane maxima of its
+    config's sizes, the checkpoint's layer indices against the config's count, and tensors whose
+    shape the config fixes (``shapes(config) -> {key: shape}``)."""
+
+    class_name: str
+    what: str  # "text encoder", "image encoder": for messages
+    limits: dict[str, int]
+    layers: tuple[tuple[str, Callable], ...]
+    shapes: Callable[[dict], dict[str, tuple[int, ...]]]
+    tied: tuple[str, ...] = ()  # key suffixes a checkpoint may omit (tied to another tensor)
 
 
-def _plan_umt5(folder: Path):
+UMT5 = TransformersModel(
+    # umt5-xxl: 24 layers, d_model 4096, vocab 256384
+    "UMT5EncoderModel", "text encoder",
+    {"num_layers": 256, "d_model": 32768, "d_ff": 262144, "num_heads": 1024, "d_kv": 4096, "vocab_size": 2**22},
+    ((r"encoder\.block\.(\d+)\.", lambda config: config["num_layers"]),),
+    lambda c: {key: (c["vocab_size"], c["d_model"]) for key in ("shared.weight", "encoder.embed_tokens.weight")},
+    tied=("embed_tokens.weight",),  # UMT5's encoder embedding is stored once as "shared"
+)
+
+
+def _clip_vision(class_name: str) -> TransformersModel:
+    # open-clip ViT-H/14 (Wan2.1 I2V): 32 layers, width 1280, 224 px in 14 px patches
+    return TransformersModel(
+        class_name, "image encoder",
+        {"num_hidden_layers": 256, "hidden_size": 32768, "intermediate_size": 262144, "num_attention_heads": 1024,
+         "image_size": 8192, "patch_size": 1024},
+        # transformers 5 saves CLIPVisionModel's keys without the "vision_model." prefix it had before
+        ((r"(?:vision_model\.)?encoder\.layers\.(\d+)\.", lambda config: config["num_hidden_layers"]),),
+        lambda c: {f"{prefix}embeddings.position_embedding.weight":
+                   ((c["image_size"] // c["patch_size"]) ** 2 + 1, c["hidden_size"]) for prefix in ("", "vision_model.")},
+    )
+
+
+def _plan_transformers_model(spec: TransformersModel, folder: Path):
     path = folder / "config.json"
     config = read_json_object(path, "config.json")
-    for key, high in UMT5_LIMITS.items():
+    for key, high in spec.limits.items():
         value = config.get(key)
         if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high):
             raise ModelLoadError(f"invalid config ({key}: must be an integer in 1..{high}, got {short_repr(value)})",
@@ -147,42 +178,36 @@ def _plan_umt5(folder: Path):
     for file in files:
         with SafetensorsFile(file) as st:
             shapes.update({entry.key: entry.shape for entry in st.entries})
-    check_layer_counts(UMT5_LAYERS, config, list(shapes), folder)
-    embedding = (config["vocab_size"], config["d_model"])
-    for key in ("shared.weight", "encoder.embed_tokens.weight"):
-        if key in shapes and shapes[key] != embedding:
-            raise ModelLoadError(f"shape mismatch: checkpoint {shapes[key]} vs config (vocab_size, d_model) "
-                                 f"{embedding}", file=str(files[0]), key=key)
+    check_layer_counts(spec.layers, config, list(shapes), folder)
+    for key, shape in spec.shapes(config).items():
+        if key in shapes and shapes[key] != shape:
+            raise ModelLoadError(f"shape mismatch: checkpoint {shapes[key]} vs config {shape}", file=str(files[0]),
+                                 key=key)
 
     def load(device, dtype, map_weights):
-        return _load_umt5(folder, device, dtype)
+        return _load_transformers_model(spec, folder, device, dtype)
 
     return config, load
 
 
-def _load_umt5(folder: Path, device, dtype):
-    from transformers import UMT5EncoderModel
+def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtype):
+    import transformers
 
     try:
-        model, info = UMT5EncoderModel.from_pretrained(
+        model, info = getattr(transformers, spec.class_name).from_pretrained(
             str(folder), dtype=dtype, output_loading_info=True, local_files_only=True, use_safetensors=True,
         )
     except Exception as exc:
-        raise ModelLoadError(f"text encoder failed to load ({type(exc).__name__}: {exc})", file=str(folder)) from exc
+        raise ModelLoadError(f"{spec.what} failed to load ({type(exc).__name__}: {exc})", file=str(folder)) from exc
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = [k for k in info.get(kind, []) if not _tied_embedding(k)]
+        keys = [k for k in info.get(kind, []) if not (isinstance(k, str) and k.endswith(spec.tied))]
         if keys:
             first = keys[0] if isinstance(keys[0], str) else keys[0][0]
-            raise ModelLoadError(f"text encoder checkpoint has {kind.replace('_', ' ')}", file=str(folder), key=first)
+            raise ModelLoadError(f"{spec.what} checkpoint has {kind.replace('_', ' ')}", file=str(folder), key=first)
     for name, p in model.named_parameters():
         if not p.dtype.is_floating_point:
-            raise ModelLoadError(f"text encoder parameter stored as {p.dtype}", file=str(folder), key=name)
+            raise ModelLoadError(f"{spec.what} parameter stored as {p.dtype}", file=str(folder), key=name)
     return model.to(device).eval().requires_grad_(False)
-
-
-def _tied_embedding(key) -> bool:
-    # UMT5's encoder embedding is stored once as "shared" and tied to "encoder.embed_tokens"
-    return isinstance(key, str) and key.endswith("embed_tokens.weight")
 
 
 # the files a transformers tokenizer is read from (fast, sentencepiece, BPE, WordPiece)
@@ -243,7 +268,10 @@ def _plan_scheduler(folder: Path):
 MODEL_PLANNERS: dict[tuple[str, str], Callable] = {
     ("diffusers", "WanTransformer3DModel"): _plan_dit,
     ("diffusers", "AutoencoderKLWan"): _plan_vae,
-    ("transformers", "UMT5EncoderModel"): _plan_umt5,
+    ("transformers", "UMT5EncoderModel"): functools.partial(_plan_transformers_model, UMT5),
+    ("transformers", "CLIPVisionModel"): functools.partial(_plan_transformers_model, _clip_vision("CLIPVisionModel")),
+    ("transformers", "CLIPVisionModelWithProjection"):
+        functools.partial(_plan_transformers_model, _clip_vision("CLIPVisionModelWithProjection")),
     ("diffusers", "UniPCMultistepScheduler"): _plan_scheduler,
     ("diffusers", "FlowMatchEulerDiscreteScheduler"): _plan_scheduler,
 }

@@ -431,8 +431,14 @@ def check_layer_counts(layer_counts, config, keys: list[str], folder: Path) -> N
         if found != set(range(expected)):
             held = f"indices 0..{max(found)}" if found == set(range(len(found))) and found else \
                 f"{len(found)} distinct indices"
-            raise ModelLoadError(f"config.json implies {expected} of '{pattern}' but the checkpoint holds "
-                                 f"{held}", file=str(folder / "config.json"))
+            raise ModelLoadError(f"config.json implies {expected} of '{_readable(pattern)}' but the checkpoint "
+                                 f"holds {held}", file=str(folder / "config.json"))
+
+
+def _readable(pattern: str) -> str:
+    """A layer-count regex as a key template for messages: r"blocks\\.(\\d+)\\." -> "blocks.N."."""
+    text = re.sub(r"\(\?:[^)]*\)\?", "", pattern)  # optional prefixes
+    return text.replace(r"(\d+)", "N").replace("\\.", ".")
 
 
 def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu", dtype=torch.float32,

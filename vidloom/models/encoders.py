@@ -65,3 +65,25 @@ class WanTextEncoder:
         # zero every position past the prompt's own tokens
         keep = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < mask.sum(1, keepdim=True))
         return torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+
+
+class WanImageEncoder:
+    """Image processor + CLIP vision encoder (transformers) -> the Wan I2V image tokens: the
+    penultimate layer's hidden states (N, 1 + patches, width), as Wan's image conditioning uses
+    them (the last layer and the projection are not)."""
+
+    def __init__(self, processor, encoder: torch.nn.Module):
+        self.processor = processor
+        self.encoder = encoder
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, images: list) -> torch.Tensor:
+        """RGB PIL images -> (len(images), tokens, width) in the encoder's dtype."""
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values
+        dtype = next(self.encoder.parameters()).dtype
+        out = self.encoder(pixel_values=pixels.to(self.device, dtype), output_hidden_states=True)
+        return out.hidden_states[-2]
