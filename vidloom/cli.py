@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--nproc", type=int, default=1,
                      help="start this many processes (as torchrun does) for --sp-size / --cfg-parallel")
-    _add_dataclass_flags(gen.add_argument_group("sampling"), SamplingParams, SAMPLING_SKIP, "s_")
+    sampling = gen.add_argument_group("sampling")
+    sampling.add_argument("--image", dest="s_image", default=None, metavar="FILE",
+                          help="image-to-video: the first frame (PNG, JPEG, ...)")
+    sampling.add_argument("--last-image", dest="s_last_image", default=None, metavar="FILE",
+                          help="first-last-frame-to-video: the last frame")
+    _add_dataclass_flags(sampling, SamplingParams, SAMPLING_SKIP, "s_")
     _add_dataclass_flags(gen.add_argument_group("engine"), EngineConfig, dest_prefix="e_")
 
     info = sub.add_parser("info", help="describe a model folder")

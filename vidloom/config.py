@@ -105,6 +105,7 @@ class EngineConfig:
             "transformer": dit,
             "text_encoder": self.text_encoder_dtype or self.dtype or dit,
             "vae": self.vae_dtype or self.dtype or torch.float32,
+            "image_encoder": self.dtype or torch.float32,
         }
 
     @classmethod
@@ -148,6 +149,7 @@ class RequestLimits:
     max_steps: int = 1000
     max_sequence_length: int = 512
     experts: int = 1  # transformers taking turns over the timesteps (Wan2.2 A14B: 2)
+    image: str = "none"  # "none" (text-to-video), "required" (image-to-video), "first-last" (both frames)
 
     @property
     def spatial_factor(self) -> int:
@@ -186,6 +188,8 @@ class SamplingParams:
     seed: int = 0
     max_sequence_length: int = 512
     latents: torch.Tensor | None = field(default=None, repr=False)  # initial noise (B, C, F, H, W)
+    image: Any = field(default=None, repr=False)  # image-to-video: the first frame (PIL image, path or array)
+    last_image: Any = field(default=None, repr=False)  # first-last-frame: the last frame
     output_type: str = "np"
     output_path: str | None = None
     fps: int = 16
@@ -236,6 +240,7 @@ class SamplingParams:
                 raise InvalidRequestError(name, f"got {_short(getattr(self, name))}", "True or False")
         if self.decode_trajectory and not self.return_trajectory:
             raise InvalidRequestError("decode_trajectory", "needs return_trajectory=True (it decodes that trajectory)")
+        self._validate_images(limits)
         if self.latents is not None:
             self._validate_latents()
         if self.output_path is not None:
@@ -261,6 +266,28 @@ class SamplingParams:
             raise InvalidRequestError(
                 "height/width/num_frames", f"{self.width}x{self.height}, {self.num_frames} frames is {tokens} tokens",
                 f"at most {limits.max_tokens} tokens (the engine's max_tokens)")
+
+    def _validate_images(self, limits: RequestLimits) -> None:
+        from .io.images import load_image  # decoding checks the file (bounded) before any work
+
+        if limits.image == "none":
+            for name in ("image", "last_image"):
+                if getattr(self, name) is not None:
+                    raise InvalidRequestError(name, "this model is text-to-video: it takes no image", "None")
+            return
+        if self.image is None:
+            if self.last_image is not None:
+                raise InvalidRequestError("last_image", "given without image (the first frame)", "image and last_image")
+            raise InvalidRequestError("image", "this image-to-video model needs the first frame",
+                                      "a PIL image, a path or an (H, W, 3) array")
+        load_image(self.image, "image")
+        if limits.image == "first-last" and self.last_image is None:
+            raise InvalidRequestError("last_image", "this first-last-frame model needs the last frame too",
+                                      "a PIL image, a path or an (H, W, 3) array")
+        if self.last_image is not None:
+            if self.num_frames < 2:
+                raise InvalidRequestError("last_image", "needs at least 2 frames", "num_frames >= 5")
+            load_image(self.last_image, "last_image")
 
     def _validate_latents(self) -> None:
         latents = self.latents

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # component name -> which resolved dtype it takes (tokenizer and scheduler take none)
 COMPONENT_DTYPE = {"transformer": "transformer", "transformer_2": "transformer", "text_encoder": "text_encoder",
-                   "vae": "vae"}
+                   "vae": "vae", "image_encoder": "image_encoder"}
 
 # where an "mp4" request without an output_path is written (relative to the working directory)
 DEFAULT_OUTPUT_DIR = Path("outputs")
@@ -258,6 +258,9 @@ def _plan(path: Path, config: EngineConfig):
     pipe_cls = _pipeline_for(index, path)
     settings = pipe_cls.read_settings(index, str(index_file))
     required = pipe_cls.components_needed(settings)
+    present = [name for name in pipe_cls.optional_components
+               if isinstance(index.get(name), list) and index[name] != [None, None]]
+    required += tuple(name for name in present if name not in required and pipe_cls.uses_optional(name, settings))
     for name, spec in index.items():
         if name.startswith("_") or name in required or not isinstance(spec, list) or spec == [None, None]:
             continue

@@ -282,6 +282,6 @@ def _planner(library: str, class_name: str) -> Callable | None:
     if planner is None and library == "transformers":
         if class_name.endswith(("Tokenizer", "TokenizerFast")) or class_name == "TokenizersBackend":
             planner = _plan_tokenizer
-        elif class_name.endswith(("ImageProcessor", "ImageProcessorFast")):
+        elif "ImageProcessor" in class_name:  # CLIPImageProcessor, ...Fast, ...Pil (transformers 5)
             planner = _plan_image_processor
     return planner

@@ -11,11 +11,23 @@ from ..config import SamplingParams
 
 
 @dataclass
+class Conditioning:
+    """What an image-conditioned family adds to a request, made by its image stage and read by the
+    denoising stage: ``image_embeds`` (images, tokens, width) from the image encoder (None for a
+    transformer without image cross-attention), and ``condition`` (B, C, F, H, W): channels
+    concatenated to the latents at every step (the frame mask and the VAE-encoded frames)."""
+
+    image_embeds: torch.Tensor | None = None
+    condition: torch.Tensor | None = None
+
+
+@dataclass
 class ForwardBatch:
     params: SamplingParams
     # encoder outputs
     prompt_embeds: torch.Tensor | None = None  # (B, L, D) in the DiT's dtype
     negative_embeds: torch.Tensor | None = None  # (B, L, D), only with guidance
+    conditioning: Conditioning | None = None  # image-to-video inputs (see Conditioning)
     context_kv: Any = None  # the current expert's per-request text keys/values, [cond; uncond] rows
     context_expert: int | None = None  # which expert context_kv belongs to
     # denoising state

@@ -3,16 +3,17 @@ its settings and components must agree on."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..config import EngineConfig, RequestLimits
 from ..errors import ModelLoadError
 from ..jsonfile import short_repr
-from ..models.encoders import WanTextEncoder
+from ..models.encoders import WanImageEncoder, WanTextEncoder
 from . import register_pipeline
 from .base import ComposedPipeline, parallel_parts, tile_spreader
 from .stages import (
-    DecodingStage, DenoisingStage, Expert, InputValidationStage, LatentPreparationStage, TextEncodingStage,
+    DecodingStage, DenoisingStage, Expert, ImageEncodingStage, InputValidationStage, LatentPreparationStage, TextEncodingStage,
     TimestepPreparationStage,
 )
 
@@ -54,8 +55,20 @@ class WanT2VPipeline(ComposedPipeline):
         extra = ("transformer_2",) if settings["boundary_ratio"] is not None else ()
         return cls.required_components + extra
 
+    image_input = "none"  # what a request gives besides text (RequestLimits.image)
+
+    @classmethod
+    def uses_optional(cls, name: str, settings: dict[str, Any]) -> bool:
+        """Whether optional component ``name``, present in the index, takes part."""
+        return name in cls.components_needed(settings)
+
     @staticmethod
-    def request_limits(configs: dict[str, Any], engine: EngineConfig) -> RequestLimits:
+    def latent_input_channels(vae) -> int:
+        """The transformer's input channels for this pipeline: text-to-video feeds the latents alone."""
+        return vae.z_dim
+
+    @classmethod
+    def request_limits(cls, configs: dict[str, Any], engine: EngineConfig) -> RequestLimits:
         """What a request may ask, from the components' configs (``ComponentPlan.config``)."""
         dit, vae = configs["transformer"], configs["vae"]
         return RequestLimits(
@@ -63,26 +76,23 @@ class WanT2VPipeline(ComposedPipeline):
             max_grid_side=dit.rope_max_seq_len, max_tokens=engine.max_tokens,
             max_steps=configs["scheduler"].num_train_timesteps,
             max_sequence_length=configs["tokenizer"].get("model_max_length") or WAN_TEXT_LENGTH,
-            experts=2 if "transformer_2" in configs else 1,
+            experts=2 if "transformer_2" in configs else 1, image=cls.image_input,
         )
 
-    @staticmethod
-    def check_components(configs: dict[str, Any], engine: EngineConfig, index_file: str) -> None:
+    @classmethod
+    def check_components(cls, configs: dict[str, Any], engine: EngineConfig, index_file: str) -> None:
         """Components that cannot work together are an error before any weight is read."""
         dit, vae, text = configs["transformer"], configs["vae"], configs["text_encoder"]
         pairs = [
             ("transformer text_dim", dit.text_dim, "text_encoder d_model", text["d_model"]),
-            ("transformer in_channels", dit.in_channels, "vae z_dim", vae.z_dim),
+            ("transformer in_channels", dit.in_channels, cls.latent_input_name, cls.latent_input_channels(vae)),
             ("transformer out_channels", dit.out_channels, "vae z_dim", vae.z_dim),
         ]
         if "transformer_2" in configs:  # the experts take the same latents, text and patches
             other = configs["transformer_2"]
             pairs += [(f"transformer {key}", getattr(dit, key), f"transformer_2 {key}", getattr(other, key))
                       for key in ("in_channels", "out_channels", "text_dim", "patch_size", "rope_max_seq_len")]
-        for name in ("transformer", "transformer_2"):
-            if name in configs and configs[name].image_dim is not None:
-                raise ModelLoadError(f"{name} is image-conditioned (image_dim={configs[name].image_dim}); a text-to-"
-                                     "video WanPipeline gives it no image", file=index_file)
+        pairs += cls.image_pairs(configs, index_file)
         for name_a, a, name_b, b in pairs:
             if a != b:
                 raise ModelLoadError(f"components do not fit: {name_a}={a} but {name_b}={b}", file=index_file)
@@ -92,6 +102,21 @@ class WanT2VPipeline(ComposedPipeline):
             raise ValueError(f"vae_tile_overlap: {engine.vae_tile_overlap} px covers a whole "
                              f"{engine.vae_tile_size} px tile at this VAE's {sf}x factor "
                              f"(allowed: less than {engine.vae_tile_size // sf * sf} px)")
+
+    latent_input_name = "vae z_dim"
+
+    @staticmethod
+    def image_pairs(configs: dict[str, Any], index_file: str) -> list:
+        """Text-to-video: no transformer may expect an image."""
+        for name in ("transformer", "transformer_2"):
+            if name in configs and configs[name].image_dim is not None:
+                raise ModelLoadError(f"{name} is image-conditioned (image_dim={configs[name].image_dim}); a text-to-"
+                                     "video WanPipeline gives it no image", file=index_file)
+        return []
+
+    def conditioning_stages(self, components: dict, config: EngineConfig, dit_dtype) -> list:
+        """Stages between text encoding and the timesteps that build ``batch.conditioning``: none."""
+        return []
 
     def __init__(self, components: dict, config: EngineConfig, limits: RequestLimits, settings: dict[str, Any],
                  parallel=None):
@@ -112,6 +137,7 @@ class WanT2VPipeline(ComposedPipeline):
             [
                 self.input_validation,
                 TextEncodingStage(text_encoder, dit_dtype, device),
+                *self.conditioning_stages(components, config, dit_dtype),
                 TimestepPreparationStage(components["scheduler"], device),
                 LatentPreparationStage(vae.config.z_dim, vae.config.spatial_factor, limits.temporal_factor, device),
                 self.denoising,
@@ -135,3 +161,56 @@ class WanT2VPipeline(ComposedPipeline):
 
     def validate_request(self, params) -> None:
         self.input_validation.check(params)
+
+
+@register_pipeline("WanImageToVideoPipeline")
+class WanI2VPipeline(WanT2VPipeline):
+    """Wan2.1 image-to-video (and first-last-frame with ``last_image``): the CLIP image tokens into
+    the transformer's image cross-attention, the VAE-encoded frames and their mask concatenated to
+    the latents (2 x z_dim + temporal factor input channels), as diffusers' WanImageToVideoPipeline."""
+
+    optional_components = ("transformer_2", "image_encoder", "image_processor")
+    optional_components_need = "transformer_2 needs boundary_ratio; image_encoder/image_processor come as a pair"
+    image_input = "required"
+    latent_input_name = "2 x vae z_dim + mask channels"
+
+    @classmethod
+    def uses_optional(cls, name: str, settings: dict[str, Any]) -> bool:
+        return name in ("image_encoder", "image_processor") or super().uses_optional(name, settings)
+
+    @classmethod
+    def request_limits(cls, configs: dict[str, Any], engine: EngineConfig) -> RequestLimits:
+        limits = super().request_limits(configs, engine)
+        if configs["transformer"].pos_embed_seq_len is not None:  # positions for two images' tokens
+            limits = dataclasses.replace(limits, image="first-last")
+        return limits
+
+    @staticmethod
+    def describe(settings: dict[str, Any]) -> str:
+        return ("Wan2.1 image-to-video; inputs: prompt, negative_prompt, image (the first frame), last_image "
+                "(the last frame; required by first-last-frame transformers), guidance_scale")
+
+    @staticmethod
+    def latent_input_channels(vae) -> int:
+        return 2 * vae.z_dim + vae.temporal_factor  # latents, then the mask (one per frame of a latent frame), then the frames
+
+    @staticmethod
+    def image_pairs(configs: dict[str, Any], index_file: str) -> list:
+        dit, encoder = configs["transformer"], configs.get("image_encoder")
+        if (encoder is None) != ("image_processor" not in configs):
+            raise ModelLoadError("image_encoder and image_processor come together", file=index_file)
+        if dit.image_dim is None:
+            if encoder is not None:
+                raise ModelLoadError("an image_encoder is given but the transformer has no image_dim to take it",
+                                     file=index_file)
+            return []
+        if encoder is None:
+            raise ModelLoadError(f"the transformer takes image tokens (image_dim={dit.image_dim}) but the folder "
+                                 "has no image_encoder", file=index_file)
+        return [("transformer image_dim", dit.image_dim, "image_encoder hidden_size", encoder["hidden_size"])]
+
+    def conditioning_stages(self, components: dict, config: EngineConfig, dit_dtype) -> list:
+        encoder = None
+        if components.get("image_encoder") is not None:
+            encoder = WanImageEncoder(components["image_processor"], components["image_encoder"])
+        return [ImageEncodingStage(components["vae"], encoder, config.torch_device, dit_dtype)]

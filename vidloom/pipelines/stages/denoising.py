@@ -83,7 +83,10 @@ class DenoisingStage(IterativeStage):
             embeds = batch.prompt_embeds
             if batch.params.do_cfg:
                 embeds = torch.cat([batch.prompt_embeds, batch.negative_embeds])
-            batch.context_kv = self.experts[index].transformer.encode_context(embeds)
+            image = batch.conditioning.image_embeds if batch.conditioning is not None else None
+            if image is not None:  # the same image tokens for both branches' rows
+                image = image.to(embeds.dtype).repeat(embeds.shape[0] // batch.prompt_embeds.shape[0], 1, 1)
+            batch.context_kv = self.experts[index].transformer.encode_context(embeds, image)
             batch.context_expert = index
         return batch.context_kv
 
@@ -97,7 +100,10 @@ class DenoisingStage(IterativeStage):
         """The guided model prediction at timestep ``t``."""
         index = self.expert_index(t)
         model, kv = self.experts[index].transformer, self.context(batch, index)
-        x = batch.latents.to(self.dtype)
+        x = batch.latents
+        if batch.conditioning is not None and batch.conditioning.condition is not None:
+            x = torch.cat([x, batch.conditioning.condition.to(x.dtype)], dim=1)  # the model input's extra channels
+        x = x.to(self.dtype)
         b = x.shape[0]
         if not batch.params.do_cfg:
             return self._forward(model, x, t.expand(b), kv)
