@@ -126,3 +126,23 @@ def test_cli_reports_a_wrong_layout_as_one_error_line(tiny_wan_dir, capsys, monk
     assert cli_main(["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat", "--cfg-parallel",
                      "--height", "48", "--width", "48", "--num-frames", "9"]) == 2
     assert "error: sp_size=1 x cfg degree 2 (cfg_parallel=True) needs 2 processes" in capsys.readouterr().err
+
+
+def test_image_to_video_with_sp2_equals_one_process(tiny_wan_pipe, tmp_path):
+    """I2V (image tokens and condition channels) sharded over two ranks: the one-process video."""
+    from PIL import Image
+
+    from ..parity.test_i2v_parity import build_i2v_folder
+
+    folder = build_i2v_folder(tiny_wan_pipe, tmp_path / "i2v")
+    image = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8), "RGB").save(image)
+    request = dict(prompt="a red circle moving left", height=48, width=48, num_frames=9, num_inference_steps=3,
+                   guidance_scale=4.0, image=str(image))  # 27 tokens: uneven over 2 ranks
+    latents = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    torch.save(latents, tmp_path / "latents.pt")
+    single = VideoGenerator.from_pretrained(folder, dtype="fp32").generate(latents=latents, **request).frames
+    proc = launch(2, folder, dict(request, engine={"sp_size": 2}, latents_path=str(tmp_path / "latents.pt")), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("sequence=UlyssesSequenceParallel") == 2, proc.stdout
+    assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32

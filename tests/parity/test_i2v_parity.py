@@ -13,9 +13,9 @@ from vidloom import InvalidRequestError, VideoGenerator
 from .test_generate_parity import FP32_RTOL, SIZE, initial_latents, rel_err
 
 
-@pytest.fixture(scope="module", params=["i2v", "flf2v"])
-def i2v_dir(request, tiny_wan_pipe, tmp_path_factory):
-    """An I2V folder, or a first-last-frame one (its transformer positions two images' 17 tokens)."""
+def build_i2v_folder(tiny_wan_pipe, folder, flf: bool = False):
+    """A tiny Wan2.1 I2V folder (or a first-last-frame one: its transformer positions two images'
+    17 tokens), saved by diffusers with the tiny T2V model's text encoder, VAE and scheduler."""
     from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
@@ -24,16 +24,19 @@ def i2v_dir(request, tiny_wan_pipe, tmp_path_factory):
     torch.manual_seed(5)
     # in_channels: latents (4) + mask (4, the temporal factor) + VAE-encoded frames (4)
     transformer = WanTransformer3DModel(**dict(tiny.TINY_TRANSFORMER, in_channels=12, image_dim=20,
-                                               added_kv_proj_dim=24,
-                                               pos_embed_seq_len=34 if request.param == "flf2v" else None))
+                                               added_kv_proj_dim=24, pos_embed_seq_len=34 if flf else None))
     image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=20, intermediate_size=40, num_hidden_layers=2,
                                                      num_attention_heads=2, image_size=32, patch_size=8))
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     parts = {k: getattr(tiny_wan_pipe, k) for k in ("tokenizer", "text_encoder", "vae", "scheduler")}
-    folder = tmp_path_factory.mktemp("i2v")
     WanImageToVideoPipeline(**parts, transformer=transformer, image_encoder=image_encoder,
                             image_processor=processor).save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="module", params=["i2v", "flf2v"])
+def i2v_dir(request, tiny_wan_pipe, tmp_path_factory):
+    return build_i2v_folder(tiny_wan_pipe, tmp_path_factory.mktemp(request.param), flf=request.param == "flf2v")
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +128,34 @@ def test_cli_image_flags_and_info(ours, i2v_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(i2v_dir), "--prompt", "a cat", "--output", str(out),
                  "--image", str(tmp_path / "missing.png"), "--height", "32", "--width", "48"]) == 2
     assert "error: image: no image file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def two_expert_i2v_dir(tiny_wan_pipe, tmp_path_factory):
+    """Wan2.2 A14B image-to-video in small: two experts, no image encoder (the frames condition only)."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from vidloom import tiny
+
+    experts = []
+    for seed in (6, 7):
+        torch.manual_seed(seed)
+        experts.append(WanTransformer3DModel(**dict(tiny.TINY_TRANSFORMER, in_channels=12)))
+    parts = {k: getattr(tiny_wan_pipe, k) for k in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    folder = tmp_path_factory.mktemp("i2v_a14b")
+    WanImageToVideoPipeline(**parts, transformer=experts[0], transformer_2=experts[1], boundary_ratio=0.5,
+                            image_encoder=None, image_processor=None).save_pretrained(str(folder))
+    return folder
+
+
+def test_two_expert_i2v_without_clip_matches_diffusers_fp32(two_expert_i2v_dir):
+    from diffusers import WanImageToVideoPipeline
+
+    ours = VideoGenerator.from_pretrained(two_expert_i2v_dir, dtype="fp32")
+    reference = WanImageToVideoPipeline.from_pretrained(str(two_expert_i2v_dir), dtype=torch.float32)
+    assert ours.pipeline.components.get("image_encoder") is None and len(ours.pipeline.denoising.experts) == 2
+    latents = initial_latents(9)
+    kwargs = dict(num_inference_steps=6, guidance_scale=4.0, guidance_scale_2=2.0, **SIZE)
+    mine = ours.generate("a cat", image=picture(1), latents=latents, **kwargs)
+    ref = reference(image=picture(1), prompt="a cat", latents=latents.clone(), output_type="np", **kwargs).frames[0]
+    assert rel_err(mine.frames, ref) <= FP32_RTOL
