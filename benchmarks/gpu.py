@@ -109,16 +109,7 @@ def ensure_model_folder(layers: int, build_device: torch.device) -> Path:
     del text_encoder
     tiny.write_json(partial / "scheduler" / "scheduler_config.json",
                     {**tiny.UNIPC_FLOW_CONFIG, "_diffusers_version": "0.42.1"})
-    tiny.write_json(partial / "model_index.json", {
-        "_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
-        "boundary_ratio": None, "expand_timesteps": False,
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "transformer_2": [None, None],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-    })
+    tiny.write_json(partial / "model_index.json", tiny.WAN_T2V_INDEX)
     (partial / "COMPLETE").write_text(f"layers={layers} built on {build_device}\n")
     partial.rename(folder)
     gc.collect()

@@ -16,6 +16,7 @@ import torch
 
 from . import cpu
 from .errors import InvalidRequestError
+from .jsonfile import short_repr
 
 DTYPE_NAMES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -332,5 +333,4 @@ def _is_number(value) -> bool:
 
 
 def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return short_repr(value, 40)

@@ -69,6 +69,19 @@ UNIPC_FLOW_CONFIG = {
 }
 
 
+# the model_index.json of a Wan2.1 text-to-video folder, as diffusers 0.42 writes it
+WAN_T2V_INDEX = {
+    "_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
+    "boundary_ratio": None, "expand_timesteps": False,
+    "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    "text_encoder": ["transformers", "UMT5EncoderModel"],
+    "tokenizer": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "WanTransformer3DModel"],
+    "transformer_2": [None, None],
+    "vae": ["diffusers", "AutoencoderKLWan"],
+}
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
@@ -99,14 +112,5 @@ def build_random_wan(folder: str | Path, preset: str = "tiny", seed: int = 0) ->
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **te_cfg))
     text_encoder.save_pretrained(str(folder / "text_encoder"))
     write_json(folder / "scheduler" / "scheduler_config.json", {**UNIPC_FLOW_CONFIG, "_diffusers_version": "0.42.1"})
-    write_json(folder / "model_index.json", {
-        "_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
-        "boundary_ratio": None, "expand_timesteps": False,
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "transformer_2": [None, None],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-    })
+    write_json(folder / "model_index.json", WAN_T2V_INDEX)
     return folder
