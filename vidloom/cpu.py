@@ -42,7 +42,7 @@ class CpuFeatures:
     winograd_fp32        fp32 3x3 VAE convolutions by Winograd F(4x4, 3x3) (``models.winograd``):
                          batched fp32 matmuls, which pay where torch has vectorised fp32 kernels.
     channels_last_vae    the VAE's inference buffers: channels-last frames written in place into
-                         reused buffers (``models.wan_vae.CausalCache``), same condition.
+                         reused buffers (``models.causal3d.CausalCache``), same condition.
     """
 
     model: str
