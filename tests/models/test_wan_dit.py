@@ -193,3 +193,51 @@ def test_image_embeds_for_a_text_only_transformer(tiny_wan_dir):
     ours = load_model(WanDiT, tiny_wan_dir / "transformer")
     with pytest.raises(ValueError, match="image_embeds: this transformer takes no image"):
         ours.encode_context(torch.zeros(1, 4, 16), image_embeds=torch.zeros(1, 2, 20))
+
+
+def ti2v_timesteps(t: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Per-token timesteps as diffusers' TI2V pipelines build them: the first latent frame's tokens
+    at 0 (the given image), every other token at the row's t. (B,) -> (B, f*h*w)."""
+    f, h, w = grid
+    mask = torch.ones(f, h, w)
+    mask[0] = 0
+    return (mask.flatten()[None] * t[:, None].float())
+
+
+@pytest.mark.parametrize("kind", ["first-frame", "per-token"])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL)], ids=["fp32", "bf16"])
+def test_per_token_timesteps_match_diffusers(tiny_wan_dir, inputs, kind, dtype, bound):
+    """Timesteps (B, tokens) as Wan2.2 TI2V gives them: two runs (first frame at 0), embedded once
+    per run; or a different one for every token (embedded per token). Both equal diffusers."""
+    from diffusers import WanTransformer3DModel
+
+    ours = load_model(WanDiT, tiny_wan_dir / "transformer", dtype=dtype)
+    ref = WanTransformer3DModel.from_pretrained(str(tiny_wan_dir / "transformer"), dtype=dtype)
+    x, t, ctx = inputs
+    grid = (3, 2, 3)
+    if kind == "first-frame":
+        timestep = ti2v_timesteps(t, grid)
+    else:
+        timestep = torch.rand(2, math.prod(grid), generator=torch.Generator().manual_seed(3)) * 1000
+    with torch.no_grad():
+        a = ours(x.to(dtype), timestep, ctx.to(dtype))
+        b = ref(x.to(dtype), timestep, ctx.to(dtype), return_dict=False)[0]
+    assert rel(a.float(), b.float()) <= bound
+
+
+def test_per_token_timesteps_all_equal_give_the_scalar_result(tiny_wan_dir, inputs):
+    ours = load_model(WanDiT, tiny_wan_dir / "transformer")
+    x, t, ctx = inputs
+    with torch.no_grad():
+        scalar = ours(x, t, ctx)
+        per_token = ours(x, t[:, None].expand(2, 18), ctx)
+        first_frame = ours(x, ti2v_timesteps(t, (3, 2, 3)), ctx)
+    assert torch.equal(scalar, per_token)
+    assert not torch.allclose(scalar, first_frame)  # the first frame's tokens did see t = 0
+
+
+def test_timestep_of_the_wrong_length_is_an_error(tiny_wan_dir, inputs):
+    ours = load_model(WanDiT, tiny_wan_dir / "transformer")
+    x, t, ctx = inputs
+    with pytest.raises(ValueError, match=r"timestep: expected \(2,\) or \(2, 18\)"):
+        ours(x, torch.zeros(2, 17), ctx)

@@ -73,6 +73,19 @@ def shard_sequence(x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, t
     return (x, rope) if sp is None else sp.shard(x, rope)
 
 
+def shard_tokens(t: torch.Tensor) -> torch.Tensor:
+    """Any per-token tensor (B, L, ...) -> this process's share, cut as ``shard_sequence`` cuts the tokens."""
+    sp = _SEQUENCE_PARALLEL.get()
+    return t if sp is None else sp.shard_tokens(t)
+
+
+def sequence_span(length: int) -> tuple[int, int]:
+    """[start, stop) of this process's share of a ``length``-token sequence (stop may pass ``length``
+    by the padding of the last share)."""
+    sp = _SEQUENCE_PARALLEL.get()
+    return (0, length) if sp is None else sp.span(length)
+
+
 def gather_sequence(x: torch.Tensor) -> torch.Tensor:
     """This process's share of the tokens -> the whole sequence (B, L, C)."""
     sp = _SEQUENCE_PARALLEL.get()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention, collapse_repeated_tail, gather_sequence, shard_sequence
+from .attention import attention, collapse_repeated_tail, gather_sequence, sequence_span, shard_sequence, shard_tokens
 from .base import ArchConfig, LoadableModel, require_range
 from .layers import apply_rotary, layer_norm_fp32, linear_gelu_tanh, rope_frequencies, sinusoidal_timestep_embedding
 
@@ -135,11 +135,12 @@ class ConditionEmbedder(nn.Module):
         self.image_embedder = ImageEmbedder(config) if config.image_dim is not None else None
 
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype):
-        """timestep (B,) -> temb (B, dim) and modulation (B, 6, dim), both in ``dtype``."""
-        t_freq = sinusoidal_timestep_embedding(timestep, self.freq_dim)  # (B, freq_dim) fp32
+        """timestep (B, U) -> temb (B, U, dim) and modulation (B, U, 6, dim), both in ``dtype``."""
+        t_freq = sinusoidal_timestep_embedding(timestep.flatten(), self.freq_dim)  # (B*U, freq_dim) fp32
         # the time MLP is kept in fp32; its output follows the activations' dtype
         temb = self.time_embedder(t_freq.to(self.time_embedder.linear_1.weight.dtype)).to(dtype)
-        return temb, self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
+        temb = temb.unflatten(0, timestep.shape)
+        return temb, self.time_proj(F.silu(temb)).unflatten(-1, (6, -1))
 
 
 class ImageEmbedder(nn.Module):
@@ -258,6 +259,52 @@ class FeedForward(nn.Module):
         return self.fc_out(linear_gelu_tanh(x, self.fc_in))
 
 
+class TimestepRuns(typing.NamedTuple):
+    """Which tokens each timestep embedding of ``Tokens`` serves: ``spans[u] = (start, stop)``, the
+    token range (of this process's share) of embedding u. ``spans`` None: the embeddings broadcast
+    as they are (one for every token, or one per token).
+
+    Wan2.2 TI2V gives the image-conditioned first latent frame timestep 0 and the rest t: two
+    values over two token ranges. They are embedded once each and applied per range, where
+    diffusers embeds and keeps six modulation vectors per token (at 720p with guidance, 4 GB
+    in fp32)."""
+
+    spans: tuple[tuple[int, int], ...] | None = None
+
+    def modulate(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """h * (1 + scale) + shift, with (B, U, dim) vectors."""
+        return self._apply(lambda part, sh, sc: torch.addcmul(sh, part, 1 + sc), h, shift, scale)
+
+    def gate(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x + y * gate, with (B, U, dim) gates."""
+        return self._apply(lambda part, other, g: torch.addcmul(part, other, g), x, y, gate, split_second=True)
+
+    def _apply(self, fn, x, a, b, split_second: bool = False):
+        if self.spans is None:
+            return fn(x, a, b)
+        parts = []
+        for u, (start, stop) in enumerate(self.spans):
+            second = a[:, start:stop] if split_second else a[:, u : u + 1]
+            parts.append(fn(x[:, start:stop], second, b[:, u : u + 1]))
+        return torch.cat(parts, dim=1)
+
+
+# per-token timesteps with at most this many distinct runs are embedded per run; more, per token
+MAX_TIMESTEP_RUNS = 16
+
+
+def timestep_runs(timestep: torch.Tensor) -> tuple[torch.Tensor, tuple[tuple[int, int], ...] | None]:
+    """Per-token timesteps (B, L) -> (values (B, U), spans over the whole sequence): the ranges of
+    tokens whose timestep is the same in every row. Many ranges: (timestep, None), one value per
+    token."""
+    length = timestep.shape[1]
+    changes = (timestep[:, 1:] != timestep[:, :-1]).any(dim=0).nonzero().flatten().tolist()
+    if len(changes) + 1 > MAX_TIMESTEP_RUNS:
+        return timestep, None
+    starts = [0] + [i + 1 for i in changes]
+    return timestep[:, starts], tuple(zip(starts, starts[1:] + [length]))
+
+
 class WanBlock(nn.Module):
     def __init__(self, config: WanDiTConfig):
         super().__init__()
@@ -269,14 +316,17 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, config.ffn_dim)
         self.scale_shift_table = _modulation_table(6, dim)
 
-    def forward(self, x: torch.Tensor, context_kv, modulation: torch.Tensor, rope) -> torch.Tensor:
-        # six (B, 1, dim) fp32 vectors: shift/scale/gate for attention, then for the feed-forward
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
+    def forward(self, x: torch.Tensor, context_kv, modulation: torch.Tensor, rope,
+                runs: TimestepRuns = TimestepRuns()) -> torch.Tensor:
+        # six (B, U, dim) fp32 vectors: shift/scale/gate for attention, then for the feed-forward
+        # (U = 1: one timestep for all tokens; see TimestepRuns)
+        mod = self.scale_shift_table.unsqueeze(0) + modulation.float()  # (B, U, 6, dim)
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(2)
         dtype = x.dtype
 
         # modulate(x) = norm(x) * (1 + scale) + shift, in float32; residuals also added in float32
-        h = torch.addcmul(shift_a, layer_norm_fp32(x, self.eps), 1 + scale_a).to(dtype)
-        x = torch.addcmul(x.float(), self.attn1(h, rope), gate_a).to(dtype)
+        h = runs.modulate(layer_norm_fp32(x, self.eps), shift_a, scale_a).to(dtype)
+        x = runs.gate(x.float(), self.attn1(h, rope), gate_a).to(dtype)
 
         if self.norm2 is None:
             h = x
@@ -284,20 +334,22 @@ class WanBlock(nn.Module):
             h = layer_norm_fp32(x, self.eps, self.norm2.weight, self.norm2.bias).to(dtype)
         x = x + self.attn2(h, context_kv)
 
-        h = torch.addcmul(shift_f, layer_norm_fp32(x, self.eps), 1 + scale_f).to(dtype)
-        return torch.addcmul(x.float(), self.ffn(h), gate_f).to(dtype)
+        h = runs.modulate(layer_norm_fp32(x, self.eps), shift_f, scale_f).to(dtype)
+        return runs.gate(x.float(), self.ffn(h), gate_f).to(dtype)
 
 
 class Tokens(typing.NamedTuple):
     """The embedded input of the blocks: tokens ``x`` (B, L, dim) (this process's share under
-    sequence parallelism), the timestep embedding ``temb`` (B, dim) and its six modulation vectors
-    (B, 6, dim), the rotary phasors of the tokens, and the (f, h, w) token grid."""
+    sequence parallelism), the timestep embeddings ``temb`` (B, U, dim) and their six modulation
+    vectors (B, U, 6, dim) with the tokens each serves (``runs``; U = 1 for one timestep), the
+    rotary phasors of the tokens, and the (f, h, w) token grid."""
 
     x: torch.Tensor
     temb: torch.Tensor
     modulation: torch.Tensor
     rope: torch.Tensor
     grid: tuple[int, int, int]
+    runs: TimestepRuns = TimestepRuns()
 
 
 class WanDiT(LoadableModel):
@@ -352,7 +404,8 @@ class WanDiT(LoadableModel):
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None = None,
                 context_kv: list | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """latents (B, C, F, H, W), timestep (B,), and either context (B, L, text_dim) (with
+        """latents (B, C, F, H, W), timestep (B,) or per token (B, tokens) (Wan2.2 TI2V; tokens in
+        (f, h, w) order), and either context (B, L, text_dim) (with
         image_embeds for an image-conditioned model) or their ``encode_context`` result ->
         prediction (B, C_out, F, H, W)."""
         if context_kv is None:
@@ -368,23 +421,38 @@ class WanDiT(LoadableModel):
         grid = (f // pt, h // ph, w // pw)
         rope = self._rope(grid, latents.device)
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()  # (B, tokens, dim)
+        length = x.shape[1]
+        spans = None
+        if timestep.ndim == 1:
+            timestep = timestep[:, None]
+        elif timestep.shape != (b, length):
+            raise ValueError(f"timestep: expected ({b},) or ({b}, {length}) per token, got {tuple(timestep.shape)}")
+        else:
+            timestep, spans = timestep_runs(timestep)
         temb, modulation = self.condition_embedder(timestep, dtype=x.dtype)
         x, rope = shard_sequence(x, rope)  # identity unless sequence parallelism is active
-        return Tokens(x, temb, modulation, rope, grid)
+        if spans is not None:  # this process's part of every run
+            start, stop = sequence_span(length)
+            spans = tuple((min(max(lo, start), stop) - start, min(max(hi, start), stop) - start) for lo, hi in spans)
+            spans = (*spans[:-1], (spans[-1][0], stop - start))  # the padding joins the last run
+        elif temb.shape[1] > 1:  # one embedding per token: cut like the tokens
+            temb, modulation = shard_tokens(temb), shard_tokens(modulation)
+        return Tokens(x, temb, modulation, rope, grid, TimestepRuns(spans))
 
     def run_blocks(self, tokens: Tokens, context_kv: list) -> torch.Tensor:
         """The transformer blocks over the embedded tokens -> (B, tokens, dim)."""
         x = tokens.x
         for block, kv in zip(self.blocks, context_kv):
-            x = block(x, kv, tokens.modulation, tokens.rope)
+            x = block(x, kv, tokens.modulation, tokens.rope, tokens.runs)
         return x
 
     def head(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """The modulated output norm and projection, unpatchified -> (B, C_out, F, H, W)."""
         pt, ph, pw = self.config.patch_size
         grid, b = tokens.grid, x.shape[0]
-        shift, scale = (self.scale_shift_table + tokens.temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, dim) each
-        x = (layer_norm_fp32(x, self.config.eps) * (1 + scale) + shift).to(x.dtype)
+        # (B, U, dim) each; U = 1 for one timestep
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + tokens.temb.unsqueeze(2)).unbind(2)
+        x = tokens.runs.modulate(layer_norm_fp32(x, self.config.eps), shift, scale).to(x.dtype)
         x = gather_sequence(self.proj_out(x))  # (B, tokens, pt*ph*pw*C); the head is per token
         x = x.reshape(b, *grid, pt, ph, pw, -1)  # (B, f, h, w, pt, ph, pw, C)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)

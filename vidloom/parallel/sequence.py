@@ -34,6 +34,19 @@ class UlyssesSequenceParallel:
         n = padded // self.size
         return x[:, self.rank * n:(self.rank + 1) * n].contiguous(), rope[self.rank * n:(self.rank + 1) * n]
 
+    def span(self, length: int) -> tuple[int, int]:
+        """[start, stop) of this rank's share of a ``length``-token sequence, padding included."""
+        n = -(-length // self.size)
+        return self.rank * n, (self.rank + 1) * n
+
+    def shard_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-token tensor (B, L, ...) -> this rank's (B, L_pad/N, ...), cut as :meth:`shard` cuts x
+        (its padding repeats the last token's values: the padding tokens' outputs are dropped)."""
+        start, stop = self.span(t.shape[1])
+        if stop > t.shape[1]:
+            t = torch.cat([t, t[:, -1:].expand(-1, stop - t.shape[1], *t.shape[2:])], dim=1)
+        return t[:, start:stop]
+
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L_pad/N, C) shards of every rank -> (B, L, C), padding dropped."""
         parts = [torch.empty_like(x) for _ in range(self.size)]
