@@ -150,7 +150,10 @@ class RequestLimits:
     max_steps: int = 1000
     max_sequence_length: int = 512
     experts: int = 1  # transformers taking turns over the timesteps (Wan2.2 A14B: 2)
-    image: str = "none"  # "none" (text-to-video), "required" (image-to-video), "first-last" (both frames)
+    # "none" (text-to-video), "optional" (Wan2.2 TI2V: text-to-video, or image-to-video with one),
+    # "required" (image-to-video), "first-last" (both frames required)
+    image: str = "none"
+    last_image: bool = True  # whether a last frame may be given with the image (not to TI2V)
 
     @property
     def spatial_factor(self) -> int:
@@ -279,6 +282,8 @@ class SamplingParams:
         if self.image is None:
             if self.last_image is not None:
                 raise InvalidRequestError("last_image", "given without image (the first frame)", "image and last_image")
+            if limits.image == "optional":
+                return
             raise InvalidRequestError("image", "this image-to-video model needs the first frame",
                                       "a PIL image, a path or an (H, W, 3) array")
         load_image(self.image, "image")
@@ -286,6 +291,8 @@ class SamplingParams:
             raise InvalidRequestError("last_image", "this first-last-frame model needs the last frame too",
                                       "a PIL image, a path or an (H, W, 3) array")
         if self.last_image is not None:
+            if not limits.last_image:
+                raise InvalidRequestError("last_image", "this model takes only the first frame (Wan2.2 TI2V)", "None")
             if self.num_frames < 2:
                 raise InvalidRequestError("last_image", "needs at least 2 frames", "num_frames >= 5")
             load_image(self.last_image, "last_image")

@@ -274,8 +274,8 @@ def _plan(path: Path, config: EngineConfig):
         raise ModelLoadError(f"model_index.json lacks required component(s) {missing}", file=str(index_file))
     plans = {name: plan_component(path, name, spec) for name, spec in specs.items()}
     configs = {name: plan.config for name, plan in plans.items()}
-    pipe_cls.check_components(configs, config, str(index_file))
-    return pipe_cls, plans, pipe_cls.request_limits(configs, config), settings
+    pipe_cls.check_components(configs, config, str(index_file), settings)
+    return pipe_cls, plans, pipe_cls.request_limits(configs, config, settings), settings
 
 
 def _load_components(plans: dict[str, ComponentPlan], config: EngineConfig) -> dict:

@@ -146,3 +146,27 @@ def test_image_to_video_with_sp2_equals_one_process(tiny_wan_pipe, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("sequence=UlyssesSequenceParallel") == 2, proc.stdout
     assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32
+
+
+@pytest.mark.parametrize("with_image", [True, False], ids=["ti2v", "t2v"])
+def test_ti2v_with_sp2_equals_one_process(tiny_wan_pipe, tmp_path, with_image):
+    """Wan2.2 TI2V's per-token timesteps (the first frame's tokens at 0) cut with the tokens over
+    two ranks, and its text-to-video: the one-process video."""
+    from PIL import Image
+
+    from ..parity.test_ti2v_parity import build_ti2v_folder, initial_latents
+
+    folder = build_ti2v_folder(tiny_wan_pipe, tmp_path / "ti2v")
+    request = dict(prompt="a red circle moving left", height=64, width=96, num_frames=9, num_inference_steps=3,
+                   guidance_scale=4.0)  # 3 x 2 x 3 = 18 tokens: the first frame's 6 on rank 0 only
+    if with_image:
+        image = tmp_path / "first.png"
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8), "RGB").save(image)
+        request["image"] = str(image)
+    latents = initial_latents()
+    torch.save(latents, tmp_path / "latents.pt")
+    single = VideoGenerator.from_pretrained(folder, dtype="fp32").generate(latents=latents, **request).frames
+    proc = launch(2, folder, dict(request, engine={"sp_size": 2}, latents_path=str(tmp_path / "latents.pt")), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("sequence=UlyssesSequenceParallel") == 2, proc.stdout
+    assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32

@@ -13,12 +13,20 @@ from ..config import SamplingParams
 @dataclass
 class Conditioning:
     """What an image-conditioned family adds to a request, made by its image stage and read by the
-    denoising stage: ``image_embeds`` (images, tokens, width) from the image encoder (None for a
-    transformer without image cross-attention), and ``condition`` (B, C, F, H, W): channels
-    concatenated to the latents at every step (the frame mask and the VAE-encoded frames)."""
+    denoising stage's model input (``stages.denoising.ModelInput``):
+
+    - ``image_embeds`` (images, tokens, width) from the image encoder (None for a transformer
+      without image cross-attention);
+    - ``condition`` (B, C, F, H, W): Wan2.1 I2V: channels concatenated to the latents at every step
+      (the frame mask and the VAE-encoded frames); Wan2.2 TI2V: the VAE-encoded first frame
+      (B, z, 1, H, W), which replaces the latents where ``frame_mask`` is 0;
+    - ``frame_mask`` (1, 1, F, H, W): TI2V only, 1 where the latents are generated, 0 where they are
+      given; the given tokens see timestep 0.
+    """
 
     image_embeds: torch.Tensor | None = None
     condition: torch.Tensor | None = None
+    frame_mask: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""The Wan text-to-video pipeline (Wan2.1, and Wan2.2's two-expert A14B): only wiring, plus what
-its settings and components must agree on."""
+"""The Wan pipelines: Wan2.1 text-to-video, image-to-video and first-last-frame; Wan2.2's
+two-expert A14B (T2V and I2V) and TI2V-5B (text-to-video, and image-to-video from the same
+folder). Only wiring, plus what the settings and components must agree on: a variant picks its
+conditioning stages and its denoising model input, the denoising loop is the same for all."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ..config import EngineConfig, RequestLimits
@@ -13,8 +14,8 @@ from ..models.encoders import WanImageEncoder, WanTextEncoder
 from . import register_pipeline
 from .base import ComposedPipeline, parallel_parts, tile_spreader
 from .stages import (
-    DecodingStage, DenoisingStage, Expert, ImageEncodingStage, InputValidationStage, LatentPreparationStage, TextEncodingStage,
-    TimestepPreparationStage,
+    ConcatCondition, DecodingStage, DenoisingStage, Expert, FirstFrameStage, GivenFrames, ImageEncodingStage,
+    InputValidationStage, LatentPreparationStage, ModelInput, TextEncodingStage, TimestepPreparationStage,
 )
 
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
@@ -36,13 +37,18 @@ class WanT2VPipeline(ComposedPipeline):
                                          and 0 < boundary <= 1):
             raise ModelLoadError(f"boundary_ratio: must be a number in (0, 1] or null, got {short_repr(boundary)}",
                                  file=index_file)
-        if index.get("expand_timesteps") not in (None, False):
-            raise ModelLoadError("setting expand_timesteps=true (Wan2.2 TI2V) is not supported yet", file=index_file)
-        return {"boundary_ratio": boundary}
+        expand = index.get("expand_timesteps")
+        if expand not in (None, False, True):
+            raise ModelLoadError(f"expand_timesteps: must be true, false or null, got {short_repr(expand)}",
+                                 file=index_file)
+        return {"boundary_ratio": boundary, "expand_timesteps": bool(expand)}
 
     @staticmethod
     def describe(settings: dict[str, Any]) -> str:
         """Which variant a folder is and what a request gives it, for ``vidloom info``."""
+        if settings["expand_timesteps"]:
+            return ("Wan2.2 TI2V (per-token timesteps): text-to-video, or image-to-video with an image as the "
+                    "first frame; inputs: prompt, negative_prompt, guidance_scale, image (optional)")
         if settings["boundary_ratio"] is None:
             return "Wan2.1 text-to-video; inputs: prompt, negative_prompt, guidance_scale"
         return (f"Wan2.2 two-expert text-to-video (transformer while timestep >= {settings['boundary_ratio']:g} x "
@@ -55,20 +61,24 @@ class WanT2VPipeline(ComposedPipeline):
         extra = ("transformer_2",) if settings["boundary_ratio"] is not None else ()
         return cls.required_components + extra
 
-    image_input = "none"  # what a request gives besides text (RequestLimits.image)
-
     @classmethod
     def uses_optional(cls, name: str, settings: dict[str, Any]) -> bool:
         """Whether optional component ``name``, present in the index, takes part."""
         return name in cls.components_needed(settings)
 
     @staticmethod
-    def latent_input_channels(vae) -> int:
-        """The transformer's input channels for this pipeline: text-to-video feeds the latents alone."""
+    def image_input(configs: dict[str, Any], settings: dict[str, Any]) -> str:
+        """What a request gives besides text (``RequestLimits.image``): TI2V may take a first frame."""
+        return "optional" if settings["expand_timesteps"] else "none"
+
+    @staticmethod
+    def latent_input_channels(vae, settings: dict[str, Any]) -> int:
+        """The transformer's input channels for this pipeline: text-to-video (and TI2V, whose image
+        replaces latents) feeds the latents alone."""
         return vae.z_dim
 
     @classmethod
-    def request_limits(cls, configs: dict[str, Any], engine: EngineConfig) -> RequestLimits:
+    def request_limits(cls, configs: dict[str, Any], engine: EngineConfig, settings: dict[str, Any]) -> RequestLimits:
         """What a request may ask, from the components' configs (``ComponentPlan.config``)."""
         dit, vae = configs["transformer"], configs["vae"]
         return RequestLimits(
@@ -76,16 +86,20 @@ class WanT2VPipeline(ComposedPipeline):
             max_grid_side=dit.rope_max_seq_len, max_tokens=engine.max_tokens,
             max_steps=configs["scheduler"].num_train_timesteps,
             max_sequence_length=configs["tokenizer"].get("model_max_length") or WAN_TEXT_LENGTH,
-            experts=2 if "transformer_2" in configs else 1, image=cls.image_input,
+            experts=2 if "transformer_2" in configs else 1, image=cls.image_input(configs, settings),
+            last_image=not settings["expand_timesteps"],
         )
 
     @classmethod
-    def check_components(cls, configs: dict[str, Any], engine: EngineConfig, index_file: str) -> None:
+    def check_components(cls, configs: dict[str, Any], engine: EngineConfig, index_file: str,
+                         settings: dict[str, Any]) -> None:
         """Components that cannot work together are an error before any weight is read."""
         dit, vae, text = configs["transformer"], configs["vae"], configs["text_encoder"]
+        channels = cls.latent_input_channels(vae, settings)
         pairs = [
             ("transformer text_dim", dit.text_dim, "text_encoder d_model", text["d_model"]),
-            ("transformer in_channels", dit.in_channels, cls.latent_input_name, cls.latent_input_channels(vae)),
+            ("transformer in_channels", dit.in_channels,
+             "vae z_dim" if channels == vae.z_dim else cls.latent_input_name, channels),
             ("transformer out_channels", dit.out_channels, "vae z_dim", vae.z_dim),
         ]
         if "transformer_2" in configs:  # the experts take the same latents, text and patches
@@ -103,8 +117,6 @@ class WanT2VPipeline(ComposedPipeline):
                              f"{engine.vae_tile_size} px tile at this VAE's {sf}x factor "
                              f"(allowed: less than {engine.vae_tile_size // sf * sf} px)")
 
-    latent_input_name = "vae z_dim"
-
     @staticmethod
     def image_pairs(configs: dict[str, Any], index_file: str) -> list:
         """Text-to-video: no transformer may expect an image."""
@@ -114,9 +126,18 @@ class WanT2VPipeline(ComposedPipeline):
                                      "video WanPipeline gives it no image", file=index_file)
         return []
 
-    def conditioning_stages(self, components: dict, config: EngineConfig, dit_dtype) -> list:
-        """Stages between text encoding and the timesteps that build ``batch.conditioning``: none."""
-        return []
+    def conditioning_stages(self, components: dict, config: EngineConfig, dit_dtype, settings) -> list:
+        """Stages between text encoding and the timesteps that build ``batch.conditioning``:
+        TI2V's first frame; none for text-to-video."""
+        return [FirstFrameStage(components["vae"], config.torch_device)] if settings["expand_timesteps"] else []
+
+    @staticmethod
+    def model_input(components: dict, settings: dict[str, Any]) -> ModelInput:
+        """How the denoising loop feeds the transformer: TI2V replaces the given frame's latents
+        (and gives its tokens timestep 0); text-to-video feeds the latents as they are."""
+        if settings["expand_timesteps"]:
+            return GivenFrames(tuple(components["transformer"].config.patch_size))
+        return ModelInput()
 
     def __init__(self, components: dict, config: EngineConfig, limits: RequestLimits, settings: dict[str, Any],
                  parallel=None):
@@ -128,7 +149,8 @@ class WanT2VPipeline(ComposedPipeline):
         dit_dtype = dit.proj_out.weight.dtype
         sequence, cfg = parallel_parts(parallel)
         self.denoising = DenoisingStage(self.experts(components, settings), components["scheduler"],
-                                        config.batch_cfg, config.check_finite, sequence=sequence, cfg=cfg)
+                                        config.batch_cfg, config.check_finite, sequence=sequence, cfg=cfg,
+                                        model_input=self.model_input(components, settings))
         # the latents are the VAE's (for text-to-video the DiT takes them as they are)
         self.input_validation = InputValidationStage(limits, vae.config.z_dim)
         self.decoding = DecodingStage(vae, config.vae_tiling, config.vae_tile_size, config.vae_tile_overlap,
@@ -137,7 +159,7 @@ class WanT2VPipeline(ComposedPipeline):
             [
                 self.input_validation,
                 TextEncodingStage(text_encoder, dit_dtype, device),
-                *self.conditioning_stages(components, config, dit_dtype),
+                *self.conditioning_stages(components, config, dit_dtype, settings),
                 TimestepPreparationStage(components["scheduler"], device),
                 LatentPreparationStage(vae.config.z_dim, vae.config.spatial_factor, limits.temporal_factor, device),
                 self.denoising,
@@ -171,27 +193,30 @@ class WanI2VPipeline(WanT2VPipeline):
 
     optional_components = ("transformer_2", "image_encoder", "image_processor")
     optional_components_need = "transformer_2 needs boundary_ratio; image_encoder/image_processor come as a pair"
-    image_input = "required"
     latent_input_name = "2 x vae z_dim + mask channels"
 
     @classmethod
     def uses_optional(cls, name: str, settings: dict[str, Any]) -> bool:
         return name in ("image_encoder", "image_processor") or super().uses_optional(name, settings)
 
-    @classmethod
-    def request_limits(cls, configs: dict[str, Any], engine: EngineConfig) -> RequestLimits:
-        limits = super().request_limits(configs, engine)
+    @staticmethod
+    def image_input(configs: dict[str, Any], settings: dict[str, Any]) -> str:
         if configs["transformer"].pos_embed_seq_len is not None:  # positions for two images' tokens
-            limits = dataclasses.replace(limits, image="first-last")
-        return limits
+            return "first-last"
+        return "required"
 
     @staticmethod
     def describe(settings: dict[str, Any]) -> str:
+        if settings["expand_timesteps"]:
+            return ("Wan2.2 TI2V image-to-video (per-token timesteps; the image is the first frame); inputs: "
+                    "prompt, negative_prompt, image, guidance_scale")
         return ("Wan2.1 image-to-video; inputs: prompt, negative_prompt, image (the first frame), last_image "
                 "(the last frame; required by first-last-frame transformers), guidance_scale")
 
     @staticmethod
-    def latent_input_channels(vae) -> int:
+    def latent_input_channels(vae, settings: dict[str, Any]) -> int:
+        if settings["expand_timesteps"]:
+            return vae.z_dim
         return 2 * vae.z_dim + vae.temporal_factor  # latents, then the mask (one per frame of a latent frame), then the frames
 
     @staticmethod
@@ -209,8 +234,16 @@ class WanI2VPipeline(WanT2VPipeline):
                                  "has no image_encoder", file=index_file)
         return [("transformer image_dim", dit.image_dim, "image_encoder hidden_size", encoder["hidden_size"])]
 
-    def conditioning_stages(self, components: dict, config: EngineConfig, dit_dtype) -> list:
+    def conditioning_stages(self, components: dict, config: EngineConfig, dit_dtype, settings) -> list:
+        if settings["expand_timesteps"]:
+            return super().conditioning_stages(components, config, dit_dtype, settings)
         encoder = None
         if components.get("image_encoder") is not None:
             encoder = WanImageEncoder(components["image_processor"], components["image_encoder"])
         return [ImageEncodingStage(components["vae"], encoder, config.torch_device, dit_dtype)]
+
+    @staticmethod
+    def model_input(components: dict, settings: dict[str, Any]) -> ModelInput:
+        if settings["expand_timesteps"]:
+            return GivenFrames(tuple(components["transformer"].config.patch_size))
+        return ConcatCondition()

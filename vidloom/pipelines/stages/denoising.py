@@ -28,6 +28,57 @@ class Expert:
         return params.guidance_scale if value is None else value
 
 
+class ModelInput:
+    """How a step's latents become the transformer's input and timestep: text-to-video gives them
+    as they are, with one timestep per row. Families with image conditioning subclass it; the
+    denoising loop is the same for all."""
+
+    def prepare(self, batch: ForwardBatch, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (model input (B, C_in, F, H, W) float32, timestep (B,) or per token (B, tokens))."""
+        return batch.latents, t.expand(batch.latents.shape[0])
+
+    def finish(self, batch: ForwardBatch) -> None:
+        """After the last step: what the latents become before decoding (as they are)."""
+
+
+class ConcatCondition(ModelInput):
+    """Wan2.1 image-to-video: ``conditioning.condition`` (frame mask and encoded frames)
+    concatenated to the latents' channels at every step."""
+
+    def prepare(self, batch, t):
+        x, timestep = super().prepare(batch, t)
+        return torch.cat([x, batch.conditioning.condition.to(x.dtype)], dim=1), timestep
+
+
+class GivenFrames(ModelInput):
+    """Wan2.2 TI2V: where ``conditioning.frame_mask`` is 0 (the first latent frame of an
+    image-to-video request) the latents are replaced by the encoded image, and those tokens get
+    timestep 0; the final latents are replaced the same way. Without conditioning (text-to-video
+    from the same model) the latents go in as they are. As diffusers' ``expand_timesteps``."""
+
+    def __init__(self, patch: tuple[int, int, int]):
+        self.patch = patch
+
+    def prepare(self, batch, t):
+        c = batch.conditioning
+        if c is None:
+            return super().prepare(batch, t)
+        x = self._replaced(batch.latents, c)
+        pt, ph, pw = self.patch
+        # one value per token, (f, h, w) order: the mask at every patch's first position times t
+        per_token = (c.frame_mask[0, 0, ::pt, ::ph, ::pw] * t).flatten()
+        return x, per_token[None].expand(x.shape[0], -1)
+
+    def finish(self, batch):
+        if batch.conditioning is not None:
+            batch.latents = self._replaced(batch.latents, batch.conditioning)
+
+    @staticmethod
+    def _replaced(latents: torch.Tensor, c) -> torch.Tensor:
+        mask = c.frame_mask.to(latents)
+        return (1 - mask) * c.condition.to(latents) + mask * latents
+
+
 class DenoisingStage(IterativeStage):
     """The denoising loop, one scheduler step per unit.
 
@@ -42,12 +93,14 @@ class DenoisingStage(IterativeStage):
     phase = Phase.DENOISING
 
     def __init__(self, transformer: torch.nn.Module | list[Expert], scheduler, batch_cfg: bool = True,
-                 check_finite: bool = True, sequence=None, cfg=None):
+                 check_finite: bool = True, sequence=None, cfg=None, model_input: ModelInput | None = None):
         """``transformer``: one transformer, or the experts in order; ``sequence``: a
         sequence-parallel object made active around every forward (``parallel.sequence``);
         ``cfg``: a CFG-parallel object (``parallel.cfg``) when the two branches run on different
-        processes. Both None in one process."""
+        processes. Both None in one process. ``model_input``: how the latents (and the request's
+        conditioning) become the transformer's input (default: as they are)."""
         self.experts = list(transformer) if isinstance(transformer, (list, tuple)) else [Expert(transformer)]
+        self.model_input = model_input or ModelInput()
         self.scheduler = scheduler
         self.batch_cfg = batch_cfg
         self.check_finite = check_finite
@@ -95,26 +148,28 @@ class DenoisingStage(IterativeStage):
         batch.context_expert = None
         return batch
 
+    def end(self, batch: ForwardBatch) -> ForwardBatch:
+        self.model_input.finish(batch)
+        return super().end(batch)
+
     @torch.no_grad()
     def predict(self, batch: ForwardBatch, t: torch.Tensor) -> torch.Tensor:
         """The guided model prediction at timestep ``t``."""
         index = self.expert_index(t)
         model, kv = self.experts[index].transformer, self.context(batch, index)
-        x = batch.latents
-        if batch.conditioning is not None and batch.conditioning.condition is not None:
-            x = torch.cat([x, batch.conditioning.condition.to(x.dtype)], dim=1)  # the model input's extra channels
+        x, timestep = self.model_input.prepare(batch, t)
         x = x.to(self.dtype)
         b = x.shape[0]
         if not batch.params.do_cfg:
-            return self._forward(model, x, t.expand(b), kv)
+            return self._forward(model, x, timestep, kv)
         if self.cfg is not None:  # one branch here, the other on the CFG partner
-            cond, uncond = self.cfg.exchange(self._forward(model, x, t.expand(b), _rows(kv, self.cfg.rows(b))))
+            cond, uncond = self.cfg.exchange(self._forward(model, x, timestep, _rows(kv, self.cfg.rows(b))))
         elif self.batch_cfg:
-            both = self._forward(model, torch.cat([x, x]), t.expand(2 * b), kv)
+            both = self._forward(model, torch.cat([x, x]), torch.cat([timestep, timestep]), kv)
             cond, uncond = both.chunk(2)
         else:
-            cond = self._forward(model, x, t.expand(b), _rows(kv, slice(0, b)))
-            uncond = self._forward(model, x, t.expand(b), _rows(kv, slice(b, 2 * b)))
+            cond = self._forward(model, x, timestep, _rows(kv, slice(0, b)))
+            uncond = self._forward(model, x, timestep, _rows(kv, slice(b, 2 * b)))
         return uncond + self.experts[index].guidance_scale(batch.params) * (cond - uncond)
 
     def _forward(self, model, x: torch.Tensor, t: torch.Tensor, context_kv) -> torch.Tensor:

@@ -66,3 +66,39 @@ class ImageEncodingStage(PipelineStage):
             r.check("conditioning.image_embeds", c is not None and is_tensor(c.image_embeds, 3),
                     "must be (images, tokens, width)")
         return r
+
+
+class FirstFrameStage(PipelineStage):
+    """Wan2.2 TI2V: the request's image, if any -> the conditioning. The image alone, at the
+    request's size, VAE-encoded (posterior mean) and normalised becomes the first latent frame
+    (``condition`` (1, z_dim, 1, h, w)); ``frame_mask`` marks that frame as given. Without an image
+    the request is text-to-video and there is no conditioning. As diffusers'
+    WanImageToVideoPipeline with ``expand_timesteps``."""
+
+    name = "image_encoding"
+
+    def __init__(self, vae, device: torch.device):
+        self.vae = vae
+        self.device = device
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch) -> ForwardBatch:
+        p = batch.params
+        if p.image is None:
+            batch.conditioning = None
+            return batch
+        frame = to_model_input(load_image(p.image, "image"), p.height, p.width)[:, :, None]  # (1, 3, 1, H, W)
+        condition = self.vae.normalize_latents(self.vae.encode_mean(frame).float()).to(self.device)
+        f, h, w = self.vae.config.latent_size(p.num_frames, p.height, p.width)
+        mask = torch.ones(1, 1, f, h, w, device=self.device)
+        mask[:, :, 0] = 0
+        batch.conditioning = Conditioning(condition=condition, frame_mask=mask)
+        return batch
+
+    def verify_output(self, batch: ForwardBatch) -> VerificationResult:
+        r = VerificationResult(self.name, "output")
+        c = batch.conditioning
+        if batch.params.image is not None:
+            r.check("conditioning.condition", c is not None and is_tensor(c.condition, 5), "must be (1, z, 1, h, w)")
+            r.check("conditioning.frame_mask", c is not None and is_tensor(c.frame_mask, 5), "must be (1, 1, f, h, w)")
+        return r
