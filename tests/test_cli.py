@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from vidloom import VideoGenerator
+from vidloom import RefineParams, VideoGenerator
 from vidloom.cli import main
 
 ARGS = ["--height", "32", "--width", "48", "--num-frames", "9", "--steps", "3", "--dtype", "fp32", "--quiet"]
@@ -43,6 +43,24 @@ def test_npy_output_equals_python_api(tiny_wan_dir, tmp_path, capsys):
     ref = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32").generate(
         "a cat", seed=3, height=32, width=48, num_frames=9, num_inference_steps=3).frames
     assert frames.dtype == np.float32 and np.array_equal(frames, ref)
+
+
+def test_refine_flags_equal_python_api(tiny_wan_dir, tmp_path):
+    out = tmp_path / "frames.npy"
+    argv = ["--height", "64", "--width", "96", "--num-frames", "9", "--steps", "3", "--dtype", "fp32", "--quiet"]
+    assert main(["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat", "--output", str(out), "--seed", "3",
+                 "--refine-scale", "2", "--refine-strength", "0.5", "--refine-steps", "2", *argv]) == 0
+    ref = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32").generate(
+        "a cat", seed=3, height=64, width=96, num_frames=9, num_inference_steps=3,
+        refine=RefineParams(scale=2, strength=0.5, steps=2)).frames
+    assert np.array_equal(np.load(out), ref)
+
+
+def test_bad_refine_flag_is_one_line_error(tiny_wan_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat", "--output", str(tmp_path / "o.npy"),
+                 "--refine-strength", "0", *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: refine.strength: got 0.0 (allowed: numbers in (0, 1])"]
 
 
 def test_png_folder_and_gif(tiny_wan_dir, tmp_path):

@@ -16,7 +16,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import EngineConfig, SamplingParams
+from .config import EngineConfig, RefineParams, SamplingParams
 from .default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING
 from .errors import VidloomError
 from .parallel.state import check_layout
@@ -37,12 +37,15 @@ def _scalar_type(annotation) -> type | None:
     return annotation if annotation in (int, float, str, bool) else None
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=frozenset(), dest_prefix="") -> None:
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=frozenset(), dest_prefix="",
+                         flag_prefix="") -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = SHORT_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        if flag_prefix:
+            flag = "--" + flag_prefix + f.name.replace("_", "-")
         dest = dest_prefix + f.name
         if f.name in ENGINE_DTYPE_FIELDS:
             parser.add_argument(flag, dest=dest, default=None, choices=["fp32", "bf16", "fp16"],
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--last-image", dest="s_last_image", default=None, metavar="FILE",
                           help="first-last-frame-to-video: the last frame")
     _add_dataclass_flags(sampling, SamplingParams, SAMPLING_SKIP, "s_")
+    _add_dataclass_flags(gen.add_argument_group(
+        "two-stage generation", "any of these turns it on: the base pass at 1/scale of the size, then the refine "
+        "pass at full size (see RefineParams)"), RefineParams, dest_prefix="r_", flag_prefix="refine-")
     _add_dataclass_flags(gen.add_argument_group("engine"), EngineConfig, dest_prefix="e_")
 
     info = sub.add_parser("info", help="describe a model folder")
@@ -101,6 +107,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--nproc: expected an integer in 1..{MAX_NPROC}, got {args.nproc}")
     engine = EngineConfig.from_options(**_collect(args, "e_"))
     sampling = _collect(args, "s_")
+    refine = _collect(args, "r_")
+    if refine:
+        sampling["refine"] = RefineParams(**refine)
     if args.model is None:
         args.model = DEFAULT_MODEL_DIR
         sampling = {**DEFAULT_MODEL_SAMPLING, **sampling}  # what the user gave wins

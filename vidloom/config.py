@@ -176,6 +176,75 @@ class RequestLimits:
         return -(-latent_frames // pt) * (height // (sf * ph)) * (width // (sf * pw))
 
 
+MAX_REFINE_SCALE = 4
+
+
+@dataclass(frozen=True)
+class RefineParams:
+    """Two-stage generation (a base pass, then a refine pass): the video is generated first at
+    1/``scale`` of the request's height and width; its latents are upsampled to the full size,
+    noised back to the level ``strength`` of a fresh schedule (0: none, 1: pure noise) and denoised
+    there in ``steps`` steps, with ``guidance_scale`` (None: the request's).
+
+    The refine schedule is the last ``steps`` steps of a ``round(steps / strength)``-step schedule
+    (as image-to-image starts part-way in); ``steps`` None: ``round(num_inference_steps x strength)``,
+    so the whole refine schedule has about ``num_inference_steps`` steps. Its noise is drawn from
+    ``seed + 1``."""
+
+    scale: int = 2
+    strength: float = 0.6
+    steps: int | None = None
+    guidance_scale: float | None = None
+
+    @classmethod
+    def coerce(cls, value) -> "RefineParams":
+        """A RefineParams, or one from a dict of its fields (InvalidRequestError naming a bad key)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise InvalidRequestError("refine", f"got {_short(value)}", "RefineParams(...), a dict of its fields, or None")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise InvalidRequestError(f"refine.{unknown[0]}", "unknown refine option", ", ".join(sorted(names)))
+        return cls(**value)
+
+    def run_steps(self, params: "SamplingParams") -> int:
+        """The refine pass's step count for ``params``."""
+        return self.steps if self.steps is not None else max(1, round(params.num_inference_steps * self.strength))
+
+    def schedule_steps(self, params: "SamplingParams") -> int:
+        """The steps of the whole refine schedule, of which the last ``run_steps`` run."""
+        return max(self.run_steps(params), round(self.run_steps(params) / self.strength))
+
+    def validate(self, params: "SamplingParams", limits: RequestLimits) -> None:
+        if not _is_int(self.scale) or not 1 <= self.scale <= MAX_REFINE_SCALE:
+            raise InvalidRequestError("refine.scale", f"got {_short(self.scale)}", f"integers 1..{MAX_REFINE_SCALE}")
+        if not _is_number(self.strength) or not 0 < self.strength <= 1:
+            raise InvalidRequestError("refine.strength", f"got {_short(self.strength)}", "numbers in (0, 1]")
+        if self.steps is not None and (not _is_int(self.steps) or not 1 <= self.steps <= limits.max_steps):
+            raise InvalidRequestError("refine.steps", f"got {_short(self.steps)}", f"integers 1..{limits.max_steps}, or None")
+        if self.guidance_scale is not None and (not _is_number(self.guidance_scale)
+                                                or not 0 <= self.guidance_scale <= MAX_GUIDANCE):
+            raise InvalidRequestError("refine.guidance_scale", f"got {_short(self.guidance_scale)}",
+                                      f"numbers 0..{MAX_GUIDANCE:g}, or None")
+        if self.schedule_steps(params) > limits.max_steps:
+            raise InvalidRequestError("refine.strength", f"{self.run_steps(params)} steps at strength {self.strength:g} "
+                                      f"need a {self.schedule_steps(params)}-step schedule",
+                                      f"at most {limits.max_steps} (fewer steps or a higher strength)")
+        step = limits.spatial_factor * self.scale
+        for name in ("height", "width"):
+            if getattr(params, name) % step:
+                raise InvalidRequestError(name, f"got {getattr(params, name)}: the base pass at 1/{self.scale} "
+                                          "of it is no valid size", f"multiples of {step} with refine.scale={self.scale}")
+        for name in ("image", "last_image"):
+            if getattr(params, name) is not None:
+                raise InvalidRequestError("refine", "two-stage generation is text-to-video only", f"None with {name}")
+        if self.guidance_scale is not None and self.guidance_scale > 1 and not params.do_cfg:
+            raise InvalidRequestError("refine.guidance_scale", f"{self.guidance_scale:g} needs the negative prompt, "
+                                      "which is encoded only with guidance_scale > 1", "at most 1 here, or None")
+
+
 @dataclass
 class SamplingParams:
     """One generation request. ``validate`` checks it against the model before any work."""
@@ -199,6 +268,7 @@ class SamplingParams:
     fps: int = 16
     return_trajectory: bool = False
     decode_trajectory: bool = False
+    refine: RefineParams | None = None  # two-stage generation (see RefineParams); a dict of its fields works too
 
     @property
     def do_cfg(self) -> bool:
@@ -245,6 +315,9 @@ class SamplingParams:
         if self.decode_trajectory and not self.return_trajectory:
             raise InvalidRequestError("decode_trajectory", "needs return_trajectory=True (it decodes that trajectory)")
         self._validate_images(limits)
+        if self.refine is not None:
+            self.refine = RefineParams.coerce(self.refine)
+            self.refine.validate(self, limits)
         if self.latents is not None:
             self._validate_latents()
         if self.output_path is not None:
@@ -317,6 +390,20 @@ class SamplingParams:
         kind = check_output_path(Path(self.output_path))
         if self.output_type == "mp4" and kind != "mp4":
             raise InvalidRequestError("output_path", "output_type 'mp4' needs a .mp4 path", "*.mp4 or None")
+
+    def base_pass(self) -> "SamplingParams":
+        """The request the base pass of a two-stage generation runs: 1/scale of the size, no
+        refine (the request itself without ``refine``)."""
+        if self.refine is None:
+            return self
+        s = self.refine.scale
+        return dataclasses.replace(self, height=self.height // s, width=self.width // s, refine=None)
+
+    def refine_pass(self) -> "SamplingParams":
+        """The request the refine pass runs: the full size, its guidance scale."""
+        if self.refine.guidance_scale is None:
+            return self
+        return dataclasses.replace(self, guidance_scale=self.refine.guidance_scale)
 
     def latent_shape(self, channels: int, spatial_factor: int, temporal_factor: int) -> tuple[int, ...]:
         frames = (self.num_frames - 1) // temporal_factor + 1

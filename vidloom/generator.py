@@ -95,7 +95,7 @@ class Task:
     @property
     def status(self) -> str:
         if self.state == TaskState.DENOISING:
-            return f"denoising {self.batch.step_index}/{self.params.num_inference_steps}"
+            return f"denoising {self.batch.step_index}/{self.batch.num_steps}"
         return self.state.value
 
     def cancel(self) -> None:
@@ -156,7 +156,7 @@ class VideoGenerator:
         params = SamplingParams.from_kwargs(prompt, **sampling)
         self.pipeline.validate_request(params)
         self.check_weight_files()
-        batch = ForwardBatch(params=params)
+        batch = ForwardBatch.for_request(params)
         task = Task(id=f"task-{next(self._ids)}", params=params, batch=batch,
                     total_units=self.pipeline.total_units(batch), callback=callback)
         task._units = self.pipeline.units(batch)
@@ -178,9 +178,9 @@ class VideoGenerator:
             else:
                 task.state = _PHASE_STATES[unit.stage.phase]
                 task.batch = unit.run(task.batch)
-                if unit.stage.phase == Phase.DENOISING and task.callback is not None:
+                if unit.stage.phase == Phase.DENOISING and unit.stage.iterative and task.callback is not None:
                     b = task.batch
-                    task.callback(b.step_index, b.num_steps, float(b.timesteps[unit.index]), b.latents)
+                    task.callback(b.step_index, b.num_steps, float(b.timesteps[b.begin_index + unit.index]), b.latents)
             task.units_done += 1
         except BaseException as exc:
             task.state, task.error, task._units = TaskState.FAILED, exc, None

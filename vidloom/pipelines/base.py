@@ -70,7 +70,7 @@ class PipelineStage:
         raise NotImplementedError
 
     def num_units(self, batch: ForwardBatch) -> int:
-        """Units of work ``step`` runs this stage in (1 for a plain stage)."""
+        """Units of work ``step`` runs this stage in (1 for a plain stage; 0: none for this batch)."""
         return 1
 
     def __call__(self, batch: ForwardBatch) -> ForwardBatch:
@@ -164,16 +164,18 @@ class ComposedPipeline:
 
     def run(self, batch: ForwardBatch) -> ForwardBatch:
         for stage in self.stages:
-            batch = stage(batch)
+            if stage.num_units(batch):  # an iterative stage with no steps for this request is skipped
+                batch = stage(batch)
         return batch
 
     def units(self, batch: ForwardBatch) -> Iterator[WorkUnit]:
         """The units of work of ``batch``, in order; each is timed and verified like ``run``."""
         for stage in self.stages:
+            total = stage.num_units(batch)  # 0: nothing to do for this request (a refine pass without refine)
             if not stage.iterative:
-                yield WorkUnit(stage, 0, 1, stage)
+                if total:
+                    yield WorkUnit(stage, 0, 1, stage)
                 continue
-            total = stage.num_units(batch)
             for i in range(total):
                 yield WorkUnit(stage, i, total, _iterative_unit(stage, i, total))
 

@@ -31,7 +31,12 @@ class Conditioning:
 
 @dataclass
 class ForwardBatch:
+    """``params`` is what the current phase runs: the request itself, or in a two-stage
+    generation first its base pass (``SamplingParams.base_pass``) and then its refine pass;
+    ``request`` is the whole request (None: ``params``)."""
+
     params: SamplingParams
+    request: SamplingParams | None = None
     # encoder outputs
     prompt_embeds: torch.Tensor | None = None  # (B, L, D) in the DiT's dtype
     negative_embeds: torch.Tensor | None = None  # (B, L, D), only with guidance
@@ -44,13 +49,16 @@ class ForwardBatch:
     schedule: Any = None  # the scheduler's Schedule (sigmas, timesteps, shift), read-only
     scheduler_state: Any = None  # the solver's explicit state, replaced each step
     latents: torch.Tensor | None = None  # (B, C, F, H, W) float32
-    step_index: int = 0
+    step_index: int = 0  # steps done in the current denoising phase
+    begin_index: int = 0  # where in ``schedule`` the current denoising phase starts
+    num_steps: int = 0  # the current denoising phase's steps
     # outputs
     video: torch.Tensor | None = None  # (B, 3, T, H, W) in [0, 1], float32
     trajectory: list[torch.Tensor] = field(default_factory=list)  # latents after each step
     trajectory_video: list[torch.Tensor] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds
 
-    @property
-    def num_steps(self) -> int:
-        return self.params.num_inference_steps
+    @classmethod
+    def for_request(cls, params: SamplingParams) -> "ForwardBatch":
+        """The batch a request starts with (a two-stage request starts with its base pass)."""
+        return cls(params=params.base_pass(), request=params)

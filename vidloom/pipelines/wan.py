@@ -15,7 +15,7 @@ from . import register_pipeline
 from .base import ComposedPipeline, parallel_parts, tile_spreader
 from .stages import (
     ConcatCondition, DecodingStage, DenoisingStage, Expert, FirstFrameStage, GivenFrames, ImageEncodingStage,
-    InputValidationStage, LatentPreparationStage, ModelInput, TextEncodingStage, TimestepPreparationStage,
+    InputValidationStage, LatentPreparationStage, ModelInput, RefineStage, TextEncodingStage, TimestepPreparationStage,
 )
 
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
@@ -148,9 +148,14 @@ class WanT2VPipeline(ComposedPipeline):
         text_encoder = WanTextEncoder(components["tokenizer"], components["text_encoder"])
         dit_dtype = dit.proj_out.weight.dtype
         sequence, cfg = parallel_parts(parallel)
-        self.denoising = DenoisingStage(self.experts(components, settings), components["scheduler"],
-                                        config.batch_cfg, config.check_finite, sequence=sequence, cfg=cfg,
-                                        model_input=self.model_input(components, settings))
+        experts, model_input = self.experts(components, settings), self.model_input(components, settings)
+        self.denoising = DenoisingStage(experts, components["scheduler"], config.batch_cfg, config.check_finite,
+                                        sequence=sequence, cfg=cfg, model_input=model_input)
+        # two-stage generation: the refine pass, a second denoising stage with its own schedule
+        # (neither has work for a request without refine)
+        refine = DenoisingStage(experts, components["scheduler"], config.batch_cfg, config.check_finite,
+                                sequence=sequence, cfg=cfg, model_input=model_input,
+                                steps=lambda request: request.refine.run_steps(request) if request.refine else 0)
         # the latents are the VAE's (for text-to-video the DiT takes them as they are)
         self.input_validation = InputValidationStage(limits, vae.config.z_dim)
         self.decoding = DecodingStage(vae, config.vae_tiling, config.vae_tile_size, config.vae_tile_overlap,
@@ -163,6 +168,8 @@ class WanT2VPipeline(ComposedPipeline):
                 TimestepPreparationStage(components["scheduler"], device),
                 LatentPreparationStage(vae.config.z_dim, vae.config.spatial_factor, limits.temporal_factor, device),
                 self.denoising,
+                RefineStage(components["scheduler"], vae.config.spatial_factor, device),
+                refine,
                 self.decoding,
             ],
             limits,

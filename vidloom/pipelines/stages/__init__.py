@@ -5,10 +5,11 @@ from .denoising import ConcatCondition, DenoisingStage, Expert, GivenFrames, Mod
 from .image_encoding import FirstFrameStage, ImageEncodingStage
 from .input_validation import InputValidationStage
 from .latent_preparation import LatentPreparationStage
+from .refine import RefineStage
 from .text_encoding import TextEncodingStage
 from .timestep_preparation import TimestepPreparationStage
 
 __all__ = [
     "ConcatCondition", "DecodingStage", "DenoisingStage", "Expert", "FirstFrameStage", "GivenFrames", "ImageEncodingStage",
-    "InputValidationStage", "LatentPreparationStage", "ModelInput", "TextEncodingStage", "TimestepPreparationStage",
+    "InputValidationStage", "LatentPreparationStage", "ModelInput", "RefineStage", "TextEncodingStage", "TimestepPreparationStage",
 ]

@@ -93,14 +93,18 @@ class DenoisingStage(IterativeStage):
     phase = Phase.DENOISING
 
     def __init__(self, transformer: torch.nn.Module | list[Expert], scheduler, batch_cfg: bool = True,
-                 check_finite: bool = True, sequence=None, cfg=None, model_input: ModelInput | None = None):
+                 check_finite: bool = True, sequence=None, cfg=None, model_input: ModelInput | None = None,
+                 steps=None):
         """``transformer``: one transformer, or the experts in order; ``sequence``: a
         sequence-parallel object made active around every forward (``parallel.sequence``);
         ``cfg``: a CFG-parallel object (``parallel.cfg``) when the two branches run on different
         processes. Both None in one process. ``model_input``: how the latents (and the request's
-        conditioning) become the transformer's input (default: as they are)."""
+        conditioning) become the transformer's input (default: as they are). ``steps(request)``:
+        how many steps this stage runs, from ``batch.begin_index`` on (default: the request's
+        ``num_inference_steps``; a refine pass runs its own)."""
         self.experts = list(transformer) if isinstance(transformer, (list, tuple)) else [Expert(transformer)]
         self.model_input = model_input or ModelInput()
+        self.steps = steps or (lambda params: params.num_inference_steps)
         self.scheduler = scheduler
         self.batch_cfg = batch_cfg
         self.check_finite = check_finite
@@ -112,7 +116,7 @@ class DenoisingStage(IterativeStage):
         return self.experts[0].transformer.proj_out.weight.dtype
 
     def num_units(self, batch: ForwardBatch) -> int:
-        return batch.params.num_inference_steps
+        return self.steps(batch.request or batch.params)
 
     def verify_input(self, batch: ForwardBatch) -> VerificationResult:
         r = VerificationResult(self.name, "input")
@@ -146,6 +150,7 @@ class DenoisingStage(IterativeStage):
     def begin(self, batch: ForwardBatch) -> ForwardBatch:
         batch = super().begin(batch)
         batch.context_expert = None
+        batch.num_steps = self.num_units(batch)
         return batch
 
     def end(self, batch: ForwardBatch) -> ForwardBatch:
@@ -177,7 +182,7 @@ class DenoisingStage(IterativeStage):
             return model(x, t, context_kv=context_kv)
 
     def step(self, batch: ForwardBatch, index: int) -> ForwardBatch:
-        t = batch.timesteps[index]
+        t = batch.timesteps[batch.begin_index + index]
         noise_pred = self.predict(batch, t)
         latents, batch.scheduler_state = self.scheduler.step(
             batch.schedule, batch.scheduler_state, noise_pred, batch.latents

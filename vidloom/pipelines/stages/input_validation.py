@@ -19,8 +19,8 @@ class InputValidationStage(PipelineStage):
     def check(self, params: SamplingParams) -> SamplingParams:
         """Raise InvalidRequestError naming the first bad field of ``params``."""
         params.validate(self.limits)
-        if params.latents is not None:
-            shape = params.latent_shape(self.latent_channels, self.limits.vae_spatial_factor,
+        if params.latents is not None:  # the initial noise: of the base pass in a two-stage request
+            shape = params.base_pass().latent_shape(self.latent_channels, self.limits.vae_spatial_factor,
                                         self.limits.temporal_factor)
             if tuple(params.latents.shape) != shape:
                 raise InvalidRequestError(

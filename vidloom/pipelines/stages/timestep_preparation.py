@@ -21,7 +21,7 @@ class TimestepPreparationStage(PipelineStage):
         batch.schedule = schedule
         batch.timesteps, batch.sigmas = schedule.timesteps, schedule.sigmas
         batch.scheduler_state = self.scheduler.init_state()
-        batch.step_index = 0
+        batch.step_index = batch.begin_index = 0
         return batch
 
     def verify_output(self, batch: ForwardBatch) -> VerificationResult:
