@@ -157,3 +157,41 @@ def test_cli_second_guidance_scale_and_info(ours, two_expert_dir, tmp_path, caps
     assert np.array_equal(np.load(out), api.frames)
     assert main(["info", "--model", str(two_expert_dir)]) == 0
     assert "variant: Wan2.2 two-expert text-to-video (transformer while timestep >= 0.5" in capsys.readouterr().out
+
+
+def _low_noise_only(two_expert_dir, folder, boundary):
+    shutil.copytree(two_expert_dir, folder)
+    shutil.rmtree(folder / "transformer")
+    _edit_index(folder, transformer=[None, None], boundary_ratio=boundary)
+    return folder
+
+
+def test_low_noise_only_folder_matches_diffusers(two_expert_dir, tmp_path):
+    """transformer null, only transformer_2: with boundary_ratio 1 every timestep is below the
+    boundary, so diffusers runs transformer_2 throughout; so does vidloom."""
+    from diffusers import WanPipeline
+
+    folder = _low_noise_only(two_expert_dir, tmp_path / "low", 1.0)
+    ours = VideoGenerator.from_pretrained(folder, dtype="fp32")
+    assert "transformer" not in ours.pipeline.components and len(ours.pipeline.denoising.experts) == 1
+    reference = WanPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    assert reference.transformer is None
+    latents = initial_latents(5)
+    kwargs = dict(num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=3.0, **SIZE)
+    mine = ours.generate("a red circle moving left", latents=latents, **kwargs)
+    ref = reference(prompt="a red circle moving left", latents=latents.clone(), output_type="np", **kwargs).frames[0]
+    assert rel_err(mine.frames, ref) <= FP32_RTOL
+
+
+def test_low_noise_only_folder_refuses_timesteps_above_the_boundary(two_expert_dir, tmp_path):
+    # diffusers would call the missing transformer mid-generation; here it is refused at submit
+    ours = VideoGenerator.from_pretrained(_low_noise_only(two_expert_dir, tmp_path / "low", BOUNDARY), dtype="fp32")
+    with pytest.raises(InvalidRequestError, match="no high-noise transformer") as err:
+        ours.submit("a cat", num_inference_steps=4, **SIZE)
+    assert err.value.field == "num_inference_steps"
+
+
+def test_null_transformer_needs_the_low_noise_expert_and_a_boundary(two_expert_dir, tmp_path):
+    folder = _low_noise_only(two_expert_dir, tmp_path / "low", None)
+    with pytest.raises(ModelLoadError, match="transformer is null: then the folder needs transformer_2 and a boundary"):
+        VideoGenerator.request_limits(folder)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import EngineConfig, RequestLimits
-from ..errors import ModelLoadError
+from ..errors import InvalidRequestError, ModelLoadError
 from ..jsonfile import short_repr
 from ..models.encoders import WanImageEncoder, WanTextEncoder
 from . import register_pipeline
@@ -19,6 +19,12 @@ from .stages import (
 )
 
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+
+
+def first_transformer(components: dict):
+    """The transformer that sets the shapes (the high-noise one; the low-noise one in a folder
+    that has only that): a config or a module, from a dict of either."""
+    return components["transformer"] if "transformer" in components else components["transformer_2"]
 # the length Wan's text encoder was trained at, for a tokenizer that states none
 WAN_TEXT_LENGTH = 512
 
@@ -41,7 +47,12 @@ class WanT2VPipeline(ComposedPipeline):
         if expand not in (None, False, True):
             raise ModelLoadError(f"expand_timesteps: must be true, false or null, got {short_repr(expand)}",
                                  file=index_file)
-        return {"boundary_ratio": boundary, "expand_timesteps": bool(expand)}
+        # a folder may hold only the low-noise expert (transformer null), as diffusers allows
+        high_noise = index.get("transformer") not in (None, [None, None])
+        if not high_noise and (boundary is None or index.get("transformer_2") in (None, [None, None])):
+            raise ModelLoadError("transformer is null: then the folder needs transformer_2 and a boundary_ratio "
+                                 "(the low-noise expert serves the timesteps below the boundary)", file=index_file)
+        return {"boundary_ratio": boundary, "expand_timesteps": bool(expand), "high_noise": high_noise}
 
     @staticmethod
     def describe(settings: dict[str, Any]) -> str:
@@ -51,15 +62,23 @@ class WanT2VPipeline(ComposedPipeline):
                     "first frame; inputs: prompt, negative_prompt, guidance_scale, image (optional)")
         if settings["boundary_ratio"] is None:
             return "Wan2.1 text-to-video; inputs: prompt, negative_prompt, guidance_scale"
+        if not settings["high_noise"]:
+            return (f"Wan2.2 low-noise expert alone (transformer null): transformer_2 for timesteps below "
+                    f"{settings['boundary_ratio']:g} x num_train_timesteps, other schedules refused; inputs: prompt, "
+                    "negative_prompt, guidance_scale_2")
         return (f"Wan2.2 two-expert text-to-video (transformer while timestep >= {settings['boundary_ratio']:g} x "
                 "num_train_timesteps, then transformer_2); inputs: prompt, negative_prompt, guidance_scale, "
                 "guidance_scale_2 (default: guidance_scale)")
 
     @classmethod
     def components_needed(cls, settings: dict[str, Any]) -> tuple[str, ...]:
-        """With a boundary_ratio, the low-noise expert transformer_2 too."""
+        """With a boundary_ratio, the low-noise expert transformer_2 too (and only it when the
+        folder has no high-noise transformer)."""
         extra = ("transformer_2",) if settings["boundary_ratio"] is not None else ()
-        return cls.required_components + extra
+        base = cls.required_components
+        if not settings.get("high_noise", True):
+            base = tuple(name for name in base if name != "transformer")
+        return base + extra
 
     @classmethod
     def uses_optional(cls, name: str, settings: dict[str, Any]) -> bool:
@@ -80,7 +99,7 @@ class WanT2VPipeline(ComposedPipeline):
     @classmethod
     def request_limits(cls, configs: dict[str, Any], engine: EngineConfig, settings: dict[str, Any]) -> RequestLimits:
         """What a request may ask, from the components' configs (``ComponentPlan.config``)."""
-        dit, vae = configs["transformer"], configs["vae"]
+        dit, vae = first_transformer(configs), configs["vae"]
         return RequestLimits(
             vae_spatial_factor=vae.spatial_factor, temporal_factor=vae.temporal_factor, patch=tuple(dit.patch_size),
             max_grid_side=dit.rope_max_seq_len, max_tokens=engine.max_tokens,
@@ -94,7 +113,7 @@ class WanT2VPipeline(ComposedPipeline):
     def check_components(cls, configs: dict[str, Any], engine: EngineConfig, index_file: str,
                          settings: dict[str, Any]) -> None:
         """Components that cannot work together are an error before any weight is read."""
-        dit, vae, text = configs["transformer"], configs["vae"], configs["text_encoder"]
+        dit, vae, text = first_transformer(configs), configs["vae"], configs["text_encoder"]
         channels = cls.latent_input_channels(vae, settings)
         pairs = [
             ("transformer text_dim", dit.text_dim, "text_encoder d_model", text["d_model"]),
@@ -136,14 +155,14 @@ class WanT2VPipeline(ComposedPipeline):
         """How the denoising loop feeds the transformer: TI2V replaces the given frame's latents
         (and gives its tokens timestep 0); text-to-video feeds the latents as they are."""
         if settings["expand_timesteps"]:
-            return GivenFrames(tuple(components["transformer"].config.patch_size))
+            return GivenFrames(tuple(first_transformer(components).config.patch_size))
         return ModelInput()
 
     def __init__(self, components: dict, config: EngineConfig, limits: RequestLimits, settings: dict[str, Any],
                  parallel=None):
         """``limits``: ``request_limits`` of the components' configs, computed before loading;
         ``settings``: ``read_settings`` of the model index."""
-        dit, vae = components["transformer"], components["vae"]
+        dit, vae = first_transformer(components), components["vae"]
         device = config.torch_device
         text_encoder = WanTextEncoder(components["tokenizer"], components["text_encoder"])
         dit_dtype = dit.proj_out.weight.dtype
@@ -175,6 +194,7 @@ class WanT2VPipeline(ComposedPipeline):
             limits,
         )
         self.components = components
+        self.settings = settings
 
     @staticmethod
     def experts(components: dict, settings: dict[str, Any]) -> list[Expert]:
@@ -185,11 +205,33 @@ class WanT2VPipeline(ComposedPipeline):
         if boundary is None:
             return [Expert(components["transformer"])]
         boundary_timestep = boundary * components["scheduler"].config.num_train_timesteps
-        return [Expert(components["transformer"], min_timestep=boundary_timestep),
-                Expert(components["transformer_2"], guidance_field="guidance_scale_2")]
+        low = Expert(components["transformer_2"], guidance_field="guidance_scale_2")
+        if not settings["high_noise"]:
+            return [low]
+        return [Expert(components["transformer"], min_timestep=boundary_timestep), low]
 
     def validate_request(self, params) -> None:
         self.input_validation.check(params)
+        if not self.settings["high_noise"]:
+            self._check_low_noise_only(params)
+
+    def _check_low_noise_only(self, params) -> None:
+        """A folder with only the low-noise expert serves a request only if every timestep it
+        runs is below the boundary (diffusers fails there mid-generation; here it is refused)."""
+        scheduler = self.components["scheduler"]
+        boundary = self.settings["boundary_ratio"] * scheduler.config.num_train_timesteps
+        schedules = [(scheduler.schedule(params.num_inference_steps, shift=params.flow_shift), 0)]
+        if params.refine is not None:
+            refine = params.refine
+            full = scheduler.schedule(refine.schedule_steps(params), shift=params.flow_shift)
+            schedules.append((full, len(full.timesteps) - refine.run_steps(params)))
+        for schedule, begin in schedules:
+            first = float(schedule.timesteps[begin])
+            if first >= boundary:
+                raise InvalidRequestError(
+                    "num_inference_steps", f"the schedule starts at timestep {first:g}, at or above the boundary "
+                    f"{boundary:g} (boundary_ratio x num_train_timesteps), and this folder has no high-noise "
+                    "transformer (transformer is null)", "a schedule below the boundary, or a folder with both experts")
 
 
 @register_pipeline("WanImageToVideoPipeline")
@@ -208,7 +250,7 @@ class WanI2VPipeline(WanT2VPipeline):
 
     @staticmethod
     def image_input(configs: dict[str, Any], settings: dict[str, Any]) -> str:
-        if configs["transformer"].pos_embed_seq_len is not None:  # positions for two images' tokens
+        if first_transformer(configs).pos_embed_seq_len is not None:  # positions for two images' tokens
             return "first-last"
         return "required"
 
@@ -228,7 +270,7 @@ class WanI2VPipeline(WanT2VPipeline):
 
     @staticmethod
     def image_pairs(configs: dict[str, Any], index_file: str) -> list:
-        dit, encoder = configs["transformer"], configs.get("image_encoder")
+        dit, encoder = first_transformer(configs), configs.get("image_encoder")
         if (encoder is None) != ("image_processor" not in configs):
             raise ModelLoadError("image_encoder and image_processor come together", file=index_file)
         if dit.image_dim is None:
@@ -252,5 +294,5 @@ class WanI2VPipeline(WanT2VPipeline):
     @staticmethod
     def model_input(components: dict, settings: dict[str, Any]) -> ModelInput:
         if settings["expand_timesteps"]:
-            return GivenFrames(tuple(components["transformer"].config.patch_size))
+            return GivenFrames(tuple(first_transformer(components).config.patch_size))
         return ConcatCondition()
