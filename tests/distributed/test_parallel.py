@@ -148,10 +148,12 @@ def test_image_to_video_with_sp2_equals_one_process(tiny_wan_pipe, tmp_path):
     assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32
 
 
-@pytest.mark.parametrize("with_image", [True, False], ids=["ti2v", "t2v"])
-def test_ti2v_with_sp2_equals_one_process(tiny_wan_pipe, tmp_path, with_image):
+@pytest.mark.parametrize("with_image,engine", [(True, {"sp_size": 2}), (False, {"sp_size": 2}),
+                                               (True, {"cfg_parallel": True})], ids=["ti2v-sp2", "t2v-sp2", "ti2v-cfg2"])
+def test_ti2v_with_two_processes_equals_one_process(tiny_wan_pipe, tmp_path, with_image, engine):
     """Wan2.2 TI2V's per-token timesteps (the first frame's tokens at 0) cut with the tokens over
-    two ranks, and its text-to-video: the one-process video."""
+    two ranks, its text-to-video, and TI2V with the guidance branches on two ranks: the
+    one-process video."""
     from PIL import Image
 
     from ..parity.test_ti2v_parity import build_ti2v_folder, initial_latents
@@ -166,7 +168,45 @@ def test_ti2v_with_sp2_equals_one_process(tiny_wan_pipe, tmp_path, with_image):
     latents = initial_latents()
     torch.save(latents, tmp_path / "latents.pt")
     single = VideoGenerator.from_pretrained(folder, dtype="fp32").generate(latents=latents, **request).frames
+    proc = launch(2, folder, dict(request, engine=engine, latents_path=str(tmp_path / "latents.pt")), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    kind = "sequence=UlyssesSequenceParallel" if "sp_size" in engine else "cfg=CFGParallel"
+    assert proc.stdout.count(kind) == 2, proc.stdout
+    assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32
+
+
+def test_two_experts_with_sp2_equals_one_process(tiny_wan_dir, tiny_wan_pipe, tmp_path):
+    """Wan2.2 A14B's two experts (each with its own text keys/values) over two ranks."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from vidloom import tiny
+
+    folder = tmp_path / "two_expert"
+    torch.manual_seed(1)
+    parts = {k: getattr(tiny_wan_pipe, k) for k in ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")}
+    WanPipeline(**parts, transformer_2=WanTransformer3DModel(**tiny.TINY_TRANSFORMER),
+                boundary_ratio=0.5).save_pretrained(str(folder))
+    request = dict(prompt="a red circle moving left", height=48, width=48, num_frames=9, num_inference_steps=4,
+                   guidance_scale=4.0, guidance_scale_2=2.0)
+    latents = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    torch.save(latents, tmp_path / "latents.pt")
+    single = VideoGenerator.from_pretrained(folder, dtype="fp32").generate(latents=latents, **request).frames
     proc = launch(2, folder, dict(request, engine={"sp_size": 2}, latents_path=str(tmp_path / "latents.pt")), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("sequence=UlyssesSequenceParallel") == 2, proc.stdout
+    assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32
+
+
+def test_two_stage_with_sp2_equals_one_process(tiny_wan_dir, tmp_path):
+    """Two-stage generation over two ranks: the base pass (27 tokens, uneven) and the refine pass
+    (108 tokens) both sharded."""
+    request = dict(prompt="a red circle moving left", height=96, width=96, num_frames=9, num_inference_steps=3,
+                   guidance_scale=4.0, refine={"scale": 2, "strength": 0.5, "steps": 2})
+    latents = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(0))  # the base pass's noise
+    torch.save(latents, tmp_path / "latents.pt")
+    single = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32").generate(latents=latents, **request).frames
+    proc = launch(2, tiny_wan_dir, dict(request, engine={"sp_size": 2}, latents_path=str(tmp_path / "latents.pt")),
+                  tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("sequence=UlyssesSequenceParallel") == 2, proc.stdout
     assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32
