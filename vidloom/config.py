@@ -78,6 +78,9 @@ class EngineConfig:
     # must then not change while the engine lives (see README, "Mapped weights")
     map_weights: bool = True
     max_tokens: int = MAX_TOKENS  # largest request the engine takes, in DiT tokens (frames x h x w)
+    # a second model folder whose transformer(s) and scheduler run the refine pass of two-stage
+    # generation (it must share the base folder's text encoder and VAE latent space); None: the base's
+    refine_model: str | None = None
 
     def __post_init__(self):
         try:
@@ -98,6 +101,10 @@ class EngineConfig:
                              f"than vae_tile_size), got {self.vae_tile_overlap!r}")
         if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
             raise ValueError(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
+        if self.refine_model is not None and not isinstance(self.refine_model, (str, os.PathLike)):
+            raise ValueError(f"refine_model: expected a model folder path or None, got {self.refine_model!r}")
+        if self.refine_model is not None:
+            self.refine_model = os.fspath(self.refine_model)
 
     def resolved_dtypes(self) -> dict[str, torch.dtype]:
         fast = torch.bfloat16 if bf16_is_fast(self.torch_device) else torch.float32

@@ -128,27 +128,35 @@ class VideoGenerator:
             raise ValueError("pass either config= or engine options, not both")
         path = Path(path)
         pipe_cls, plans, limits, settings = _plan(path, config)
+        refine = _plan_refine_model(pipe_cls, plans, limits, config) if config.refine_model is not None else None
+        if refine is not None:
+            limits = refine[2]
         parallel = None
         if config.sp_size > 1 or config.cfg_parallel or world_size_from_env() > 1:
             from .parallel.state import ParallelState, local_device
 
             # a wrong layout is an error before any weight is read
-            for name in ("transformer", "transformer_2"):
-                if name in plans:
-                    check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(),
-                                 plans[name].config.num_attention_heads)
+            for plan_set in (plans, refine[0] if refine else {}):
+                for name in ("transformer", "transformer_2"):
+                    if name in plan_set:
+                        check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(),
+                                     plan_set[name].config.num_attention_heads)
             config = dataclasses.replace(config, device=str(local_device(config.torch_device)))
             parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device)
         components = _load_components(plans, config)
-        if parallel is None:
-            return cls(pipe_cls(components, config, limits, settings), config, path)
-        return cls(pipe_cls(components, config, limits, settings, parallel), config, path, parallel)
+        refine_parts = None if refine is None else (_load_components(refine[0], config), refine[1])
+        pipeline = pipe_cls(components, config, limits, settings, parallel, refine=refine_parts)
+        return cls(pipeline, config, path, parallel)
 
     @staticmethod
     def request_limits(path: str | Path, config: EngineConfig | None = None) -> RequestLimits:
         """What a model folder's requests may ask (sizes, frames, steps, text length), from its
         configs and weight headers alone: checks the whole folder, reads no weights."""
-        return _plan(Path(path), config or EngineConfig())[2]
+        config = config or EngineConfig()
+        pipe_cls, plans, limits, _ = _plan(Path(path), config)
+        if config.refine_model is not None:
+            limits = _plan_refine_model(pipe_cls, plans, limits, config)[2]
+        return limits
 
     # --- task API -------------------------------------------------------------------------------
     def submit(self, prompt: str = "", callback: StepCallback | None = None, **sampling) -> Task:
@@ -276,6 +284,28 @@ def _plan(path: Path, config: EngineConfig):
     configs = {name: plan.config for name, plan in plans.items()}
     pipe_cls.check_components(configs, config, str(index_file), settings)
     return pipe_cls, plans, pipe_cls.request_limits(configs, config, settings), settings
+
+
+# what a refine model folder contributes: the rest (text encoder, VAE) is the base folder's
+REFINE_COMPONENTS = ("transformer", "transformer_2", "scheduler")
+
+
+def _plan_refine_model(pipe_cls, plans: dict[str, ComponentPlan], limits: RequestLimits, config: EngineConfig):
+    """Check the refine model folder whole, and that its transformers fit the base folder's text
+    encoder and VAE. Returns (its plans to load, its settings, the request limits both models allow)."""
+    path = Path(config.refine_model)
+    index_file = str(path / "model_index.json")
+    _, refine_plans, refine_limits, refine_settings = _plan(path, config)
+    if refine_limits.image not in ("none", "optional"):
+        raise ModelLoadError("refine_model: an image-to-video folder cannot run a text-to-video refine pass",
+                             file=index_file)
+    base = {name: plan.config for name, plan in plans.items()}
+    refine = {name: plan.config for name, plan in refine_plans.items()}
+    pipe_cls.check_refine_components(base, refine, index_file)
+    sides = [s for s in (limits.max_grid_side, refine_limits.max_grid_side) if s is not None]
+    merged = dataclasses.replace(limits, max_grid_side=min(sides) if sides else None,
+                                 max_steps=min(limits.max_steps, refine_limits.max_steps))
+    return {name: plan for name, plan in refine_plans.items() if name in REFINE_COMPONENTS}, refine_settings, merged
 
 
 def _load_components(plans: dict[str, ComponentPlan], config: EngineConfig) -> dict:

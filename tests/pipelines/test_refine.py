@@ -89,3 +89,72 @@ def test_refine_guidance_needs_the_negative_prompt(tiny_generator):
     out = tiny_generator.generate("a cat", num_inference_steps=2, guidance_scale=5.0,
                                   refine=RefineParams(guidance_scale=1.0, steps=1), **SIZE)
     assert out.frames.shape == (9, 64, 96, 3)
+
+
+# --- a second model folder for the refine pass (EngineConfig.refine_model) ---------------------
+
+
+@pytest.fixture(scope="module")
+def other_dir(tiny_wan_pipe, tmp_path_factory):
+    """A T2V folder like the tiny one with a transformer of its own weights."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from vidloom import tiny
+
+    folder = tmp_path_factory.mktemp("other")
+    torch.manual_seed(9)
+    parts = {k: getattr(tiny_wan_pipe, k) for k in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    WanPipeline(**parts, transformer=WanTransformer3DModel(**tiny.TINY_TRANSFORMER)).save_pretrained(str(folder))
+    return folder
+
+
+def test_refine_model_runs_the_refine_pass(tiny_wan_dir, tiny_generator, other_dir):
+    from vidloom import VideoGenerator
+
+    kwargs = dict(num_inference_steps=3, seed=1, refine=REFINE, **SIZE)
+    same = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", refine_model=str(tiny_wan_dir))
+    assert (same.generate("a cat", **kwargs).frames == tiny_generator.generate("a cat", **kwargs).frames).all()
+    other = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", refine_model=other_dir)
+    refine_stage = other.pipeline.stages[[s.name for s in other.pipeline.stages].index("denoising_2")]
+    assert refine_stage.experts[0].transformer is not other.pipeline.denoising.experts[0].transformer
+    assert "text_encoder" in other.pipeline.components  # the refine folder's own are not loaded
+    assert not (other.generate("a cat", **kwargs).frames == tiny_generator.generate("a cat", **kwargs).frames).all()
+    # without refine the second model is not used
+    plain = dict(num_inference_steps=2, seed=1, **SIZE)
+    assert (other.generate("a cat", **plain).frames == tiny_generator.generate("a cat", **plain).frames).all()
+
+
+def test_low_noise_expert_folder_refines_below_its_boundary(tiny_wan_dir, tiny_wan_pipe, tmp_path):
+    """The Wan2.2 way: the refine pass by a folder holding only the low-noise expert
+    (transformer null, boundary 0.9 x 1000): a refine schedule starting below 900 runs, one
+    starting above is refused at submit, naming the refine strength."""
+    import json
+
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from vidloom import VideoGenerator, tiny
+
+    folder = tmp_path / "low"
+    torch.manual_seed(4)
+    parts = {k: getattr(tiny_wan_pipe, k) for k in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    WanPipeline(**parts, transformer=None, transformer_2=WanTransformer3DModel(**tiny.TINY_TRANSFORMER),
+                boundary_ratio=0.9).save_pretrained(str(folder))
+    assert json.loads((folder / "model_index.json").read_text())["transformer"] == [None, None]
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", refine_model=folder)
+    out = gen.generate("a cat", num_inference_steps=3, refine=RefineParams(strength=0.5, steps=3), **SIZE)
+    assert out.frames.shape == (9, 64, 96, 3)  # refine timesteps 750, 600, 376
+    with pytest.raises(InvalidRequestError, match="no high-noise transformer") as err:
+        gen.submit("a cat", num_inference_steps=3, refine=RefineParams(strength=1.0, steps=3), **SIZE)
+    assert err.value.field == "refine.strength"
+
+
+def test_refine_model_that_does_not_fit(tiny_wan_dir, tiny_wan_pipe, tmp_path):
+    from vidloom import EngineConfig, ModelLoadError, VideoGenerator
+
+    from ..parity.test_ti2v_parity import build_ti2v_folder
+
+    ti2v = build_ti2v_folder(tiny_wan_pipe, tmp_path / "ti2v")  # another latent space (6 channels, 16x)
+    with pytest.raises(ModelLoadError, match="refine_model does not fit the base model: vae z_dim is 6 there, 4 here"):
+        VideoGenerator.request_limits(tiny_wan_dir, EngineConfig(refine_model=str(ti2v)))
+    with pytest.raises(ModelLoadError, match="model folder does not exist"):
+        VideoGenerator.from_pretrained(tiny_wan_dir, refine_model=str(tmp_path / "missing"))

@@ -137,6 +137,23 @@ class WanT2VPipeline(ComposedPipeline):
                              f"(allowed: less than {engine.vae_tile_size // sf * sf} px)")
 
     @staticmethod
+    def check_refine_components(base: dict[str, Any], refine: dict[str, Any], index_file: str) -> None:
+        """A second folder's transformers run the refine pass on this folder's text embeddings and
+        latents: its text encoder and VAE must be the same kind (widths and latent statistics)."""
+        pairs = [("text_encoder d_model", base["text_encoder"]["d_model"], refine["text_encoder"]["d_model"]),
+                 ("vae z_dim", base["vae"].z_dim, refine["vae"].z_dim),
+                 ("vae latents_mean", base["vae"].latents_mean, refine["vae"].latents_mean),
+                 ("vae latents_std", base["vae"].latents_std, refine["vae"].latents_std),
+                 ("vae spatial factor", base["vae"].spatial_factor, refine["vae"].spatial_factor),
+                 ("transformer patch_size", tuple(first_transformer(base).patch_size),
+                  tuple(first_transformer(refine).patch_size))]
+        for name, a, b in pairs:
+            if a != b:
+                raise ModelLoadError(f"refine_model does not fit the base model: {name} is {short_repr(b)} there, "
+                                     f"{short_repr(a)} here (the refine pass takes the base's text and latents)",
+                                     file=index_file)
+
+    @staticmethod
     def image_pairs(configs: dict[str, Any], index_file: str) -> list:
         """Text-to-video: no transformer may expect an image."""
         for name in ("transformer", "transformer_2"):
@@ -159,9 +176,10 @@ class WanT2VPipeline(ComposedPipeline):
         return ModelInput()
 
     def __init__(self, components: dict, config: EngineConfig, limits: RequestLimits, settings: dict[str, Any],
-                 parallel=None):
+                 parallel=None, refine: tuple[dict, dict[str, Any]] | None = None):
         """``limits``: ``request_limits`` of the components' configs, computed before loading;
-        ``settings``: ``read_settings`` of the model index."""
+        ``settings``: ``read_settings`` of the model index; ``refine``: (components, settings) of a
+        second model folder whose transformers and scheduler run the refine pass (None: these)."""
         dit, vae = first_transformer(components), components["vae"]
         device = config.torch_device
         text_encoder = WanTextEncoder(components["tokenizer"], components["text_encoder"])
@@ -171,10 +189,15 @@ class WanT2VPipeline(ComposedPipeline):
         self.denoising = DenoisingStage(experts, components["scheduler"], config.batch_cfg, config.check_finite,
                                         sequence=sequence, cfg=cfg, model_input=model_input)
         # two-stage generation: the refine pass, a second denoising stage with its own schedule
-        # (neither has work for a request without refine)
-        refine = DenoisingStage(experts, components["scheduler"], config.batch_cfg, config.check_finite,
-                                sequence=sequence, cfg=cfg, model_input=model_input,
-                                steps=lambda request: request.refine.run_steps(request) if request.refine else 0)
+        # (neither has work for a request without refine), with this folder's experts or those of
+        # a second one
+        self.refine_parts = refine or (components, settings)
+        refine_components, refine_settings = self.refine_parts
+        refine_scheduler = refine_components["scheduler"]
+        refine_pass = DenoisingStage(self.experts(refine_components, refine_settings), refine_scheduler,
+                                     config.batch_cfg, config.check_finite, sequence=sequence, cfg=cfg,
+                                     model_input=model_input,
+                                     steps=lambda request: request.refine.run_steps(request) if request.refine else 0)
         # the latents are the VAE's (for text-to-video the DiT takes them as they are)
         self.input_validation = InputValidationStage(limits, vae.config.z_dim)
         self.decoding = DecodingStage(vae, config.vae_tiling, config.vae_tile_size, config.vae_tile_overlap,
@@ -187,8 +210,8 @@ class WanT2VPipeline(ComposedPipeline):
                 TimestepPreparationStage(components["scheduler"], device),
                 LatentPreparationStage(vae.config.z_dim, vae.config.spatial_factor, limits.temporal_factor, device),
                 self.denoising,
-                RefineStage(components["scheduler"], vae.config.spatial_factor, device),
-                refine,
+                RefineStage(refine_scheduler, vae.config.spatial_factor, device),
+                refine_pass,
                 self.decoding,
             ],
             limits,
@@ -212,26 +235,29 @@ class WanT2VPipeline(ComposedPipeline):
 
     def validate_request(self, params) -> None:
         self.input_validation.check(params)
-        if not self.settings["high_noise"]:
-            self._check_low_noise_only(params)
-
-    def _check_low_noise_only(self, params) -> None:
-        """A folder with only the low-noise expert serves a request only if every timestep it
-        runs is below the boundary (diffusers fails there mid-generation; here it is refused)."""
         scheduler = self.components["scheduler"]
-        boundary = self.settings["boundary_ratio"] * scheduler.config.num_train_timesteps
-        schedules = [(scheduler.schedule(params.num_inference_steps, shift=params.flow_shift), 0)]
-        if params.refine is not None:
-            refine = params.refine
+        if not self.settings["high_noise"]:
+            self._check_low_noise_only(scheduler.schedule(params.num_inference_steps, shift=params.flow_shift), 0,
+                                       self.settings, scheduler, "num_inference_steps")
+        refine_components, refine_settings = self.refine_parts
+        if params.refine is not None and not refine_settings["high_noise"]:
+            scheduler, refine = refine_components["scheduler"], params.refine
             full = scheduler.schedule(refine.schedule_steps(params), shift=params.flow_shift)
-            schedules.append((full, len(full.timesteps) - refine.run_steps(params)))
-        for schedule, begin in schedules:
-            first = float(schedule.timesteps[begin])
-            if first >= boundary:
-                raise InvalidRequestError(
-                    "num_inference_steps", f"the schedule starts at timestep {first:g}, at or above the boundary "
-                    f"{boundary:g} (boundary_ratio x num_train_timesteps), and this folder has no high-noise "
-                    "transformer (transformer is null)", "a schedule below the boundary, or a folder with both experts")
+            self._check_low_noise_only(full, len(full.timesteps) - refine.run_steps(params), refine_settings, scheduler,
+                                       "refine.strength")
+
+    @staticmethod
+    def _check_low_noise_only(schedule, begin: int, settings: dict[str, Any], scheduler, field: str) -> None:
+        """A folder with only the low-noise expert serves a schedule only if every timestep it runs
+        is below the boundary (diffusers fails there mid-generation; here it is refused)."""
+        boundary = settings["boundary_ratio"] * scheduler.config.num_train_timesteps
+        first = float(schedule.timesteps[begin])
+        if first >= boundary:
+            raise InvalidRequestError(
+                field,
+                f"the schedule starts at timestep {first:g}, at or above the boundary {boundary:g} (boundary_ratio x "
+                "num_train_timesteps), and this folder has no high-noise transformer (transformer is null)",
+                "a schedule below the boundary, or a folder with both experts")
 
 
 @register_pipeline("WanImageToVideoPipeline")
