@@ -1,4 +1,4 @@
-"""Command line: ``vidloom generate`` and ``vidloom info``.
+"""Command line: ``vidloom generate``, ``vidloom info`` and ``vidloom serve``.
 
 The flags come from the fields of ``EngineConfig`` and ``SamplingParams`` (a few get a
 shorter name), so the CLI never restates an option's default.
@@ -93,7 +93,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a model folder")
     info.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+
+    serve = sub.add_parser("serve", help="serve the OpenAI Videos API (/v1/videos) over a durable job queue")
+    serve.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    serve.add_argument("--host", default="127.0.0.1", help="anything but loopback needs --api-key")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", type=Path, default=Path("vidloom-data"),
+                       help="the job store (jobs.sqlite3), uploaded images (inputs/) and videos (videos/)")
+    serve.add_argument("--api-key", default=os.environ.get("VIDLOOM_API_KEY"),
+                       help="required as 'Authorization: Bearer KEY' (default: $VIDLOOM_API_KEY)")
+    serve.add_argument("--max-queue", type=int, default=64, help="queued jobs beyond which requests get 429")
+    _add_dataclass_flags(serve.add_argument_group("engine"), EngineConfig, dest_prefix="e_")
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .generator import VideoGenerator
+    from .serve.app import ServeSettings, create_app, is_loopback
+
+    if not is_loopback(args.host) and not args.api_key:
+        raise ValueError(f"--host {args.host}: serving beyond loopback needs --api-key (or $VIDLOOM_API_KEY)")
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port: expected 1..65535, got {args.port}")
+    if not 1 <= args.max_queue <= 100_000:
+        raise ValueError(f"--max-queue: expected 1..100000, got {args.max_queue}")
+    defaults = {}
+    if args.model is None:
+        args.model = DEFAULT_MODEL_DIR
+        defaults = dict(DEFAULT_MODEL_SAMPLING)
+    engine = EngineConfig.from_options(**_collect(args, "e_"))
+    generator = VideoGenerator.from_pretrained(args.model, engine)
+    settings = ServeSettings(model_name=Path(args.model).name, data_dir=args.data_dir, api_key=args.api_key,
+                             max_queue=args.max_queue, defaults=tuple(defaults.items()))
+    app = create_app(generator, settings)
+    print(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (data in {args.data_dir}; "
+          f"{app.state.recovered} job(s) resumed)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -193,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+        return {"generate": cmd_generate, "info": cmd_info, "serve": cmd_serve}[args.command](args)
     except (VidloomError, ValueError) as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2

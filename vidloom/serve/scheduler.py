@@ -1,0 +1,169 @@
+"""The engine loop of ``vidloom serve``: one thread that owns the generator and advances jobs one
+unit of work at a time through the task API (text encoding, each denoising step, decoding).
+
+Up to ``max_active`` jobs are in flight; each round gives every one of them one unit, so a short
+job finishes while a long one is still denoising instead of waiting behind it. A job's failure
+(a bad request found late, NaN latents, out of memory) fails that job with its reason; the loop
+and the other jobs go on. Finished videos are written to a temporary file and renamed into place
+before the job is marked completed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from ..errors import InvalidRequestError, NumericalError, TaskCancelled, VidloomError
+from .store import Job, SQLiteJobStore
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    """What the loop measures, for ``/metrics`` (prometheus-client objects on one registry)."""
+
+    def __init__(self, registry, store: SQLiteJobStore):
+        from prometheus_client import Histogram
+        from prometheus_client.core import GaugeMetricFamily
+
+        self.step_seconds = Histogram("vidloom_unit_seconds", "seconds per unit of work (one denoising step, ...)",
+                                      ["phase"], registry=registry,
+                                      buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100))
+        self.job_seconds = Histogram("vidloom_job_seconds", "seconds from acceptance to completion", registry=registry,
+                                     buckets=(1, 3, 10, 30, 100, 300, 1000, 3000))
+        self.batch_size = Histogram("vidloom_batch_size", "jobs in one transformer forward", registry=registry,
+                                    buckets=(1, 2, 4, 8, 16))
+
+        class _Jobs:
+            def collect(self):
+                family = GaugeMetricFamily("vidloom_jobs", "jobs by state", labels=["state"])
+                for state, count in store.counts().items():
+                    family.add_metric([state], count)
+                yield family
+                yield GaugeMetricFamily("vidloom_queue_depth", "jobs waiting", value=store.counts()["queued"])
+
+        registry.register(_Jobs())
+
+
+class EngineLoop:
+    """Claims jobs from ``store`` and runs them on ``generator``; ``output_dir`` receives the videos."""
+
+    def __init__(self, generator, store: SQLiteJobStore, output_dir: Path, metrics: Metrics | None = None,
+                 max_active: int = 4, idle_wait_s: float = 0.2):
+        self.generator = generator
+        self.store = store
+        self.output_dir = Path(output_dir)
+        self.metrics = metrics
+        self.max_active = max_active
+        self.idle_wait_s = idle_wait_s
+        self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.active: list[tuple[Job, object]] = []  # (job, task)
+
+    # -- control ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vidloom-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """A job was queued or cancelled: look now, not at the next idle tick."""
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._fill()
+                if not self.active:
+                    self._wake.wait(self.idle_wait_s)
+                    self._wake.clear()
+                    continue
+                for entry in list(self.active):
+                    self._advance(*entry)
+            except Exception:  # the loop itself must survive anything a job does
+                log.exception("engine loop error")
+                time.sleep(self.idle_wait_s)
+
+    def _fill(self) -> None:
+        while len(self.active) < self.max_active:
+            job = self.store.claim(self.owner)
+            if job is None:
+                return
+            try:
+                task = self.generator.submit(job.request["prompt"], **self._sampling(job))
+            except VidloomError as exc:  # e.g. the model's weight files changed since the request was accepted
+                self._fail(job, exc)
+                continue
+            self.active.append((job, task))
+
+    @staticmethod
+    def _sampling(job: Job) -> dict:
+        fields = {k: v for k, v in job.request.items() if k != "prompt"}
+        fields.update(job.inputs)  # uploaded images, by their path in the data folder
+        return dict(fields, output_type="np")
+
+    def _advance(self, job: Job, task) -> None:
+        if self.store.cancel_requested(job.id):
+            task.cancel()
+            self.active.remove((job, task))
+            return
+        start = time.perf_counter()
+        try:
+            self.generator.step(task)
+        except Exception as exc:  # noqa: BLE001 - any failure belongs to this job alone
+            self.active.remove((job, task))
+            self._fail(job, exc)
+            return
+        if self.metrics is not None:
+            self.metrics.step_seconds.labels(task.state.value).observe(time.perf_counter() - start)
+            if task.state.value == "denoising":
+                self.metrics.batch_size.observe(1)
+        if task.is_finished:
+            self.active.remove((job, task))
+            self._finish(job, task)
+        else:
+            self.store.set_progress(job.id, self.owner, min(99, int(100 * task.progress)))
+
+    def _finish(self, job: Job, task) -> None:
+        from ..io import export_video
+
+        if task.state.value != "done":
+            self._fail(job, task.error or RuntimeError(f"task ended {task.state.value}"))
+            return
+        path = self.output_dir / f"{job.id}.mp4"  # the id is the server's own: no user input in a path
+        tmp = path.with_name(f".{job.id}.{self.owner}.mp4")
+        try:
+            export_video(task.result.frames, tmp, fps=job.request.get("fps", 16))
+            os.replace(tmp, path)
+        except Exception as exc:  # noqa: BLE001 - a full disk fails this job, not the server
+            tmp.unlink(missing_ok=True)
+            self._fail(job, exc)
+            return
+        if not self.store.complete(job.id, self.owner, str(path)):
+            path.unlink(missing_ok=True)  # deleted (or taken over) meanwhile: nobody will ask for it
+        elif self.metrics is not None:
+            self.metrics.job_seconds.observe(time.time() - job.created_at)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        code = {InvalidRequestError: "invalid_request", NumericalError: "numerical_error",
+                TaskCancelled: "cancelled"}.get(type(exc), "out_of_memory" if _is_oom(exc) else "generation_failed")
+        log.warning("job %s failed: %s", job.id, exc)
+        self.store.fail(job.id, code, str(exc)[:2000] or type(exc).__name__, owner=self.owner)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
