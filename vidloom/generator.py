@@ -78,6 +78,7 @@ class Task:
     result: VideoOutput | None = None
     created: float = field(default_factory=time.time)
     _units: Iterator[WorkUnit] | None = field(default=None, repr=False)
+    _peeked: WorkUnit | None = field(default=None, repr=False)  # the next unit, taken out by step_many
     _cancel_requested: bool = False
 
     @property
@@ -178,7 +179,7 @@ class VideoGenerator:
             task.state, task.error = TaskState.CANCELLED, TaskCancelled(f"{task.id} was cancelled")
             task._units = None
             return task
-        unit = next(task._units, None)
+        unit, task._peeked = (task._peeked, None) if task._peeked is not None else (next(task._units, None), None)
         try:
             if unit is None:
                 task.result = self._finish(task)
@@ -194,6 +195,75 @@ class VideoGenerator:
             task.state, task.error, task._units = TaskState.FAILED, exc, None
             raise
         return task
+
+    def step_many(self, tasks: list[Task]) -> list[int]:
+        """One unit of work of each task. Tasks whose next unit is a step of the same denoising
+        stage with compatible inputs (``DenoisingStage.batch_key``: same expert, latent shape and
+        dtype; prompts, seeds, guidance and step counts may differ) run it as one transformer
+        forward; each gets the video it gets alone (up to summation order). A task that fails
+        fails alone (its error is on the task; nothing is raised). Returns the sizes of the shared
+        forwards run."""
+        groups: dict = {}
+        for task in tasks:
+            unit = self._peek(task)
+            key = None
+            if unit is not None and unit.stage.iterative and hasattr(unit.stage, "batch_key"):
+                stage_key = unit.stage.batch_key(task.batch, unit.index) if unit.index > 0 else None
+                key = None if stage_key is None else (id(unit.stage), stage_key)
+            if key is None:
+                self._step_quietly(task)
+            else:
+                groups.setdefault(key, []).append((task, unit))
+        shared = []
+        for group in groups.values():
+            if len(group) == 1:
+                self._step_quietly(group[0][0])
+            else:
+                self._step_group(group)
+                shared.append(len(group))
+        return shared
+
+    def _peek(self, task: Task) -> WorkUnit | None:
+        if task.is_finished or task._cancel_requested:
+            return None
+        if task._peeked is None:
+            task._peeked = next(task._units, None)
+        return task._peeked
+
+    def _step_quietly(self, task: Task) -> None:
+        try:
+            self.step(task)
+        except Exception:  # noqa: BLE001 - recorded on the task (state FAILED, error)
+            pass
+
+    def _step_group(self, group: list[tuple[Task, WorkUnit]]) -> None:
+        stage = group[0][1].stage
+        for task, _ in group:
+            task._peeked = None
+            task.state = TaskState.DENOISING
+        start = time.perf_counter()
+        try:
+            results = stage.step_many([t.batch for t, _ in group], [u.index for _, u in group])
+        except Exception as exc:  # noqa: BLE001 - the shared forward failed: every task of it fails
+            for task, _ in group:
+                task.state, task.error, task._units = TaskState.FAILED, exc, None
+            return
+        share = (time.perf_counter() - start) / len(group)
+        for (task, unit), result in zip(group, results):
+            if isinstance(result, BaseException):
+                task.state, task.error, task._units = TaskState.FAILED, result, None
+                continue
+            b = task.batch = result
+            b.timings[stage.name] = b.timings.get(stage.name, 0.0) + share
+            try:
+                if unit.index == unit.total - 1:
+                    task.batch = stage.end(b)
+                if task.callback is not None:
+                    task.callback(b.step_index, b.num_steps, float(b.timesteps[b.begin_index + unit.index]), b.latents)
+            except Exception as exc:  # noqa: BLE001
+                task.state, task.error, task._units = TaskState.FAILED, exc, None
+                continue
+            task.units_done += 1
 
     def run(self, task: Task) -> VideoOutput:
         while not task.is_finished:

@@ -52,6 +52,7 @@ class Server:
 def server(tiny_generator, tmp_path_factory):
     settings = ServeSettings(model_name="tiny-wan", data_dir=tmp_path_factory.mktemp("serve"), poll_after_ms=50)
     s = Server(create_app(tiny_generator, settings))
+    s.tmp = tmp_path_factory.mktemp("serve-scratch")
     yield s
     s.stop()
 
@@ -222,3 +223,43 @@ def test_cli_refuses_to_bind_beyond_loopback_without_a_key(capsys):
 
     assert main(["serve", "--host", "0.0.0.0", "--port", "8123"]) == 2
     assert "needs --api-key" in capsys.readouterr().err
+
+
+def test_concurrent_jobs_share_steps_and_get_their_own_videos(client, server, tiny_generator):
+    import httpx
+
+    from vidloom.io import export_video
+
+    requests = [dict(prompt=f"a shape {i}", extra_body=dict(SMALL, seed=i, num_inference_steps=6)) for i in range(4)]
+    before = httpx.get(f"{server.url}/metrics").text
+    ids = [client.videos.create(size="48x32", **r).id for r in requests]
+    videos = [client.videos.poll(i, poll_interval_ms=50) for i in ids]
+    assert all(v.status == "completed" for v in videos)
+    after = httpx.get(f"{server.url}/metrics").text
+
+    def shared(text):
+        line = next(line for line in text.splitlines() if line.startswith("vidloom_batch_size_count"))
+        return float(line.split()[-1])
+
+    assert shared(after) > shared(before)  # some denoising steps ran as one forward
+    for video_id, r in zip(ids, requests):
+        served = np.stack(decode_mp4(client.videos.download_content(video_id).read())).astype(np.float32)
+        alone = tiny_generator.generate(r["prompt"], height=32, width=48, **r["extra_body"]).frames
+        path = server.tmp / f"{video_id}-alone.mp4"
+        export_video(alone, path, fps=16)
+        reference = np.stack(decode_mp4(path.read_bytes())).astype(np.float32)
+        assert np.abs(served - reference).mean() <= 0.5  # the same frames through the same encoder
+
+
+def test_cancel_a_running_job(client, server):
+    import httpx
+
+    video = client.videos.create(prompt="a long one", size="48x32", extra_body=dict(SMALL, num_inference_steps=500))
+    deadline = time.time() + 60
+    while client.videos.retrieve(video.id).status != "in_progress":
+        assert time.time() < deadline
+        time.sleep(0.02)
+    r = httpx.post(f"{server.url}/v1/videos/{video.id}/cancel")
+    assert r.status_code == 200
+    final = client.videos.poll(video.id, poll_interval_ms=50)
+    assert final.status == "failed" and final.error.code == "cancelled"

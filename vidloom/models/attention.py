@@ -22,13 +22,16 @@ _SEQUENCE_PARALLEL: contextvars.ContextVar = contextvars.ContextVar("sequence_pa
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Full (non-causal) attention on this process. q: (B, Lq, H, D), k/v: (B, Lk, H, D);
-    ``bias``: None or (Lk,) float32 added to every query's scores."""
+    ``bias``: None, (Lk,) float32 added to every query's scores, or (B, Lk) per row (rows of
+    several requests batched together, their keys padded with -inf)."""
     mask = None
     if bias is not None:
         # float32 even for bf16 q on the CPU: the log-weights stay exact. CUDA's fused kernels take a
         # mask only in q's dtype; there log m (< 7 for 512 keys) rounds by at most 1/64 in bf16, a
         # weight within 1.6 % of m, the size of bf16's own rounding of the scores.
-        mask = bias.view(1, 1, 1, -1) if q.device.type == "cpu" else bias.view(1, 1, 1, -1).to(q.dtype)
+        mask = bias.view(1, 1, 1, -1) if bias.ndim == 1 else bias[:, None, None, :]
+        if q.device.type != "cpu":
+            mask = mask.to(q.dtype)
     # SDPA wants heads before tokens: (B, H, L, D)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)

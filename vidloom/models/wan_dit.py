@@ -215,9 +215,36 @@ class TextKV(typing.NamedTuple):
     v_img: torch.Tensor | None = None
 
     def rows(self, rows: slice) -> TextKV:
+        bias = self.bias[rows] if self.bias is not None and self.bias.ndim == 2 else self.bias
         if self.k_img is None:
-            return TextKV(self.k[rows], self.v[rows], self.bias)
-        return TextKV(self.k[rows], self.v[rows], self.bias, self.k_img[rows], self.v_img[rows])
+            return TextKV(self.k[rows], self.v[rows], bias)
+        return TextKV(self.k[rows], self.v[rows], bias, self.k_img[rows], self.v_img[rows])
+
+    @staticmethod
+    def stack(parts: list[TextKV]) -> TextKV:
+        """The rows of several requests' keys/values as one batch: keys and values padded to the
+        longest, the padding given score bias -inf (weight 0) and each row its own bias (B, Lk).
+        Attention over the stack equals attention over each part (up to summation order)."""
+        if len(parts) == 1:
+            return parts[0]
+        if len({p.k_img is None for p in parts}) > 1:
+            raise ValueError("TextKV.stack: image keys in some parts only")
+        longest = max(p.k.shape[1] for p in parts)
+        ks, vs, biases = [], [], []
+        for p in parts:
+            rows, length = p.k.shape[0], p.k.shape[1]
+            bias = torch.zeros(rows, longest, dtype=torch.float32, device=p.k.device)
+            if p.bias is not None:
+                bias[:, :length] = p.bias if p.bias.ndim == 2 else p.bias[None]
+            bias[:, length:] = -math.inf
+            pad = (0, 0, 0, 0, 0, longest - length)
+            ks.append(F.pad(p.k, pad))
+            vs.append(F.pad(p.v, pad))
+            biases.append(bias)
+        k_img = v_img = None
+        if parts[0].k_img is not None:
+            k_img, v_img = torch.cat([p.k_img for p in parts]), torch.cat([p.v_img for p in parts])
+        return TextKV(torch.cat(ks), torch.cat(vs), torch.cat(biases), k_img, v_img)
 
 
 class WanCrossAttention(_Projections):

@@ -2,7 +2,9 @@
 unit of work at a time through the task API (text encoding, each denoising step, decoding).
 
 Up to ``max_active`` jobs are in flight; each round gives every one of them one unit, so a short
-job finishes while a long one is still denoising instead of waiting behind it. A job's failure
+job finishes while a long one is still denoising instead of waiting behind it, and the denoising
+steps of jobs that fit together (same expert, latent shape and dtype) run as one batched
+transformer forward, each job's video equal to the one it gets alone. A job's failure
 (a bad request found late, NaN latents, out of memory) fails that job with its reason; the loop
 and the other jobs go on. Finished videos are written to a temporary file and renamed into place
 before the job is marked completed.
@@ -35,8 +37,8 @@ class Metrics:
                                       buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100))
         self.job_seconds = Histogram("vidloom_job_seconds", "seconds from acceptance to completion", registry=registry,
                                      buckets=(1, 3, 10, 30, 100, 300, 1000, 3000))
-        self.batch_size = Histogram("vidloom_batch_size", "jobs in one transformer forward", registry=registry,
-                                    buckets=(1, 2, 4, 8, 16))
+        self.batch_size = Histogram("vidloom_batch_size", "jobs sharing one transformer forward (2 or more)",
+                                    registry=registry, buckets=(2, 3, 4, 8, 16))
 
         class _Jobs:
             def collect(self):
@@ -92,8 +94,7 @@ class EngineLoop:
                     self._wake.wait(self.idle_wait_s)
                     self._wake.clear()
                     continue
-                for entry in list(self.active):
-                    self._advance(*entry)
+                self._advance_all()
             except Exception:  # the loop itself must survive anything a job does
                 log.exception("engine loop error")
                 time.sleep(self.idle_wait_s)
@@ -116,27 +117,30 @@ class EngineLoop:
         fields.update(job.inputs)  # uploaded images, by their path in the data folder
         return dict(fields, output_type="np")
 
-    def _advance(self, job: Job, task) -> None:
-        if self.store.cancel_requested(job.id):
-            task.cancel()
-            self.active.remove((job, task))
+    def _advance_all(self) -> None:
+        """One unit of every active job; their denoising steps that fit together share one
+        transformer forward (``VideoGenerator.step_many``)."""
+        for job, task in list(self.active):
+            if self.store.cancel_requested(job.id):
+                task.cancel()
+                self.active.remove((job, task))
+                self.store.fail(job.id, "cancelled", "the job was cancelled", owner=self.owner)
+        if not self.active:
             return
         start = time.perf_counter()
-        try:
-            self.generator.step(task)
-        except Exception as exc:  # noqa: BLE001 - any failure belongs to this job alone
-            self.active.remove((job, task))
-            self._fail(job, exc)
-            return
+        shared = self.generator.step_many([task for _, task in self.active])
         if self.metrics is not None:
-            self.metrics.step_seconds.labels(task.state.value).observe(time.perf_counter() - start)
-            if task.state.value == "denoising":
-                self.metrics.batch_size.observe(1)
-        if task.is_finished:
-            self.active.remove((job, task))
-            self._finish(job, task)
-        else:
-            self.store.set_progress(job.id, self.owner, min(99, int(100 * task.progress)))
+            elapsed = time.perf_counter() - start
+            for _, task in self.active:
+                self.metrics.step_seconds.labels(task.state.value).observe(elapsed / len(self.active))
+            for size in shared:
+                self.metrics.batch_size.observe(size)
+        for job, task in list(self.active):
+            if task.is_finished:
+                self.active.remove((job, task))
+                self._finish(job, task)
+            else:
+                self.store.set_progress(job.id, self.owner, min(99, int(100 * task.progress)))
 
     def _finish(self, job: Job, task) -> None:
         from ..io import export_video

@@ -183,7 +183,10 @@ class DenoisingStage(IterativeStage):
 
     def step(self, batch: ForwardBatch, index: int) -> ForwardBatch:
         t = batch.timesteps[batch.begin_index + index]
-        noise_pred = self.predict(batch, t)
+        return self._apply(batch, index, t, self.predict(batch, t))
+
+    def _apply(self, batch: ForwardBatch, index: int, t: torch.Tensor, noise_pred: torch.Tensor) -> ForwardBatch:
+        """The scheduler step from a guided prediction, checked."""
         latents, batch.scheduler_state = self.scheduler.step(
             batch.schedule, batch.scheduler_state, noise_pred, batch.latents
         )
@@ -197,6 +200,50 @@ class DenoisingStage(IterativeStage):
         if batch.params.return_trajectory:
             batch.trajectory.append(latents.detach().clone())
         return batch
+
+    # -- several requests in one forward ----------------------------------------------------------
+
+    def batch_key(self, batch: ForwardBatch, index: int):
+        """Requests whose steps may share one transformer forward have equal keys (None: never):
+        the same expert, model-input shape and timestep kind, guided or not. Prompts, seeds,
+        guidance scales, step counts and schedules may differ."""
+        if self.cfg is not None or not self.batch_cfg or batch.conditioning is not None:
+            return None
+        t = batch.timesteps[batch.begin_index + index]
+        return (self.expert_index(t), tuple(batch.latents.shape[1:]), batch.latents.dtype, batch.params.do_cfg)
+
+    @torch.no_grad()
+    def step_many(self, batches: list[ForwardBatch], indices: list[int]) -> list[ForwardBatch | BaseException]:
+        """One step of each request (equal ``batch_key``), the transformer run once over all their
+        rows; each request's guidance and scheduler step as in ``step``. Returns each request's
+        batch, or the error that request alone met (e.g. NaN latents)."""
+        ts = [b.timesteps[b.begin_index + i] for b, i in zip(batches, indices)]
+        index = self.expert_index(ts[0])
+        model = self.experts[index].transformer
+        xs, steps, kvs = [], [], []
+        for batch, t in zip(batches, ts):
+            x, timestep = self.model_input.prepare(batch, t)
+            copies = 2 if batch.params.do_cfg else 1  # the rows [cond; uncond], as context() orders them
+            xs += [x.to(self.dtype)] * copies
+            steps += [timestep] * copies
+            kvs.append(self.context(batch, index))
+        # each block's keys/values of all requests as one batch (the model's own record knows how)
+        stacked = [type(parts[0]).stack(list(parts)) for parts in zip(*kvs)]
+        out = self._forward(model, torch.cat(xs), torch.cat(steps), stacked)
+        results, row = [], 0
+        for batch, i, t in zip(batches, indices, ts):
+            b = batch.latents.shape[0]
+            if batch.params.do_cfg:
+                cond, uncond = out[row : row + b], out[row + b : row + 2 * b]
+                pred = uncond + self.experts[index].guidance_scale(batch.params) * (cond - uncond)
+                row += 2 * b
+            else:
+                pred, row = out[row : row + b], row + b
+            try:
+                results.append(self._apply(batch, i, t, pred))
+            except Exception as exc:  # noqa: BLE001 - this request's failure, not the others'
+                results.append(exc)
+        return results
 
     def verify_output(self, batch: ForwardBatch) -> VerificationResult:
         return VerificationResult(self.name, "output").check(
