@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
 import types
 import typing
@@ -127,10 +128,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     generator = VideoGenerator.from_pretrained(args.model, engine)
     settings = ServeSettings(model_name=Path(args.model).name, data_dir=args.data_dir, api_key=args.api_key,
                              max_queue=args.max_queue, defaults=tuple(defaults.items()))
-    app = create_app(generator, settings)
+    app = create_app(generator, settings, start_loop=False)
+    # HTTP in a thread, the engine loop in the main thread (torch's CPU kernels are slower
+    # from a second thread; see EngineLoop.start)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="vidloom-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise ValueError(f"--host {args.host} --port {args.port}: the HTTP server did not start (port in use?)")
+        time.sleep(0.05)
     print(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (data in {args.data_dir}; "
           f"{app.state.recovered} job(s) resumed)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        app.state.loop.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join(30)
     return 0
 
 

@@ -211,13 +211,13 @@ class VideoGenerator:
                 stage_key = unit.stage.batch_key(task.batch, unit.index) if unit.index > 0 else None
                 key = None if stage_key is None else (id(unit.stage), stage_key)
             if key is None:
-                self._step_quietly(task)
+                self.step_quietly(task)
             else:
                 groups.setdefault(key, []).append((task, unit))
         shared = []
         for group in groups.values():
             if len(group) == 1:
-                self._step_quietly(group[0][0])
+                self.step_quietly(group[0][0])
             else:
                 self._step_group(group)
                 shared.append(len(group))
@@ -230,7 +230,8 @@ class VideoGenerator:
             task._peeked = next(task._units, None)
         return task._peeked
 
-    def _step_quietly(self, task: Task) -> None:
+    def step_quietly(self, task: Task) -> None:
+        """``step``, its failure left on the task (state FAILED, error) instead of raised."""
         try:
             self.step(task)
         except Exception:  # noqa: BLE001 - recorded on the task (state FAILED, error)

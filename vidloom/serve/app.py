@@ -36,13 +36,16 @@ MAX_PAGE = 100
 @dataclass(frozen=True)
 class ServeSettings:
     """``api_key``: required as ``Authorization: Bearer`` when set; ``max_queue``: queued jobs
-    beyond which a new one is refused (429); ``poll_after_ms``: the ``openai-poll-after-ms`` hint."""
+    beyond which a new one is refused (429); ``poll_after_ms``: the ``openai-poll-after-ms`` hint;
+    ``max_active``: jobs in flight at once, whose denoising steps may be batched."""
 
     model_name: str
     data_dir: Path
     api_key: str | None = None
     max_queue: int = 64
     poll_after_ms: int = 1000
+    max_active: int = 4  # jobs the engine loop advances together (1: one job at a time)
+    batch_steps: bool = True  # their compatible denoising steps as one transformer forward
     defaults: tuple[tuple[str, Any], ...] = ()
 
 
@@ -77,7 +80,8 @@ def create_app(generator, settings: ServeSettings, store: SQLiteJobStore | None 
     recovered = store.recover()
     registry = CollectorRegistry()
     metrics = Metrics(registry, store)
-    loop = EngineLoop(generator, store, data_dir / "videos", metrics)
+    loop = EngineLoop(generator, store, data_dir / "videos", metrics, max_active=settings.max_active,
+                      batch_steps=settings.batch_steps)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -231,18 +235,18 @@ def create_app(generator, settings: ServeSettings, store: SQLiteJobStore | None 
     async def cancel_video(video_id: str):
         _job_or_404(video_id)
         job = store.request_cancel(video_id)
-        loop.wake()
+        loop.cancel(video_id)
         return video_object(job)
 
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(video_id: str):
         job = _job_or_404(video_id)
         store.request_cancel(video_id)  # a running job stops at its next unit
+        loop.cancel(video_id)
         store.delete(video_id)
         for path in [job.output, *job.inputs.values()]:
             if path:
                 Path(path).unlink(missing_ok=True)
-        loop.wake()
         return {"id": video_id, "deleted": True, "object": "video.deleted"}
 
     @app.get("/v1/models")
