@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 JOBS ?= 2
 
-.PHONY: install install-test demo test clean
+.PHONY: install install-test demo test clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,12 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(PY) -m vidloom.demo
 
-test: install-test
+test: install-test chromium
 	$(PY) -m pytest -n $(JOBS) -q
+
+# the browser test of the serve web page drives Debian's Chromium (Playwright, its executable path)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

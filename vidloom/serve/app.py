@@ -103,7 +103,7 @@ def create_app(generator, settings: ServeSettings, store: SQLiteJobStore | None 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         # the key first (constant-time), then the body size, before any route reads anything
-        if settings.api_key is not None and request.url.path not in ("/health",):
+        if settings.api_key is not None and request.url.path not in ("/health", "/"):
             given = request.headers.get("authorization", "")
             expected = f"Bearer {settings.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -253,6 +253,13 @@ def create_app(generator, settings: ServeSettings, store: SQLiteJobStore | None 
     async def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "vidloom"}]}
+
+    page = (Path(__file__).parent / "static" / "index.html").read_text()
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        """The web page: a prompt (and an image), the queue with live progress, the videos."""
+        return Response(page, media_type="text/html; charset=utf-8")
 
     @app.get("/health")
     async def health():
