@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 JOBS ?= 2
 
-.PHONY: install install-test demo test clean chromium
+.PHONY: install install-test demo test clean services
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,15 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(PY) -m vidloom.demo
 
-test: install-test chromium
+test: install-test services
 	$(PY) -m pytest -n $(JOBS) -q
 
-# the browser test of the serve web page drives Debian's Chromium (Playwright, its executable path)
-chromium:
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium)
+# what the tests start themselves, from Debian's packages: Chromium for the serve web page's
+# browser test (driven by Playwright through its executable path) and PostgreSQL for the shared
+# job store (a throwaway server on loopback)
+services:
+	@command -v chromium >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -q && apt-get install -y -q chromium postgresql)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("VIDLOOM_API_KEY"),
                        help="required as 'Authorization: Bearer KEY' (default: $VIDLOOM_API_KEY)")
     serve.add_argument("--max-queue", type=int, default=64, help="queued jobs beyond which requests get 429")
+    serve.add_argument("--store", default=None, metavar="postgresql://...",
+                       help="a PostgreSQL queue shared by several replicas (default: SQLite in --data-dir); "
+                            "replicas share --data-dir too (the videos are files there)")
+    serve.add_argument("--lease-seconds", type=float, default=15.0,
+                       help="with --store: how long a replica holds a job without renewing it before another "
+                            "takes it over")
     _add_dataclass_flags(serve.add_argument_group("engine"), EngineConfig, dest_prefix="e_")
     return parser
 
@@ -128,7 +134,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     generator = VideoGenerator.from_pretrained(args.model, engine)
     settings = ServeSettings(model_name=Path(args.model).name, data_dir=args.data_dir, api_key=args.api_key,
                              max_queue=args.max_queue, defaults=tuple(defaults.items()))
-    app = create_app(generator, settings, start_loop=False)
+    store = None
+    if args.store is not None:
+        if not args.store.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"--store: expected a postgresql:// URL, got {printable(args.store[:60])!r}")
+        if not 1.0 <= args.lease_seconds <= 3600:
+            raise ValueError(f"--lease-seconds: expected 1..3600, got {args.lease_seconds}")
+        from .serve.pg_store import PostgresJobStore
+
+        store = PostgresJobStore(args.store, lease_s=args.lease_seconds)
+    app = create_app(generator, settings, store=store, start_loop=False)
     # HTTP in a thread, the engine loop in the main thread (torch's CPU kernels are slower
     # from a second thread; see EngineLoop.start)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))

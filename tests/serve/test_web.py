@@ -40,7 +40,7 @@ def test_submit_watch_progress_and_play(page_server):
             assert page.text_content("#model") == "tiny-wan"
             page.fill("#prompt", "a red circle moving left")
             page.fill("#size", "48x32")
-            page.fill("#steps", "60")  # long enough to watch the progress move
+            page.fill("#steps", "400")  # long enough to watch the progress move (the page polls every 0.5 s)
             page.click("#submit")
             job = page.locator("article.job").first
             job.wait_for(timeout=30_000)

@@ -25,7 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..errors import InvalidRequestError
 from .requests import UPLOADS, parse
-from .store import COMPLETED, FAILED, IN_PROGRESS, QUEUED, Job, SQLiteJobStore
+from .store import COMPLETED, FAILED, IN_PROGRESS, QUEUED, Job, JobStore, SQLiteJobStore
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a request, uploads included
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # one image
@@ -69,7 +69,7 @@ def video_object(job: Job) -> dict[str, Any]:
     }
 
 
-def create_app(generator, settings: ServeSettings, store: SQLiteJobStore | None = None, start_loop: bool = True):
+def create_app(generator, settings: ServeSettings, store: JobStore | None = None, start_loop: bool = True):
     """The FastAPI app serving ``generator``; the store defaults to ``data_dir/jobs.sqlite3``."""
     from .scheduler import EngineLoop, Metrics
 

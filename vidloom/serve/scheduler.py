@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import InvalidRequestError, NumericalError, TaskCancelled, VidloomError
-from .store import Job, SQLiteJobStore
+from .store import Job, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ STORE_INTERVAL_S = 0.25
 class Metrics:
     """What the loop measures, for ``/metrics`` (prometheus-client objects on one registry)."""
 
-    def __init__(self, registry, store: SQLiteJobStore):
+    def __init__(self, registry, store: JobStore):
         from prometheus_client import Histogram
         from prometheus_client.core import GaugeMetricFamily
 
@@ -58,7 +58,7 @@ class Metrics:
 class EngineLoop:
     """Claims jobs from ``store`` and runs them on ``generator``; ``output_dir`` receives the videos."""
 
-    def __init__(self, generator, store: SQLiteJobStore, output_dir: Path, metrics: Metrics | None = None,
+    def __init__(self, generator, store: JobStore, output_dir: Path, metrics: Metrics | None = None,
                  max_active: int = 4, idle_wait_s: float = 0.2, batch_steps: bool = True):
         self.generator = generator
         self.store = store
@@ -161,6 +161,8 @@ class EngineLoop:
                 self.metrics.step_seconds.labels(task.state.value).observe(elapsed / len(self.active))
             for size in shared:
                 self.metrics.batch_size.observe(size)
+        if look:
+            self.store.renew(self.owner, [job.id for job, _ in self.active])
         for job, task in list(self.active):
             if task.is_finished:
                 self.active.remove((job, task))
@@ -174,8 +176,10 @@ class EngineLoop:
         if task.state.value != "done":
             self._fail(job, task.error or RuntimeError(f"task ended {task.state.value}"))
             return
-        path = self.output_dir / f"{job.id}.mp4"  # the id is the server's own: no user input in a path
-        tmp = path.with_name(f".{job.id}.{self.owner}.mp4")
+        # the id is the server's own (no user input in a path); the attempt keeps the file of a
+        # replica that lost the job (its lease expired) from replacing the one that finished it
+        path = self.output_dir / f"{job.id}.{job.attempts}.mp4"
+        tmp = path.with_name(f".{job.id}.{job.attempts}.{self.owner}.mp4")
         try:
             export_video(task.result.frames, tmp, fps=job.request.get("fps", 16))
             os.replace(tmp, path)
@@ -184,7 +188,7 @@ class EngineLoop:
             self._fail(job, exc)
             return
         if not self.store.complete(job.id, self.owner, str(path)):
-            path.unlink(missing_ok=True)  # deleted (or taken over) meanwhile: nobody will ask for it
+            path.unlink(missing_ok=True)  # deleted (or taken over) meanwhile: this file is nobody's
         elif self.metrics is not None:
             self.metrics.job_seconds.observe(time.time() - job.created_at)
 

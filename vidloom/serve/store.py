@@ -1,4 +1,5 @@
-"""The durable job store of ``vidloom serve``: SQLite in the data folder (embedded, nothing to start).
+"""The durable job store of ``vidloom serve``: SQLite in the data folder (embedded, nothing to
+start), or PostgreSQL shared by several server replicas (``pg_store``).
 
 A job is committed before the server answers 2xx, so an accepted job is never lost. A job is
 claimed by one engine loop at a time (``owner``); after a crash the jobs left ``in_progress`` go
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     output TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
+    lease_until REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
@@ -69,6 +71,7 @@ class Job:
     output: str | None = None
     attempts: int = 0
     owner: str | None = None
+    lease_until: float | None = None
     cancel_requested: bool = False
     seq: int | None = None
 
@@ -76,8 +79,114 @@ class Job:
 _COLUMNS = [f.name for f in dataclasses.fields(Job)]
 
 
-class SQLiteJobStore:
-    """Jobs in ``path`` (a SQLite file, WAL journal, every write committed before it returns)."""
+class JobStore:
+    """The queue's operations in SQL both databases take (``?`` placeholders); a subclass runs
+    them (``_execute``, ``_transaction``) and claims (``claim``)."""
+
+    lease_s: float = 0.0  # > 0: a claim holds a job this long unless renewed (several replicas)
+
+    def _execute(self, sql: str, args: tuple | list = (), fetch: str | None = None):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def add(self, job: Job) -> Job:
+        row = dataclasses.asdict(job)
+        row.pop("seq")
+        row["request"], row["inputs"] = json.dumps(job.request), json.dumps(job.inputs)
+        row["cancel_requested"] = int(job.cancel_requested)
+        names = ", ".join(row)
+        self._execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        return job
+
+    def recover(self) -> int:
+        """Jobs left in progress by a process that died go back to the queue; returns how many.
+        (With leases, a store shared by replicas leaves this to the lease expiry instead.)"""
+        if self.lease_s:
+            return 0
+        return self._execute("UPDATE jobs SET status = ?, owner = NULL, progress = 0 WHERE status = ?",
+                             (QUEUED, IN_PROGRESS), fetch="rowcount")
+
+    def claim(self, owner: str) -> Job | None:
+        raise NotImplementedError
+
+    def renew(self, owner: str, job_ids: list[str]) -> None:
+        """Extend ``owner``'s leases on ``job_ids`` (no-op without leases)."""
+        if self.lease_s and job_ids:
+            self._execute(f"UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = ? AND id IN "
+                          f"({', '.join('?' * len(job_ids))})", [time.time() + self.lease_s, owner, IN_PROGRESS,
+                                                                 *job_ids])
+
+    def set_progress(self, job_id: str, owner: str, progress: int) -> None:
+        self._execute("UPDATE jobs SET progress = ? WHERE id = ? AND owner = ? AND status = ?",
+                      (progress, job_id, owner, IN_PROGRESS))
+
+    def complete(self, job_id: str, owner: str, output: str) -> bool:
+        """Mark the job completed with its output file; False if it was no longer ours to complete."""
+        return self._execute("UPDATE jobs SET status = ?, output = ?, progress = 100, completed_at = ? "
+                             "WHERE id = ? AND owner = ? AND status = ?",
+                             (COMPLETED, output, time.time(), job_id, owner, IN_PROGRESS), fetch="rowcount") == 1
+
+    def fail(self, job_id: str, code: str, message: str, owner: str | None = None) -> bool:
+        """Mark a queued job (owner None) or one held by ``owner`` failed with its reason."""
+        if owner is None:
+            return self._execute("UPDATE jobs SET status = ?, error_code = ?, error_message = ?, completed_at = ? "
+                                 "WHERE id = ? AND status = ?", (FAILED, code, message, time.time(), job_id, QUEUED),
+                                 fetch="rowcount") == 1
+        return self._execute("UPDATE jobs SET status = ?, error_code = ?, error_message = ?, completed_at = ? "
+                             "WHERE id = ? AND owner = ? AND status = ?",
+                             (FAILED, code, message, time.time(), job_id, owner, IN_PROGRESS), fetch="rowcount") == 1
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Cancel a job: a queued one fails at once, a running one when its engine loop next looks."""
+        self._execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status IN (?, ?)",
+                      (job_id, QUEUED, IN_PROGRESS))
+        self.fail(job_id, "cancelled", "the job was cancelled")
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        row = self._execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,), fetch="one")
+        return row is None or bool(row[0])
+
+    def delete(self, job_id: str) -> Job | None:
+        """Remove a job's record (the caller removes its files); None if there was none."""
+        job = self.get(job_id)
+        if job is not None:
+            self._execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return job
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,), fetch="one")
+        return None if row is None else _job(row)
+
+    def page(self, after: str | None, limit: int, order: str) -> tuple[list[Job], bool]:
+        """Up to ``limit`` jobs after the job ``after`` in creation order ("asc") or newest first
+        ("desc"), and whether more follow. An unknown ``after`` gives KeyError."""
+        op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
+        where, args = "", []
+        if after is not None:
+            row = self._execute("SELECT seq FROM jobs WHERE id = ?", (after,), fetch="one")
+            if row is None:
+                raise KeyError(after)
+            where, args = f"WHERE seq {op} ?", [row[0]]
+        rows = self._execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs {where} ORDER BY seq {direction} LIMIT ?",
+                             [*args, limit + 1], fetch="all")
+        return [_job(r) for r in rows[:limit]], len(rows) > limit
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by state."""
+        rows = self._execute("SELECT status, COUNT(*) FROM jobs GROUP BY status", fetch="all")
+        return {state: 0 for state in STATES} | {status: int(n) for status, n in rows}
+
+
+class SQLiteJobStore(JobStore):
+    """Jobs in ``path`` (a SQLite file, WAL journal, every write committed before it returns): one
+    server process at a time."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -91,25 +200,10 @@ class SQLiteJobStore:
         with self._lock:
             self._db.close()
 
-    # -- writes ----------------------------------------------------------------------------------
-
-    def add(self, job: Job) -> Job:
-        row = dataclasses.asdict(job)
-        row.pop("seq")
-        row["request"], row["inputs"] = json.dumps(job.request), json.dumps(job.inputs)
-        names = ", ".join(row)
+    def _execute(self, sql, args=(), fetch=None):
         with self._lock:
-            cursor = self._db.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' * len(row))})",
-                                      list(row.values()))
-        job.seq = cursor.lastrowid
-        return job
-
-    def recover(self) -> int:
-        """Jobs left in progress by a process that died go back to the queue; returns how many."""
-        with self._lock:
-            cursor = self._db.execute("UPDATE jobs SET status = ?, owner = NULL, progress = 0 WHERE status = ?",
-                                      (QUEUED, IN_PROGRESS))
-        return cursor.rowcount
+            cursor = self._db.execute(sql, args)
+            return _fetch(cursor, fetch)
 
     def claim(self, owner: str) -> Job | None:
         """The oldest queued job, now in progress and held by ``owner``; None when the queue is empty."""
@@ -118,95 +212,24 @@ class SQLiteJobStore:
             try:
                 row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE status = ? AND "
                                        "cancel_requested = 0 ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
-                if row is None:
-                    self._db.execute("COMMIT")
-                    return None
-                now = time.time()
-                self._db.execute("UPDATE jobs SET status = ?, owner = ?, started_at = ?, attempts = attempts + 1, "
-                                 "progress = 0 WHERE id = ?", (IN_PROGRESS, owner, now, row[0]))
+                if row is not None:
+                    self._db.execute("UPDATE jobs SET status = ?, owner = ?, started_at = ?, attempts = attempts + 1, "
+                                     "progress = 0 WHERE id = ?", (IN_PROGRESS, owner, time.time(), row[0]))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        job = _job(row)
-        job.status, job.owner, job.started_at, job.attempts = IN_PROGRESS, owner, now, job.attempts + 1
-        return job
+        return None if row is None else self.get(row[0])
 
-    def set_progress(self, job_id: str, owner: str, progress: int) -> None:
-        with self._lock:
-            self._db.execute("UPDATE jobs SET progress = ? WHERE id = ? AND owner = ? AND status = ?",
-                             (progress, job_id, owner, IN_PROGRESS))
 
-    def complete(self, job_id: str, owner: str, output: str) -> bool:
-        """Mark the job completed with its output file; False if it was no longer ours to complete."""
-        with self._lock:
-            cursor = self._db.execute(
-                "UPDATE jobs SET status = ?, output = ?, progress = 100, completed_at = ? "
-                "WHERE id = ? AND owner = ? AND status = ?", (COMPLETED, output, time.time(), job_id, owner, IN_PROGRESS))
-        return cursor.rowcount == 1
-
-    def fail(self, job_id: str, code: str, message: str, owner: str | None = None) -> bool:
-        """Mark a queued job (owner None) or one held by ``owner`` failed with its reason."""
-        with self._lock:
-            if owner is None:
-                cursor = self._db.execute(
-                    "UPDATE jobs SET status = ?, error_code = ?, error_message = ?, completed_at = ? "
-                    "WHERE id = ? AND status = ?", (FAILED, code, message, time.time(), job_id, QUEUED))
-            else:
-                cursor = self._db.execute(
-                    "UPDATE jobs SET status = ?, error_code = ?, error_message = ?, completed_at = ? "
-                    "WHERE id = ? AND owner = ? AND status = ?",
-                    (FAILED, code, message, time.time(), job_id, owner, IN_PROGRESS))
-        return cursor.rowcount == 1
-
-    def request_cancel(self, job_id: str) -> Job | None:
-        """Cancel a job: a queued one fails at once, a running one when its engine loop next looks."""
-        with self._lock:
-            self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status IN (?, ?)",
-                             (job_id, QUEUED, IN_PROGRESS))
-        self.fail(job_id, "cancelled", "the job was cancelled")
-        return self.get(job_id)
-
-    def cancel_requested(self, job_id: str) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return row is None or bool(row[0])
-
-    def delete(self, job_id: str) -> Job | None:
-        """Remove a job's record (the caller removes its files); None if there was none."""
-        job = self.get(job_id)
-        if job is not None:
-            with self._lock:
-                self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-        return job
-
-    # -- reads -----------------------------------------------------------------------------------
-
-    def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else _job(row)
-
-    def page(self, after: str | None, limit: int, order: str) -> tuple[list[Job], bool]:
-        """Up to ``limit`` jobs after the job ``after`` in creation order ("asc") or newest first
-        ("desc"), and whether more follow. An unknown ``after`` gives KeyError."""
-        op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
-        with self._lock:
-            where, args = "", []
-            if after is not None:
-                row = self._db.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
-                if row is None:
-                    raise KeyError(after)
-                where, args = f"WHERE seq {op} ?", [row[0]]
-            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs {where} ORDER BY seq {direction} "
-                                    "LIMIT ?", [*args, limit + 1]).fetchall()
-        return [_job(r) for r in rows[:limit]], len(rows) > limit
-
-    def counts(self) -> dict[str, int]:
-        """Jobs by state."""
-        with self._lock:
-            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        return {state: 0 for state in STATES} | dict(rows)
+def _fetch(cursor, fetch):
+    if fetch == "one":
+        return cursor.fetchone()
+    if fetch == "all":
+        return cursor.fetchall()
+    if fetch == "rowcount":
+        return cursor.rowcount
+    return None
 
 
 def _job(row) -> Job:
