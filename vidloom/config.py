@@ -81,6 +81,9 @@ class EngineConfig:
     # a second model folder whose transformer(s) and scheduler run the refine pass of two-stage
     # generation (it must share the base folder's text encoder and VAE latent space); None: the base's
     refine_model: str | None = None
+    # two-expert models: only the expert serving the current step on the device, the other in CPU
+    # memory (moved at the switch, once per request); halves the device memory the experts take
+    offload_experts: bool = False
 
     def __post_init__(self):
         try:
@@ -92,7 +95,7 @@ class EngineConfig:
             setattr(self, name, parse_dtype(getattr(self, name), name))
         if not (_is_int(self.sp_size) and 1 <= self.sp_size <= MAX_PROCESSES):
             raise ValueError(f"sp_size: expected an integer in 1..{MAX_PROCESSES}, got {self.sp_size!r}")
-        for name in ("vae_tiling", "batch_cfg", "check_finite", "cfg_parallel", "map_weights"):
+        for name in ("vae_tiling", "batch_cfg", "check_finite", "cfg_parallel", "map_weights", "offload_experts"):
             _require_bool(name, getattr(self, name))
         if not (_is_int(self.vae_tile_size) and 32 <= self.vae_tile_size <= MAX_TILE):
             raise ValueError(f"vae_tile_size: expected an integer in 32..{MAX_TILE} (pixels), got {self.vae_tile_size!r}")

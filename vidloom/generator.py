@@ -385,7 +385,9 @@ def _load_components(plans: dict[str, ComponentPlan], config: EngineConfig) -> d
     for name, plan in plans.items():
         dtype = dtypes.get(COMPONENT_DTYPE.get(name, ""), torch.float32)
         log.info("loading %s (%s.%s) as %s", name, plan.library, plan.class_name, dtype)
-        components[name] = plan.load(config.torch_device, dtype, config.map_weights)
+        # with offload_experts the low-noise expert waits in CPU memory until its first step
+        device = torch.device("cpu") if config.offload_experts and name == "transformer_2" else config.torch_device
+        components[name] = plan.load(device, dtype, config.map_weights)
     return components
 
 

@@ -206,3 +206,25 @@ def test_bf16_two_experts_are_close_to_diffusers_fp32(two_expert_dir, reference)
         "a red circle moving left", latents=latents, **kwargs).frames
     ref = reference(prompt="a red circle moving left", latents=latents.clone(), output_type="np", **kwargs).frames[0]
     assert rel_err(bf16, ref) <= 3e-2
+
+
+def test_offload_experts_keeps_one_expert_on_the_device(two_expert_dir, monkeypatch):
+    """offload_experts=True: only the expert of the current step is on the compute device. Here the
+    moves are recorded instead of made (the compute device stands in as "meta"); the video is the
+    one without offload."""
+    plain = VideoGenerator.from_pretrained(two_expert_dir, dtype="fp32")
+    gen = VideoGenerator.from_pretrained(two_expert_dir, dtype="fp32", offload_experts=True)
+    stage = gen.pipeline.denoising
+    assert stage.expert_device == torch.device("cpu") and plain.pipeline.denoising.expert_device is None
+    moves = []
+    for i, expert in enumerate(stage.experts):
+        module = expert.transformer
+        monkeypatch.setattr(module, "to", lambda device, i=i, module=module: moves.append((i, str(device))) or module)
+    # pretend the compute device is another one, so every placement is a move
+    monkeypatch.setattr(stage, "expert_device", torch.device("meta"))
+    latents = initial_latents(5)
+    kwargs = dict(num_inference_steps=6, guidance_scale=4.0, latents=latents, **SIZE)
+    assert np.array_equal(gen.generate("a cat", **kwargs).frames, plain.generate("a cat", **kwargs).frames)
+    # the high-noise expert onto the device for the first steps, then off it and the low-noise
+    # one on: one switch per request, none per step
+    assert moves == [(0, "meta"), (0, "cpu"), (1, "meta")]

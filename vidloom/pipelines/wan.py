@@ -186,8 +186,10 @@ class WanT2VPipeline(ComposedPipeline):
         dit_dtype = dit.proj_out.weight.dtype
         sequence, cfg = parallel_parts(parallel)
         experts, model_input = self.experts(components, settings), self.model_input(components, settings)
+        expert_device = device if config.offload_experts else None
         self.denoising = DenoisingStage(experts, components["scheduler"], config.batch_cfg, config.check_finite,
-                                        sequence=sequence, cfg=cfg, model_input=model_input)
+                                        sequence=sequence, cfg=cfg, model_input=model_input,
+                                        expert_device=expert_device)
         # two-stage generation: the refine pass, a second denoising stage with its own schedule
         # (neither has work for a request without refine), with this folder's experts or those of
         # a second one
@@ -196,7 +198,7 @@ class WanT2VPipeline(ComposedPipeline):
         refine_scheduler = refine_components["scheduler"]
         refine_pass = DenoisingStage(self.experts(refine_components, refine_settings), refine_scheduler,
                                      config.batch_cfg, config.check_finite, sequence=sequence, cfg=cfg,
-                                     model_input=model_input,
+                                     model_input=model_input, expert_device=expert_device,
                                      steps=lambda request: request.refine.run_steps(request) if request.refine else 0)
         # the latents are the VAE's (for text-to-video the DiT takes them as they are)
         self.input_validation = InputValidationStage(limits, vae.config.z_dim)

@@ -94,17 +94,21 @@ class DenoisingStage(IterativeStage):
 
     def __init__(self, transformer: torch.nn.Module | list[Expert], scheduler, batch_cfg: bool = True,
                  check_finite: bool = True, sequence=None, cfg=None, model_input: ModelInput | None = None,
-                 steps=None):
+                 steps=None, expert_device: torch.device | None = None):
         """``transformer``: one transformer, or the experts in order; ``sequence``: a
         sequence-parallel object made active around every forward (``parallel.sequence``);
         ``cfg``: a CFG-parallel object (``parallel.cfg``) when the two branches run on different
         processes. Both None in one process. ``model_input``: how the latents (and the request's
         conditioning) become the transformer's input (default: as they are). ``steps(request)``:
         how many steps this stage runs, from ``batch.begin_index`` on (default: the request's
-        ``num_inference_steps``; a refine pass runs its own)."""
+        ``num_inference_steps``; a refine pass runs its own). ``expert_device``: keep only the
+        expert serving the current step on this device, the others in CPU memory (None: all stay
+        where they were loaded)."""
         self.experts = list(transformer) if isinstance(transformer, (list, tuple)) else [Expert(transformer)]
         self.model_input = model_input or ModelInput()
         self.steps = steps or (lambda params: params.num_inference_steps)
+        self.expert_device = expert_device
+        self._placed: list[torch.device] | None = None
         self.scheduler = scheduler
         self.batch_cfg = batch_cfg
         self.check_finite = check_finite
@@ -136,6 +140,7 @@ class DenoisingStage(IterativeStage):
     def context(self, batch: ForwardBatch, index: int):
         """Expert ``index``'s text keys/values of every block, rows [cond; uncond], computed once
         per request and expert (only the current expert's are kept)."""
+        self.activate(index)
         if batch.context_expert != index:
             embeds = batch.prompt_embeds
             if batch.params.do_cfg:
@@ -146,6 +151,19 @@ class DenoisingStage(IterativeStage):
             batch.context_kv = self.experts[index].transformer.encode_context(embeds, image)
             batch.context_expert = index
         return batch.context_kv
+
+    def activate(self, index: int) -> None:
+        """With ``expert_device``: expert ``index`` onto it, every other one to the CPU (one move per
+        expert switch: Wan2.2's experts switch once per request)."""
+        if self.expert_device is None or len(self.experts) < 2:
+            return
+        if self._placed is None:  # where each expert was loaded
+            self._placed = [e.transformer.proj_out.weight.device for e in self.experts]
+        for i, expert in enumerate(self.experts):
+            target = self.expert_device if i == index else torch.device("cpu")
+            if self._placed[i] != target:
+                expert.transformer.to(target)
+                self._placed[i] = target
 
     def begin(self, batch: ForwardBatch) -> ForwardBatch:
         batch = super().begin(batch)
