@@ -14,33 +14,9 @@ from __future__ import annotations
 import threading
 import time
 
-from .store import _COLUMNS, IN_PROGRESS, QUEUED, Job, JobStore, _fetch, _job
+from .store import _COLUMNS, IN_PROGRESS, QUEUED, Job, JobStore, _fetch, _job, schema
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq BIGSERIAL PRIMARY KEY,
-    id TEXT UNIQUE NOT NULL,
-    status TEXT NOT NULL,
-    model TEXT NOT NULL,
-    prompt TEXT NOT NULL,
-    seconds TEXT NOT NULL,
-    size TEXT NOT NULL,
-    request TEXT NOT NULL,
-    inputs TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    started_at DOUBLE PRECISION,
-    completed_at DOUBLE PRECISION,
-    progress INTEGER NOT NULL DEFAULT 0,
-    error_code TEXT,
-    error_message TEXT,
-    output TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    owner TEXT,
-    lease_until DOUBLE PRECISION,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
-"""
+SCHEMA = schema("BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")
 
 LEASE_S = 15.0  # a replica that has not renewed for this long is taken to be dead
 

@@ -22,9 +22,8 @@ from typing import Any
 QUEUED, IN_PROGRESS, COMPLETED, FAILED = "queued", "in_progress", "completed", "failed"
 STATES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+# the jobs table; REAL is each database's double (SQLite REAL, PostgreSQL DOUBLE PRECISION)
+COLUMNS_SQL = """
     id TEXT UNIQUE NOT NULL,
     status TEXT NOT NULL,
     model TEXT NOT NULL,
@@ -43,10 +42,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
     lease_until REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
-"""
+    cancel_requested INTEGER NOT NULL DEFAULT 0"""
+
+
+def schema(seq: str, real: str = "REAL") -> str:
+    """The jobs table and its index, with the database's auto-increment key and double type."""
+    return (f"CREATE TABLE IF NOT EXISTS jobs (\n    seq {seq},{COLUMNS_SQL.replace(' REAL', ' ' + real)}\n);\n"
+            "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);\n")
+
+
+SCHEMA = schema("INTEGER PRIMARY KEY AUTOINCREMENT")
 
 
 @dataclasses.dataclass
