@@ -143,6 +143,7 @@ class EngineLoop:
             self._looked = now
         for job, task in list(self.active):
             if job.id in self._cancelled or (look and self.store.cancel_requested(job.id)):
+                self._cancelled.discard(job.id)
                 task.cancel()
                 self.active.remove((job, task))
                 self.store.fail(job.id, "cancelled", "the job was cancelled", owner=self.owner)
