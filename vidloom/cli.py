@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("VIDLOOM_API_KEY"),
                        help="required as 'Authorization: Bearer KEY' (default: $VIDLOOM_API_KEY)")
     serve.add_argument("--max-queue", type=int, default=64, help="queued jobs beyond which requests get 429")
+    serve.add_argument("--nproc", type=int, default=1,
+                       help="serve from this many processes (--sp-size / --cfg-parallel): rank 0 runs HTTP and the "
+                            "queue and sends each round of work to the others")
     serve.add_argument("--store", default=None, metavar="postgresql://...",
                        help="a PostgreSQL queue shared by several replicas (default: SQLite in --data-dir); "
                             "replicas share --data-dir too (the videos are files there)")
@@ -122,6 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not is_loopback(args.host) and not args.api_key:
         raise ValueError(f"--host {args.host}: serving beyond loopback needs --api-key (or $VIDLOOM_API_KEY)")
+    if not 1 <= args.nproc <= MAX_NPROC:
+        raise ValueError(f"--nproc: expected an integer in 1..{MAX_NPROC}, got {args.nproc}")
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port: expected 1..65535, got {args.port}")
     if not 1 <= args.max_queue <= 100_000:
@@ -131,7 +137,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = DEFAULT_MODEL_DIR
         defaults = dict(DEFAULT_MODEL_SAMPLING)
     engine = EngineConfig.from_options(**_collect(args, "e_"))
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        check_layout(engine.sp_size, engine.cfg_parallel, args.nproc)
+        VideoGenerator.request_limits(args.model, engine)  # the folder checked before any process starts
+        return launch(args.nproc, args.argv)
     generator = VideoGenerator.from_pretrained(args.model, engine)
+    ranks = None
+    if generator.parallel is not None:
+        from .serve.scheduler import RankBroadcast, follow
+
+        ranks = RankBroadcast()
+        if ranks.rank != 0:
+            follow(generator, ranks)
+            return 0
     settings = ServeSettings(model_name=Path(args.model).name, data_dir=args.data_dir, api_key=args.api_key,
                              max_queue=args.max_queue, defaults=tuple(defaults.items()))
     store = None
@@ -143,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve.pg_store import PostgresJobStore
 
         store = PostgresJobStore(args.store, lease_s=args.lease_seconds)
-    app = create_app(generator, settings, store=store, start_loop=False)
+    app = create_app(generator, settings, store=store, start_loop=False, ranks=ranks)
     # HTTP in a thread, the engine loop in the main thread (torch's CPU kernels are slower
     # from a second thread; see EngineLoop.start)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
@@ -226,7 +244,16 @@ def launch(nproc: int, argv: list[str]) -> int:
             forwarded.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "vidloom", *forwarded]
-    return subprocess.call(cmd)
+    child = subprocess.Popen(cmd)
+    # a SIGTERM to this process (a service manager stopping `vidloom serve`) stops the processes too
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.terminate())
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -84,3 +84,34 @@ def test_kill_9_mid_job_then_restart_completes_every_job_once(tiny_wan_dir, tmp_
     store.close()
     videos = sorted(p.name.split(".")[0] for p in (data / "videos").iterdir())
     assert videos == sorted(j["id"] for j in (first, long, *queued))  # one file each, no leftovers
+
+
+@pytest.mark.slow
+def test_serving_from_two_processes_with_sp2(tiny_wan_dir, tmp_path, tiny_generator):
+    """``vidloom serve --nproc 2 --sp-size 2``: rank 0 serves HTTP and the queue, both ranks share
+    every forward; two concurrent jobs come out as one process makes them."""
+    import numpy as np
+
+    from vidloom.io import export_video
+
+    from .test_api import decode_mp4
+
+    data, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(tiny_wan_dir, data, port, ["--nproc", "2", "--sp-size", "2"])
+    try:
+        body = {"size": "48x48", "num_frames": 9, "num_inference_steps": 3, "guidance_scale": 4.0}
+        jobs = [httpx.post(f"{url}/v1/videos", json={"prompt": f"a shape {i}", "seed": i, **body}).json()
+                for i in range(2)]
+        for job in jobs:
+            assert wait(url, job["id"], lambda v: v["status"] in ("completed", "failed"))["status"] == "completed"
+            served = np.stack(decode_mp4(httpx.get(f"{url}/v1/videos/{job['id']}/content").content)).astype(np.float32)
+            alone = tiny_generator.generate(job["prompt"], seed=int(job["prompt"][-1]), height=48, width=48,
+                                            num_frames=9, num_inference_steps=3, guidance_scale=4.0).frames
+            path = tmp_path / f"{job['id']}.mp4"
+            export_video(alone, path, fps=16)
+            reference = np.stack(decode_mp4(path.read_bytes())).astype(np.float32)
+            assert np.abs(served - reference).mean() <= 0.5  # the same frames (to fp32 rounding), same encoder
+    finally:
+        proc.terminate()
+        proc.wait(60)

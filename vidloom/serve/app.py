@@ -69,8 +69,10 @@ def video_object(job: Job) -> dict[str, Any]:
     }
 
 
-def create_app(generator, settings: ServeSettings, store: JobStore | None = None, start_loop: bool = True):
-    """The FastAPI app serving ``generator``; the store defaults to ``data_dir/jobs.sqlite3``."""
+def create_app(generator, settings: ServeSettings, store: JobStore | None = None, start_loop: bool = True,
+               ranks=None):
+    """The FastAPI app serving ``generator``; the store defaults to ``data_dir/jobs.sqlite3``;
+    ``ranks``: ``scheduler.RankBroadcast`` on rank 0 of a multi-process server."""
     from .scheduler import EngineLoop, Metrics
 
     data_dir = Path(settings.data_dir)
@@ -81,7 +83,7 @@ def create_app(generator, settings: ServeSettings, store: JobStore | None = None
     registry = CollectorRegistry()
     metrics = Metrics(registry, store)
     loop = EngineLoop(generator, store, data_dir / "videos", metrics, max_active=settings.max_active,
-                      batch_steps=settings.batch_steps)
+                      batch_steps=settings.batch_steps, ranks=ranks)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

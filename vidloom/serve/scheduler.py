@@ -59,13 +59,14 @@ class EngineLoop:
     """Claims jobs from ``store`` and runs them on ``generator``; ``output_dir`` receives the videos."""
 
     def __init__(self, generator, store: JobStore, output_dir: Path, metrics: Metrics | None = None,
-                 max_active: int = 4, idle_wait_s: float = 0.2, batch_steps: bool = True):
+                 max_active: int = 4, idle_wait_s: float = 0.2, batch_steps: bool = True, ranks=None):
         self.generator = generator
         self.store = store
         self.output_dir = Path(output_dir)
         self.metrics = metrics
         self.max_active = max_active
         self.batch_steps = batch_steps
+        self.ranks = ranks  # RankBroadcast when several processes share each forward (rank 0 here)
         self.idle_wait_s = idle_wait_s
         self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._wake = threading.Event()
@@ -73,6 +74,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self.active: list[tuple[Job, object]] = []  # (job, task)
         self._cancelled: set[str] = set()
+        self._pending_submits: list = []  # submitted since the last plan (for the other ranks)
         self._looked = 0.0
 
     # -- control ---------------------------------------------------------------------------------
@@ -108,6 +110,7 @@ class EngineLoop:
             try:
                 self._fill()
                 if not self.active:
+                    self._broadcast([])  # the other ranks wait in the broadcast, not in a timeout
                     self._wake.wait(self.idle_wait_s)
                     self._wake.clear()  # a wake after this is seen by the next _fill
                     continue
@@ -115,6 +118,11 @@ class EngineLoop:
             except Exception:  # the loop itself must survive anything a job does
                 log.exception("engine loop error")
                 time.sleep(self.idle_wait_s)
+        self._broadcast(None)  # the other ranks stop too
+
+    def _broadcast(self, plan) -> None:
+        if self.ranks is not None:
+            self.ranks.send(plan)
 
     def _fill(self) -> None:
         while len(self.active) < self.max_active:
@@ -127,6 +135,7 @@ class EngineLoop:
                 self._fail(job, exc)
                 continue
             self.active.append((job, task))
+            self._pending_submits.append((job.id, job.request["prompt"], self._sampling(job)))
 
     @staticmethod
     def _sampling(job: Job) -> dict:
@@ -141,12 +150,18 @@ class EngineLoop:
         look = now - self._looked >= STORE_INTERVAL_S  # the store is read and written at most this often
         if look:
             self._looked = now
+        cancels = []
         for job, task in list(self.active):
             if job.id in self._cancelled or (look and self.store.cancel_requested(job.id)):
                 self._cancelled.discard(job.id)
                 task.cancel()
                 self.active.remove((job, task))
+                cancels.append(job.id)
                 self.store.fail(job.id, "cancelled", "the job was cancelled", owner=self.owner)
+        # every rank runs the same units of the same tasks in the same order (their collectives meet)
+        self._broadcast({"submit": self._pending_submits, "cancel": cancels, "batch": self.batch_steps,
+                         "step": [job.id for job, _ in self.active]})
+        self._pending_submits = []
         if not self.active:
             return
         start = time.perf_counter()
@@ -202,3 +217,45 @@ class EngineLoop:
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+class RankBroadcast:
+    """Rank 0's plan of each round (tasks to submit, to cancel, to step, in order) to the other
+    ranks of a multi-process server, over a gloo group of its own (control messages stay off
+    NCCL). None means stop."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = dist.new_group(backend="gloo")
+        self.rank = dist.get_rank()
+
+    def send(self, plan) -> None:
+        self._dist.broadcast_object_list([plan], src=0, group=self.group)
+
+    def receive(self):
+        box = [None]
+        self._dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+def follow(generator, ranks: RankBroadcast) -> None:
+    """A rank other than 0: run rank 0's plans on this rank's share of each forward until told to
+    stop. The results stay on rank 0 (it exports and records them)."""
+    tasks: dict[str, object] = {}
+    while (plan := ranks.receive()) is not None:
+        if not plan:  # rank 0 is idle
+            continue
+        for job_id, prompt, sampling in plan["submit"]:
+            tasks[job_id] = generator.submit(prompt, **sampling)
+        for job_id in plan["cancel"]:
+            tasks.pop(job_id).cancel()
+        order = [tasks[job_id] for job_id in plan["step"]]
+        if plan["batch"]:
+            generator.step_many(order)
+        else:
+            for task in order:
+                generator.step_quietly(task)
+        for job_id in [j for j, t in tasks.items() if t.is_finished]:
+            del tasks[job_id]
