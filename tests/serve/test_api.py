@@ -230,7 +230,8 @@ def test_concurrent_jobs_share_steps_and_get_their_own_videos(client, server, ti
 
     from vidloom.io import export_video
 
-    requests = [dict(prompt=f"a shape {i}", extra_body=dict(SMALL, seed=i, num_inference_steps=6)) for i in range(4)]
+    # 30 steps each: long enough that the jobs overlap even on a loaded machine
+    requests = [dict(prompt=f"a shape {i}", extra_body=dict(SMALL, seed=i, num_inference_steps=30)) for i in range(4)]
     before = httpx.get(f"{server.url}/metrics").text
     ids = [client.videos.create(size="48x32", **r).id for r in requests]
     videos = [client.videos.poll(i, poll_interval_ms=50) for i in ids]
@@ -296,3 +297,25 @@ def test_image_to_video_upload(tiny_wan_pipe, tmp_path):
     reference = np.stack(decode_mp4((tmp_path / "alone.mp4").read_bytes())).astype(np.float32)
     assert served.shape == reference.shape == (9, 64, 96, 3)
     assert np.array_equal(served, reference)  # the same frames through the same encoder
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(tiny_generator, tmp_path):
+    """No Content-Length (chunked): the bytes are counted as they arrive, a form with a large file
+    is refused with 413 before the rest is read or spooled."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(tiny_generator, ServeSettings(model_name="m", data_dir=tmp_path, max_body_bytes=10_000),
+                     start_loop=False)
+
+    def chunks():
+        yield b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na cat\r\n'
+        yield b'--b\r\nContent-Disposition: form-data; name="input_reference"; filename="a.png"\r\n\r\n'
+        for _ in range(100):
+            yield b"\0" * 1000
+
+    with TestClient(app) as http:
+        r = http.post("/v1/videos", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+        r = http.post("/v1/videos", content=(b"x" * 1000 for _ in range(20)), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert http.post("/v1/videos", json={"prompt": "a cat", "size": "48x32"}).status_code == 200

@@ -46,7 +46,36 @@ class ServeSettings:
     poll_after_ms: int = 1000
     max_active: int = 4  # jobs the engine loop advances together (1: one job at a time)
     batch_steps: bool = True  # their compatible denoising steps as one transformer forward
+    max_body_bytes: int = MAX_BODY_BYTES  # a request, uploads included, however it is sent
     defaults: tuple[tuple[str, Any], ...] = ()
+
+
+class BodyTooLarge(Exception):
+    """The body passed ``max_body_bytes`` while being read (a chunked body has no Content-Length)."""
+
+
+class BodyLimit:
+    """ASGI middleware: counts every request's body bytes as they arrive and stops reading past the
+    limit, so a chunked upload cannot fill the disk where the form parser spools files."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(f"the request body is larger than {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 class APIError(Exception):
@@ -93,6 +122,7 @@ def create_app(generator, settings: ServeSettings, store: JobStore | None = None
         loop.stop()
 
     app = FastAPI(title="vidloom", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.state.generator, app.state.store, app.state.loop, app.state.settings = generator, store, loop, settings
     app.state.recovered = recovered
 
@@ -113,8 +143,8 @@ def create_app(generator, settings: ServeSettings, store: JobStore | None = None
                                                "type": "invalid_request_error", "param": None,
                                                "code": "invalid_api_key"}}, status_code=401)
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse({"error": {"message": f"the request body is larger than {MAX_BODY_BYTES} bytes",
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return JSONResponse({"error": {"message": f"the request body is larger than {settings.max_body_bytes} bytes",
                                            "type": "invalid_request_error", "param": None, "code": "too_large"}},
                                 status_code=413)
         return await call_next(request)
@@ -145,6 +175,8 @@ def create_app(generator, settings: ServeSettings, store: JobStore | None = None
         try:
             form = await request.form(max_files=len(UPLOADS), max_fields=MAX_FORM_FIELDS,
                                       max_part_size=MAX_UPLOAD_BYTES)
+        except BodyTooLarge as exc:
+            raise APIError(413, str(exc), None, "too_large") from None
         except Exception as exc:  # noqa: BLE001 - a malformed or oversized form is the client's error
             raise APIError(400, f"malformed multipart body: {exc}", None, "invalid_multipart") from None
         values, files = {}, {}
@@ -166,11 +198,14 @@ def create_app(generator, settings: ServeSettings, store: JobStore | None = None
 
     async def _body(request: Request) -> bytes:
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", None, "too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > settings.max_body_bytes:
+                    raise BodyTooLarge(f"the request body is larger than {settings.max_body_bytes} bytes")
+                chunks.append(chunk)
+        except BodyTooLarge as exc:
+            raise APIError(413, str(exc), None, "too_large") from None
         return b"".join(chunks)
 
     @app.post("/v1/videos")
