@@ -216,12 +216,20 @@ def test_offload_experts_keeps_one_expert_on_the_device(two_expert_dir, monkeypa
     gen = VideoGenerator.from_pretrained(two_expert_dir, dtype="fp32", offload_experts=True)
     stage = gen.pipeline.denoising
     assert stage.expert_device == torch.device("cpu") and plain.pipeline.denoising.expert_device is None
-    moves = []
+    moves, where = [], {}
     for i, expert in enumerate(stage.experts):
         module = expert.transformer
-        monkeypatch.setattr(module, "to", lambda device, i=i, module=module: moves.append((i, str(device))) or module)
-    # pretend the compute device is another one, so every placement is a move
+        where[id(module)] = torch.device("cpu")
+
+        def move(device, i=i, module=module):
+            moves.append((i, str(device)))
+            where[id(module)] = torch.device(device)
+            return module
+
+        monkeypatch.setattr(module, "to", move)
+    # pretend the compute device is another one ("meta"), so every placement is a recorded move
     monkeypatch.setattr(stage, "expert_device", torch.device("meta"))
+    monkeypatch.setattr(stage, "device_of", lambda module: where[id(module)])
     latents = initial_latents(5)
     kwargs = dict(num_inference_steps=6, guidance_scale=4.0, latents=latents, **SIZE)
     assert np.array_equal(gen.generate("a cat", **kwargs).frames, plain.generate("a cat", **kwargs).frames)

@@ -108,7 +108,6 @@ class DenoisingStage(IterativeStage):
         self.model_input = model_input or ModelInput()
         self.steps = steps or (lambda params: params.num_inference_steps)
         self.expert_device = expert_device
-        self._placed: list[torch.device] | None = None
         self.scheduler = scheduler
         self.batch_cfg = batch_cfg
         self.check_finite = check_finite
@@ -157,13 +156,15 @@ class DenoisingStage(IterativeStage):
         expert switch: Wan2.2's experts switch once per request)."""
         if self.expert_device is None or len(self.experts) < 2:
             return
-        if self._placed is None:  # where each expert was loaded
-            self._placed = [e.transformer.proj_out.weight.device for e in self.experts]
         for i, expert in enumerate(self.experts):
             target = self.expert_device if i == index else torch.device("cpu")
-            if self._placed[i] != target:
+            # where it is now, read each time: another stage (a refine pass) may share the experts
+            if self.device_of(expert.transformer) != target:
                 expert.transformer.to(target)
-                self._placed[i] = target
+
+    @staticmethod
+    def device_of(module: torch.nn.Module) -> torch.device:
+        return next(module.parameters()).device
 
     def begin(self, batch: ForwardBatch) -> ForwardBatch:
         batch = super().begin(batch)
