@@ -32,6 +32,18 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def assert_two_processes_equal_one(folder, request: dict, latents, engine: dict, tmp_path) -> None:
+    """``request`` with the initial noise ``latents`` on two gloo processes with ``engine`` (SP or
+    CFG parallel really taken on both ranks) gives the one-process video (fp32, <= 1e-5)."""
+    torch.save(latents, tmp_path / "latents.pt")
+    single = VideoGenerator.from_pretrained(folder, dtype="fp32").generate(latents=latents, **request).frames
+    proc = launch(2, folder, dict(request, engine=engine, latents_path=str(tmp_path / "latents.pt")), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    kind = "sequence=UlyssesSequenceParallel" if engine.get("sp_size", 1) > 1 else "cfg=CFGParallel"
+    assert proc.stdout.count(kind) == 2, proc.stdout
+    assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32
+
+
 # 48x48 pixels, 9 frames: a 3x3x3 token grid (27 tokens, odd: padded for 2 ranks); 48x64: 36 tokens
 @pytest.mark.parametrize("engine,nproc,size", [
     ({"sp_size": 2}, 2, (48, 48)),
@@ -140,12 +152,7 @@ def test_image_to_video_with_sp2_equals_one_process(tiny_wan_pipe, tmp_path):
     request = dict(prompt="a red circle moving left", height=48, width=48, num_frames=9, num_inference_steps=3,
                    guidance_scale=4.0, image=str(image))  # 27 tokens: uneven over 2 ranks
     latents = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-    torch.save(latents, tmp_path / "latents.pt")
-    single = VideoGenerator.from_pretrained(folder, dtype="fp32").generate(latents=latents, **request).frames
-    proc = launch(2, folder, dict(request, engine={"sp_size": 2}, latents_path=str(tmp_path / "latents.pt")), tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("sequence=UlyssesSequenceParallel") == 2, proc.stdout
-    assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32
+    assert_two_processes_equal_one(folder, request, latents, {"sp_size": 2}, tmp_path)
 
 
 @pytest.mark.parametrize("with_image,engine", [(True, {"sp_size": 2}), (False, {"sp_size": 2}),
@@ -166,13 +173,7 @@ def test_ti2v_with_two_processes_equals_one_process(tiny_wan_pipe, tmp_path, wit
         Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8), "RGB").save(image)
         request["image"] = str(image)
     latents = initial_latents()
-    torch.save(latents, tmp_path / "latents.pt")
-    single = VideoGenerator.from_pretrained(folder, dtype="fp32").generate(latents=latents, **request).frames
-    proc = launch(2, folder, dict(request, engine=engine, latents_path=str(tmp_path / "latents.pt")), tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    kind = "sequence=UlyssesSequenceParallel" if "sp_size" in engine else "cfg=CFGParallel"
-    assert proc.stdout.count(kind) == 2, proc.stdout
-    assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32
+    assert_two_processes_equal_one(folder, request, latents, engine, tmp_path)
 
 
 def test_two_experts_with_sp2_equals_one_process(tiny_wan_dir, tiny_wan_pipe, tmp_path):
@@ -189,12 +190,7 @@ def test_two_experts_with_sp2_equals_one_process(tiny_wan_dir, tiny_wan_pipe, tm
     request = dict(prompt="a red circle moving left", height=48, width=48, num_frames=9, num_inference_steps=4,
                    guidance_scale=4.0, guidance_scale_2=2.0)
     latents = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-    torch.save(latents, tmp_path / "latents.pt")
-    single = VideoGenerator.from_pretrained(folder, dtype="fp32").generate(latents=latents, **request).frames
-    proc = launch(2, folder, dict(request, engine={"sp_size": 2}, latents_path=str(tmp_path / "latents.pt")), tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("sequence=UlyssesSequenceParallel") == 2, proc.stdout
-    assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32
+    assert_two_processes_equal_one(folder, request, latents, {"sp_size": 2}, tmp_path)
 
 
 def test_two_stage_with_sp2_equals_one_process(tiny_wan_dir, tmp_path):
@@ -203,10 +199,4 @@ def test_two_stage_with_sp2_equals_one_process(tiny_wan_dir, tmp_path):
     request = dict(prompt="a red circle moving left", height=96, width=96, num_frames=9, num_inference_steps=3,
                    guidance_scale=4.0, refine={"scale": 2, "strength": 0.5, "steps": 2})
     latents = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(0))  # the base pass's noise
-    torch.save(latents, tmp_path / "latents.pt")
-    single = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32").generate(latents=latents, **request).frames
-    proc = launch(2, tiny_wan_dir, dict(request, engine={"sp_size": 2}, latents_path=str(tmp_path / "latents.pt")),
-                  tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("sequence=UlyssesSequenceParallel") == 2, proc.stdout
-    assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5  # fp32
+    assert_two_processes_equal_one(tiny_wan_dir, request, latents, {"sp_size": 2}, tmp_path)

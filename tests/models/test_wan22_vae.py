@@ -24,7 +24,8 @@ import torch
 
 from vidloom import cpu
 from vidloom.models.wan22_vae import patchify, unpatchify
-from vidloom.models.wan_vae import WanVAE, WanVAEConfig
+
+from .test_wan_vae import seeded_pair
 
 torch.set_num_threads(1)
 
@@ -43,18 +44,7 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 @functools.cache
 def models():
     """(diffusers AutoencoderKLWan, WanVAE with the same weights), fp32, eval."""
-    from diffusers import AutoencoderKLWan
-
-    with torch.inference_mode(False):
-        torch.manual_seed(0)
-        ref = AutoencoderKLWan(**CONFIG).eval()
-        with torch.no_grad():  # non-trivial norm scales, so a swapped gamma would show
-            for name, p in ref.named_parameters():
-                if name.endswith("gamma"):
-                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
-        vae = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).eval()
-        vae.load_state_dict(ref.state_dict(), strict=True)
-    return ref, vae
+    return seeded_pair(CONFIG, 0)
 
 
 @functools.cache

@@ -58,20 +58,29 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).norm() / ref.norm()).item()
 
 
+def seeded_pair(config: dict, seed: int, gammas: bool = True):
+    """(diffusers AutoencoderKLWan of ``config`` with seeded random weights, WanVAE with the same
+    weights), fp32, eval; ``gammas``: non-trivial norm scales, so a swapped gamma would show.
+    Made as normal tensors even when first asked for inside inference_mode (callers cache them)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.inference_mode(False):
+        torch.manual_seed(seed)
+        ref = AutoencoderKLWan(**config).eval()
+        if gammas:
+            with torch.no_grad():
+                for name, p in ref.named_parameters():
+                    if name.endswith("gamma"):
+                        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        vae = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).eval()
+        vae.load_state_dict(ref.state_dict(), strict=True)
+    return ref, vae
+
+
 @functools.cache
 def models(variant: str):
     """(diffusers AutoencoderKLWan, WanVAE with the same weights), fp32, eval."""
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(0)
-    ref = AutoencoderKLWan(**COMMON, **VARIANTS[variant]).eval()
-    with torch.no_grad():  # non-trivial norm scales, so a swapped gamma would show
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    vae = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).eval()
-    vae.load_state_dict(ref.state_dict(), strict=True)
-    return ref, vae
+    return seeded_pair({**COMMON, **VARIANTS[variant]}, 0)
 
 
 @functools.cache
@@ -323,13 +332,7 @@ WIDE = dict(COMMON, base_dim=16, **VARIANTS["8x"])
 
 @functools.cache
 def wide_models():
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(2)
-    ref = AutoencoderKLWan(**WIDE).eval()
-    vae = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).eval()
-    vae.load_state_dict(ref.state_dict(), strict=True)
-    return ref, vae
+    return seeded_pair(WIDE, 2, gammas=False)
 
 
 @contextlib.contextmanager

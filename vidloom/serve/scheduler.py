@@ -46,11 +46,12 @@ class Metrics:
 
         class _Jobs:
             def collect(self):
+                counts = store.counts()  # one query per scrape
                 family = GaugeMetricFamily("vidloom_jobs", "jobs by state", labels=["state"])
-                for state, count in store.counts().items():
+                for state, count in counts.items():
                     family.add_metric([state], count)
                 yield family
-                yield GaugeMetricFamily("vidloom_queue_depth", "jobs waiting", value=store.counts()["queued"])
+                yield GaugeMetricFamily("vidloom_queue_depth", "jobs waiting", value=counts["queued"])
 
         registry.register(_Jobs())
 
@@ -129,13 +130,14 @@ class EngineLoop:
             job = self.store.claim(self.owner)
             if job is None:
                 return
+            sampling = self._sampling(job)
             try:
-                task = self.generator.submit(job.request["prompt"], **self._sampling(job))
+                task = self.generator.submit(job.request["prompt"], **sampling)
             except VidloomError as exc:  # e.g. the model's weight files changed since the request was accepted
                 self._fail(job, exc)
                 continue
             self.active.append((job, task))
-            self._pending_submits.append((job.id, job.request["prompt"], self._sampling(job)))
+            self._pending_submits.append((job.id, job.request["prompt"], sampling))
 
     @staticmethod
     def _sampling(job: Job) -> dict:
