@@ -1,4 +1,4 @@
-"""The shipped model: small, complete, the same video in vidloom and diffusers, and it shows
+"""The shipped models: small, complete, the same video in vidloom and diffusers, and they show
 what the demo asks for."""
 
 from __future__ import annotations
@@ -6,22 +6,40 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from vidloom import VideoGenerator
 from vidloom.cli import main as cli_main
-from vidloom.default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING, DEFAULT_PROMPT
-from vidloom.demo import main as demo_main
+from vidloom.default_model import (
+    DEFAULT_I2V_MODEL_DIR, DEFAULT_I2V_PROMPT, DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING, DEFAULT_PROMPT,
+)
+from vidloom.demo import main as demo_main, world_first_frame
+
+FP32_RTOL = 1e-4  # fp32 parity bound: relative error on the whole video
 
 
-def test_shipped_model_is_a_complete_diffusers_folder_under_30_mb():
-    index = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
-    assert index["_class_name"] == "WanPipeline"
+def rel_err(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("folder, expand, limit_mb",
+                         [(DEFAULT_MODEL_DIR, False, 30), (DEFAULT_I2V_MODEL_DIR, True, 40)], ids=["t2v", "ti2v"])
+def test_shipped_models_are_complete_diffusers_folders_of_bounded_size(folder, expand, limit_mb):
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline" and index["expand_timesteps"] is expand
     for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
-        assert (DEFAULT_MODEL_DIR / name).is_dir(), name
-    size = sum(f.stat().st_size for f in DEFAULT_MODEL_DIR.rglob("*") if f.is_file())
-    assert size <= 30 * 2**20
+        assert (folder / name).is_dir(), name
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= limit_mb * 2**20
     assert DEFAULT_MODEL_SAMPLING["height"] >= 64 and DEFAULT_MODEL_SAMPLING["num_frames"] >= 17
+
+
+def test_the_siblings_share_the_vae_and_text_encoder():
+    for name in ("vae", "text_encoder"):
+        for file in (DEFAULT_MODEL_DIR / name).iterdir():
+            assert file.read_bytes() == (DEFAULT_I2V_MODEL_DIR / name / file.name).read_bytes(), (name, file.name)
 
 
 def test_vidloom_and_diffusers_make_the_same_video_from_the_shipped_model():
@@ -34,16 +52,39 @@ def test_vidloom_and_diffusers_make_the_same_video_from_the_shipped_model():
     ours = gen.generate(DEFAULT_PROMPT, latents=latents, **kwargs).frames
     ref = pipe(prompt=DEFAULT_PROMPT, latents=latents.clone(), output_type="np", **kwargs).frames[0]
     assert ours.shape == ref.shape == (17, 64, 64, 3)
-    # fp32 parity bound: relative error <= 1e-4 on the whole video
-    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-4
+    assert rel_err(ours, ref) <= FP32_RTOL
 
 
-def test_demo_video_shows_the_asked_colour_shape_and_motion(tmp_path, capsys):
-    out = tmp_path / "demo.npy"
-    assert demo_main(["--output", str(out)]) == 0
+def test_vidloom_and_diffusers_make_the_same_video_from_the_image_to_video_sibling():
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    gen = VideoGenerator.from_pretrained(DEFAULT_I2V_MODEL_DIR, dtype="fp32")
+    t2v = WanPipeline.from_pretrained(str(DEFAULT_I2V_MODEL_DIR), dtype=torch.float32)
+    i2v = WanImageToVideoPipeline(**{k: getattr(t2v, k) for k in ("tokenizer", "text_encoder", "transformer", "vae",
+                                                                   "scheduler")}, expand_timesteps=True)
+    image = Image.fromarray(np.round(world_first_frame(DEFAULT_I2V_PROMPT, 5) * 255).astype(np.uint8))
+    latents = torch.randn(1, 16, 5, 16, 16, generator=torch.Generator().manual_seed(2))
+    kwargs = dict(height=64, width=64, num_frames=17, num_inference_steps=4, guidance_scale=5.0)
+    ours = gen.generate(DEFAULT_I2V_PROMPT, image=image, latents=latents, **kwargs).frames
+    ref = i2v(image=image, prompt=DEFAULT_I2V_PROMPT, latents=latents.clone(), output_type="np", **kwargs).frames[0]
+    assert ours.shape == ref.shape == (17, 64, 64, 3)
+    assert rel_err(ours, ref) <= FP32_RTOL
+    # text-to-video from the same folder, as diffusers' WanPipeline
+    ours = gen.generate(DEFAULT_PROMPT, latents=latents, **kwargs).frames
+    ref = t2v(prompt=DEFAULT_PROMPT, latents=latents.clone(), output_type="np", **kwargs).frames[0]
+    assert rel_err(ours, ref) <= FP32_RTOL
+
+
+def test_demo_videos_show_the_asked_colour_shape_and_motion(tmp_path, capsys):
+    out, i2v_out = tmp_path / "demo.npy", tmp_path / "demo_i2v.npy"
+    assert demo_main(["--output", str(out), "--i2v-output", str(i2v_out)]) == 0
     printed = capsys.readouterr().out
     assert f"seen in the video (measured from its pixels): {DEFAULT_PROMPT!r}" in printed
-    assert np.load(out).shape == (17, 64, 64, 3)
+    assert f"seen in the video (measured from its pixels): {DEFAULT_I2V_PROMPT!r}; its first frame keeps" in printed
+    first = np.asarray(Image.open(tmp_path / "demo_i2v_first_frame.png"), dtype=np.float32) / 255
+    video = np.load(i2v_out)
+    assert np.load(out).shape == video.shape == (17, 64, 64, 3)
+    assert np.abs(video[0] - first).mean() < 0.02  # the given frame is the video's first
 
 
 def test_generate_without_model_uses_the_shipped_model_at_its_size(tmp_path):
@@ -51,3 +92,15 @@ def test_generate_without_model_uses_the_shipped_model_at_its_size(tmp_path):
     assert cli_main(["generate", "--prompt", "a blue square moving down", "--output", str(out), "--quiet",
                      "--steps", "2"]) == 0
     assert np.load(out).shape == (17, 64, 64, 3)
+
+
+def test_generate_with_an_image_and_no_model_uses_the_image_to_video_sibling(tmp_path, capsys):
+    first = tmp_path / "first.png"
+    Image.fromarray(np.round(world_first_frame("a blue square moving down", 1) * 255).astype(np.uint8)).save(first)
+    out = tmp_path / "v.npy"
+    assert cli_main(["generate", "--prompt", "a blue square moving down", "--image", str(first), "--output", str(out),
+                     "--quiet", "--steps", "2"]) == 0
+    video = np.load(out)
+    assert video.shape == (17, 64, 64, 3)
+    given = np.asarray(Image.open(first), dtype=np.float32) / 255
+    assert np.abs(video[0] - given).mean() < 0.02  # the first frame kept even at 2 steps

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 
 from .config import EngineConfig, RefineParams, SamplingParams
-from .default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING
+from .default_model import DEFAULT_I2V_MODEL_DIR, DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING
 from .errors import VidloomError
 from .parallel.state import check_layout
 
@@ -197,8 +197,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     refine = _collect(args, "r_")
     if refine:
         sampling["refine"] = RefineParams(**refine)
-    if args.model is None:
-        args.model = DEFAULT_MODEL_DIR
+    if args.model is None:  # the shipped models: the image-to-video sibling when a first frame is given
+        args.model = DEFAULT_I2V_MODEL_DIR if sampling.get("image") is not None else DEFAULT_MODEL_DIR
         sampling = {**DEFAULT_MODEL_SAMPLING, **sampling}  # what the user gave wins
     # check the whole folder and the request against it before any weight is read (and, with
     # --nproc, before any process is started)

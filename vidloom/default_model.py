@@ -1,17 +1,26 @@
-"""The model that ships with vidloom: a small Wan2.1-architecture text-to-video model trained on
-the procedural world (``vidloom.world``), in Diffusers layout inside the package.
+"""The models that ship with vidloom, trained on the procedural world (``vidloom.world``), in
+Diffusers layout inside the package.
 
-It knows captions of the form ``a {color} {shape} moving {direction}`` (colors red, green, blue,
+- ``wan-shapes-64``: a small Wan2.1-architecture text-to-video model. ``vidloom generate`` and
+  ``make demo`` use it when no ``--model`` is given; diffusers' ``WanPipeline`` loads the folder.
+- ``wan-shapes-ti2v-64``: its image-to-video sibling in the Wan2.2 TI2V layout
+  (``expand_timesteps``: the given image is the first latent frame, its tokens at timestep 0),
+  the same VAE and text encoder; text-to-video from the same folder too. diffusers'
+  ``WanImageToVideoPipeline(..., expand_timesteps=True)`` over its components gives the same video.
+
+Both know captions of the form ``a {color} {shape} moving {direction}`` (colors red, green, blue,
 yellow, magenta, white; shapes circle, square, triangle; directions left, right, up, down) at
-64x64 pixels and 17 frames. ``vidloom generate`` and ``make demo`` use it when no ``--model`` is
-given; diffusers' ``WanPipeline.from_pretrained`` loads the same folder.
+64x64 pixels and 17 frames.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "wan-shapes-64"
-# the size and settings it was trained and measured at (benchmarks/quality.py)
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS / "wan-shapes-64"
+DEFAULT_I2V_MODEL_DIR = ASSETS / "wan-shapes-ti2v-64"
+# the size and settings they were trained and measured at (benchmarks/quality.py)
 DEFAULT_MODEL_SAMPLING = dict(height=64, width=64, num_frames=17, num_inference_steps=20, guidance_scale=5.0)
 DEFAULT_PROMPT = "a red circle moving right"
+DEFAULT_I2V_PROMPT = "a yellow triangle moving up"  # the demo's first frame: the world draws this object

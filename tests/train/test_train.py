@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vidloom import VideoGenerator
 from vidloom.train.__main__ import main as train_main
@@ -54,19 +55,96 @@ def test_timestep_sampling_is_shifted_towards_noise():
     assert 0 < plain.min() and plain.max() < 1 and shifted.mean() > plain.mean() + 0.1
 
 
-def test_end_to_end_micro_run_exports_a_folder_both_libraries_load(tmp_path):
-    from diffusers import WanPipeline
+def test_end_to_end_micro_run_exports_folders_both_libraries_load(tmp_path):
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
-    assert train_main(["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--preset", "micro"]) == 0
-    dit_losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "dit_log.jsonl").read_text().splitlines()]
+    run, model, i2v = tmp_path / "run", tmp_path / "model", tmp_path / "i2v"
+    assert train_main(["--run-dir", str(run), "--out", str(model), "--out-i2v", str(i2v), "--preset", "micro"]) == 0
+    for phase, steps in (("dit", 30), ("decoder", 4), ("tune", 5), ("i2v", 6)):
+        losses = [json.loads(line)["loss"] for line in (run / f"{phase}_log.jsonl").read_text().splitlines()]
+        assert len(losses) == steps and all(np.isfinite(losses)), phase
+    dit_losses = [json.loads(line)["loss"] for line in (run / "dit_log.jsonl").read_text().splitlines()]
     assert np.mean(dit_losses[-5:]) < np.mean(dit_losses[:5])
-    gen = VideoGenerator.from_pretrained(tmp_path / "model", dtype="fp32")
-    pipe = WanPipeline.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
+    assert len(json.loads((run / "summary.json").read_text())["frame_psnr_db"]) == 5
     latents = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     kwargs = dict(height=32, width=32, num_frames=5, num_inference_steps=3, guidance_scale=4.0)
-    ours = gen.generate("a red circle moving left", latents=latents, **kwargs).frames
-    ref = pipe(prompt="a red circle moving left", latents=latents.clone(), output_type="np", **kwargs).frames[0]
+    prompt = "a red circle moving left"
+
+    gen = VideoGenerator.from_pretrained(model, dtype="fp32")
+    pipe = WanPipeline.from_pretrained(str(model), dtype=torch.float32)
+    ours = gen.generate(prompt, latents=latents, **kwargs).frames
+    ref = pipe(prompt=prompt, latents=latents.clone(), output_type="np", **kwargs).frames[0]
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-4
+
+    assert json.loads((i2v / "model_index.json").read_text())["expand_timesteps"] is True
+    gen = VideoGenerator.from_pretrained(i2v, dtype="fp32")
+    parts = WanPipeline.from_pretrained(str(i2v), dtype=torch.float32).components
+    pipe = WanImageToVideoPipeline(**{k: parts[k] for k in ("tokenizer", "text_encoder", "transformer", "vae",
+                                                             "scheduler")}, expand_timesteps=True)
+    image = (build_clips(5, 32, 1, seed=9)[0][0, 0]).copy()
+    ours = gen.generate(prompt, image=image, latents=latents, **kwargs).frames
+    ref = pipe(image=Image.fromarray(image), prompt=prompt, latents=latents.clone(), output_type="np",
+               **kwargs).frames[0]
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-4
+
+
+def test_a_run_from_an_exported_folder_changes_only_the_decoder_and_keeps_the_dit(tmp_path):
+    from vidloom.loader.weights import load_model
+    from vidloom.models.wan_dit import WanDiT
+    from vidloom.models.wan_vae import WanVAE
+
+    first = tmp_path / "first"
+    assert train_main(["--run-dir", str(tmp_path / "run1"), "--out", str(first), "--preset", "micro",
+                       "--set", "decoder_steps=0", "--set", "tune_steps=0", "--set", "i2v_steps=0"]) == 0
+    second = tmp_path / "second"
+    assert train_main(["--run-dir", str(tmp_path / "run2"), "--init", str(first), "--out", str(second),
+                       "--preset", "micro", "--set", "i2v_steps=0", "--set", "tune_steps=0",
+                       "--set", "decoder_lr=0.01"]) == 0
+    a, b = (load_model(WanVAE, f / "vae") for f in (first, second))
+    assert a.config == b.config  # the latent statistics kept
+    changed = {n for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()) if not torch.equal(x, y)}
+    assert changed and all(n.startswith(("decoder.", "post_quant_conv.")) for n in changed)
+    assert any(n.startswith("decoder.") for n in changed)
+    for (n, x), (_, y) in zip(*(load_model(WanDiT, f / "transformer").state_dict().items() for f in (first, second))):
+        assert torch.equal(x, y), n
+    assert (first / "text_encoder" / "model.safetensors").read_bytes() == (
+        second / "text_encoder" / "model.safetensors").read_bytes()
+
+
+def test_a_given_first_frame_is_kept_out_of_the_loss_and_gets_timestep_zero():
+    from vidloom.models.wan_dit import WanDiT, WanDiTConfig
+    from vidloom.train.dit import flow_matching_loss
+
+    torch.manual_seed(0)
+    dit = WanDiT(WanDiTConfig.from_dict(PRESETS["micro"]().dit_arch)).eval()
+    x0, noise = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 3, 8, 8)
+    context, sigmas = torch.randn(2, 6, 16), torch.tensor([0.7, 0.4])
+    given = torch.tensor([True, False])
+    loss = flow_matching_loss(dit, x0, context, sigmas, noise, given)
+    other_noise = noise.clone()
+    other_noise[0, :, 0] += 1.0  # the given frame's noise is never used
+    assert torch.equal(flow_matching_loss(dit, x0, context, sigmas, other_noise, given), loss)
+    other_noise = noise.clone()
+    other_noise[1, :, 0] += 1.0  # but the row without a given frame uses it
+    assert not torch.equal(flow_matching_loss(dit, x0, context, sigmas, other_noise, given), loss)
+    # the model input: the clean frame, its tokens at timestep 0, the rest at sigma * 1000
+    seen = {}
+    dit.register_forward_pre_hook(lambda m, args: seen.update(x=args[0], t=args[1]))
+    flow_matching_loss(dit, x0, context, sigmas, noise, given)
+    assert torch.equal(seen["x"][0, :, 0], x0[0, :, 0])
+    tokens = 4 * 4  # a frame's 8 x 8 latents in 2 x 2 patches
+    assert torch.all(seen["t"][0, :tokens] == 0) and torch.allclose(seen["t"][0, tokens:], torch.tensor(700.0))
+    assert torch.allclose(seen["t"][1], torch.tensor(400.0))
+    assert torch.equal(flow_matching_loss(dit, x0, context, sigmas, noise, torch.tensor([False, False])),
+                       flow_matching_loss(dit, x0, context, sigmas, noise))
+    # a first-latent weight: frame 0's error counts that many times, the mean is over the weights
+    with torch.no_grad():
+        err = (dit(x0 * 0.3 + noise * 0.7, torch.full((2,), 700.0), context) - (noise - x0)).pow(2)
+    sigmas = torch.tensor([0.7, 0.7])
+    per_frame = err.mean(dim=(0, 1, 3, 4))
+    expected = (4 * per_frame[0] + per_frame[1:].sum()) / 6
+    with torch.no_grad():
+        assert torch.allclose(flow_matching_loss(dit, x0, context, sigmas, noise, first_latent_weight=4.0), expected)
 
 
 def test_clip_dataset_does_not_depend_on_the_number_of_processes():

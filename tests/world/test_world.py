@@ -7,7 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vidloom.world import COLORS, DIRECTIONS, SHAPES, ClipSpec, held_out_specs, make_clip, score_clip, train_specs
+from vidloom.world import (
+    COLORS, DIRECTIONS, SHAPES, ClipSpec, held_out_specs, latent_spans, make_clip, score_clip, train_specs,
+)
 from vidloom.world.clips import all_specs
 
 
@@ -48,13 +50,56 @@ def test_scorer_recognises_ground_truth_clips():
     rng = np.random.default_rng(123)
     specs = all_specs() * 3
     hits = Counter()
+    color_changes, size_changes = [], []
     for spec in specs:
         s = score_clip(make_clip(spec, rng).frames)
         hits["color"] += s.color == spec.color
         hits["direction"] += s.direction == spec.direction
         hits["shape"] += s.shape == spec.shape
-    for metric in ("color", "direction", "shape"):
+        assert len(s.frame_colors) == 17 and len(s.span_colors) == len(s.span_shapes) == 5
+        hits["every frame's colour"] += all(c == spec.color for c in s.frame_colors)
+        hits["every span's colour"] += s.worst_span(spec.color) is None
+        hits["every span's shape"] += all(shape == spec.shape for shape in s.span_shapes)
+        color_changes.append(s.color_change)
+        size_changes.append(s.size_change)
+    for metric in hits:
         assert hits[metric] / len(specs) >= 0.99, (metric, hits[metric], len(specs))
+    # a steady object: colour and size barely change from frame to frame
+    assert np.mean(color_changes) < 0.06 and np.mean(size_changes) < 0.08
+
+
+def plant_color(frames: np.ndarray, first: int, rgb) -> np.ndarray:
+    """The object's pixels from frame ``first`` on repainted ``rgb``."""
+    frames = frames.copy()
+    mask = np.linalg.norm(frames - np.array([0.06, 0.06, 0.08]), axis=-1) > 0.3
+    frames[first:][mask[first:]] = rgb
+    return frames
+
+
+def test_scorer_flags_a_colour_change_in_the_last_frames():
+    # the shipped first edition's fault: a white object turning magenta over the last frames
+    clip = make_clip(ClipSpec("white", "triangle", "right"), np.random.default_rng(3))
+    steady = score_clip(clip.frames)
+    drifted = score_clip(plant_color(clip.frames, 13, COLORS["magenta"]))
+    assert steady.worst_span("white") is None
+    assert drifted.color == "white"  # the clip's mean colour does not see it ...
+    assert drifted.span_colors == ["white"] * 4 + ["magenta"]  # ... the last span does
+    assert drifted.frame_colors[12:] == ["white"] + ["magenta"] * 4 and drifted.worst_span("white") == 4
+    assert drifted.color_change > 0.5 > 3 * steady.color_change
+    assert drifted.size_change == pytest.approx(steady.size_change, abs=0.05)
+
+
+def test_scorer_flags_an_object_that_vanishes_or_shrinks():
+    clip = make_clip(ClipSpec("red", "square", "down"), np.random.default_rng(4))
+    frames = clip.frames.copy()
+    frames[10:] = frames[0, 0, 0]  # background only from frame 10
+    s = score_clip(frames)
+    assert s.frame_colors[10:] == [None] * 7 and s.span_colors[-1] is None and s.size_change == 1.0
+
+
+def test_latent_spans():
+    assert latent_spans(17) == [(0, 1), (1, 5), (5, 9), (9, 13), (13, 17)]
+    assert latent_spans(1) == [(0, 1)] and latent_spans(7) == [(0, 1), (1, 5), (5, 7)]
 
 
 def test_scorer_on_empty_and_static_clips():

@@ -3,6 +3,12 @@
 Runs what is left of the two phases in ``--run-dir`` (resuming from its checkpoints), then
 exports the model folder. Keep the run directory outside the repository.
 
+Phases: the VAE, the decoder alone on whole clips (``decoder_steps``), the text-to-video DiT, its
+fine-tune with the first latent frame weighted up (``tune_steps``), and the image-to-video DiT
+(``i2v_steps``, from the text-to-video DiT's weights, exported to ``--out-i2v``); a phase with 0
+steps is skipped. ``--init MODEL_DIR`` starts from an exported folder instead (its VAE, text stack
+and DiT, with its latent statistics) and runs only the later phases.
+
 ``--fit-vae-minutes`` / ``--fit-dit-minutes`` shorten a fresh phase to fit a time budget (its
 step count is chosen from the pace of its first steps, inside the learning-rate warm-up, and
 written to ``summary.json``); ``--set vae_steps=N --set dit_steps=M`` reruns with those counts.
@@ -13,17 +19,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from ..models.encoders import WanTextEncoder
+from ..models.wan_dit import WanDiT
+from ..models.wan_vae import WanVAE
 from .data import load_or_build_clips
 from .dit import caption_table, encode_latents, latent_stats, train_dit
 from .export import export_model, make_text_stack, with_latent_stats
 from .recipe import PRESETS, Recipe
-from .vae import reconstruction_psnr, train_vae
+from .vae import frame_psnr, reconstruction_psnr, train_decoder, train_vae
 
 
 def apply_overrides(recipe: Recipe, pairs: list[str]) -> Recipe:
@@ -39,10 +48,45 @@ def apply_overrides(recipe: Recipe, pairs: list[str]) -> Recipe:
     return dataclasses.replace(recipe, **changes)
 
 
+def phase_done(checkpoint: Path) -> bool:
+    state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+    return state["step"] >= state["total"]
+
+
+def cached_latents(path: Path, vae, clips, batch: int) -> torch.Tensor:
+    """The clips' posterior means, encoded once per run directory (the encoder is frozen after
+    the VAE phase; every later phase and every resumed run reads the same latents)."""
+    if path.is_file():
+        return torch.load(path, map_location=next(vae.parameters()).device)
+    latents = encode_latents(vae, clips, batch=batch)
+    torch.save(latents, path)
+    return latents
+
+
+def load_init(folder: Path, text_dir: Path):
+    """An exported folder's VAE (its latent statistics set back to identity, as training sees it),
+    its DiT as both the model and the EMA weights, the statistics; its text stack copied to
+    ``text_dir`` (where ``make_text_stack`` reads it)."""
+    from ..loader.weights import load_model
+
+    vae = load_model(WanVAE, folder / "vae")
+    mean, std = list(vae.config.latents_mean), list(vae.config.latents_std)
+    vae = with_latent_stats(vae, [0.0] * len(mean), [1.0] * len(std))
+    dit = load_model(WanDiT, folder / "transformer").eval()
+    if not (text_dir / "text_encoder" / "config.json").is_file():
+        for name in ("tokenizer", "text_encoder"):
+            shutil.copytree(folder / name, text_dir / name, dirs_exist_ok=True)
+    return vae, dit, {n: p.detach().clone() for n, p in dit.named_parameters()}, (mean, std)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vidloom.train")
     parser.add_argument("--run-dir", type=Path, required=True, help="checkpoints and logs (outside the repository)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the Diffusers model folder")
+    parser.add_argument("--out-i2v", type=Path, default=None,
+                        help="where to write the image-to-video folder (with --set i2v_steps=N)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this exported folder instead of training the VAE and DiT phases")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set dit_steps=12000")
@@ -67,39 +111,81 @@ def main(argv: list[str] | None = None) -> int:
     def left() -> float | None:
         return None if args.minutes is None else max(0.0, args.minutes - (time.time() - began) / 60)
 
+    if recipe.i2v_steps and args.out_i2v is None:
+        raise SystemExit("--set i2v_steps needs --out-i2v (where to write the image-to-video folder)")
     clips, captions = load_or_build_clips(args.run_dir / "data", recipe.frames, recipe.size, recipe.clips_per_spec,
                                           recipe.seed)
     print(f"{len(clips)} clips ready after {time.time() - began:.0f} s", flush=True)
-    vae = train_vae(recipe, clips, args.run_dir, minutes=left(), fit_minutes=args.fit_vae_minutes, device=device,
-                    autocast=args.autocast == "bf16")
+    summary: dict = {}
+    if args.init is not None:
+        vae, dit, ema, (mean, std) = load_init(args.init, args.run_dir / "text")
+        summary["init"] = str(args.init)
+        if (args.init / "training.json").is_file():  # the run that made it
+            summary["init_training"] = json.loads((args.init / "training.json").read_text())
+    else:
+        vae = train_vae(recipe, clips, args.run_dir, minutes=left(), fit_minutes=args.fit_vae_minutes, device=device,
+                        autocast=args.autocast == "bf16")
+        if not phase_done(args.run_dir / "vae.pt"):
+            return 0  # out of time: resume later
+    if recipe.decoder_steps:
+        summary["frame_psnr_db_before_decoder"] = frame_psnr(vae, clips)
+        vae = train_decoder(recipe, vae, clips, args.run_dir, minutes=left(), device=device)
+        if not phase_done(args.run_dir / "decoder.pt"):
+            return 0
     psnr = reconstruction_psnr(vae, clips)
-    print(f"vae reconstruction: {psnr:.2f} dB", flush=True)
-    vae_state = torch.load(args.run_dir / "vae.pt", weights_only=False, map_location="cpu")
-    if vae_state["step"] < vae_state.get("total", recipe.vae_steps):
-        return 0  # out of time: resume later
+    summary["frame_psnr_db"] = frame_psnr(vae, clips)
+    print(f"vae reconstruction: {psnr:.2f} dB; per frame: {' '.join(f'{v:.1f}' for v in summary['frame_psnr_db'])}",
+          flush=True)
     vae_minutes = (time.time() - began) / 60
     tokenizer, encoder = make_text_stack(recipe, args.run_dir / "text")
     table, index = caption_table(WanTextEncoder(tokenizer, encoder), captions)
-    latents = encode_latents(vae, clips, batch=64 if device.type == "cuda" else 8)
-    mean, std = latent_stats(latents)
+    latents = cached_latents(args.run_dir / "latents.pt", vae, clips, batch=64 if device.type == "cuda" else 8)
+    if args.init is None:
+        mean, std = latent_stats(latents)
     shape = (1, -1, 1, 1, 1)
     latents = (latents - torch.tensor(mean, device=latents.device).view(shape)) / torch.tensor(
         std, device=latents.device).view(shape)
     ids = torch.tensor([index[c] for c in captions])
-    dit, ema = train_dit(recipe, latents, ids, table, index[""], args.run_dir, minutes=left(),
-                         fit_minutes=args.fit_dit_minutes, device=device, autocast=args.autocast == "bf16")
-    dit_state = torch.load(args.run_dir / "dit.pt", weights_only=False, map_location="cpu")
-    out = export_model(args.out, dit.cpu(), {k: v.cpu() for k, v in ema.items()},
-                       with_latent_stats(vae.cpu(), mean, std), args.run_dir / "text", recipe.dit_timestep_shift)
-    summary = {
-        "vae_psnr_db": psnr, "vae_steps": vae_state["total"] if "total" in vae_state else recipe.vae_steps,
-        "dit_steps": dit_state["step"], "dit_total": dit_state.get("total", recipe.dit_steps),
+
+    def train(**more) -> dict:
+        return dict(minutes=left(), device=device, autocast=args.autocast == "bf16", **more)
+
+    if args.init is None:
+        dit, ema = train_dit(recipe, latents, ids, table, index[""], args.run_dir,
+                             **train(fit_minutes=args.fit_dit_minutes))
+        if not phase_done(args.run_dir / "dit.pt"):
+            return 0
+    base = {k: v.cpu() for k, v in ema.items()}  # the text-to-video phase's weights: both fine-tunes start here
+    if recipe.tune_steps:
+        t2v = WanDiT(dit.config)
+        t2v.load_state_dict(base)
+        dit, ema = train_dit(recipe, latents, ids, table, index[""], args.run_dir,
+                             **train(phase=recipe.tune_phase(t2v.state_dict())))
+        if not phase_done(args.run_dir / "tune.pt"):
+            return 0
+    vae = with_latent_stats(vae.cpu(), mean, std)
+    out = export_model(args.out, dit.cpu(), {k: v.cpu() for k, v in ema.items()}, vae, args.run_dir / "text",
+                       recipe.dit_timestep_shift)
+    print(f"exported {out}", flush=True)
+    if recipe.i2v_steps:
+        t2v = WanDiT(dit.config)
+        t2v.load_state_dict(base)
+        i2v, i2v_ema = train_dit(recipe, latents, ids, table, index[""], args.run_dir,
+                                 **train(phase=recipe.i2v_phase(t2v.state_dict())))
+        if not phase_done(args.run_dir / "i2v.pt"):
+            return 0
+        out_i2v = export_model(args.out_i2v, i2v.cpu(), {k: v.cpu() for k, v in i2v_ema.items()}, vae,
+                               args.run_dir / "text", recipe.dit_timestep_shift, expand_timesteps=True)
+        print(f"exported {out_i2v}", flush=True)
+    steps = {name: torch.load(args.run_dir / f"{name}.pt", weights_only=False, map_location="cpu")
+             for name in ("vae", "decoder", "dit", "tune", "i2v") if (args.run_dir / f"{name}.pt").is_file()}
+    summary.update({
+        "vae_psnr_db": psnr, **{f"{name}_steps": state["step"] for name, state in steps.items()},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "minutes_this_run": (time.time() - began) / 60, "vae_minutes_this_run": vae_minutes,
         "recipe": dataclasses.asdict(recipe),
-    }
+    })
     (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"exported {out}")
     return 0
 
 

@@ -38,8 +38,11 @@ def with_latent_stats(vae: WanVAE, mean: list[float], std: list[float]) -> WanVA
     return out.eval()
 
 
-def export_model(out: Path, dit: WanDiT, ema: dict, vae: WanVAE, text_dir: Path, flow_shift: float) -> Path:
-    """Write ``out`` (replacing it): EMA DiT weights, the VAE with its latent statistics, text stack."""
+def export_model(out: Path, dit: WanDiT, ema: dict, vae: WanVAE, text_dir: Path, flow_shift: float,
+                 expand_timesteps: bool = False) -> Path:
+    """Write ``out`` (replacing it): EMA DiT weights, the VAE with its latent statistics, text stack.
+    ``expand_timesteps``: a Wan2.2 TI2V-style folder (text-to-video, and image-to-video with the
+    image as the first latent frame)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     final = WanDiT(dit.config)
@@ -52,7 +55,7 @@ def export_model(out: Path, dit: WanDiT, ema: dict, vae: WanVAE, text_dir: Path,
                {**UNIPC_FLOW_CONFIG, "flow_shift": flow_shift, "_diffusers_version": "0.42.1"})
     write_json(tmp / "model_index.json", {
         "_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "boundary_ratio": None,
-        "expand_timesteps": False, "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "expand_timesteps": expand_timesteps, "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
         "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
         "vae": ["diffusers", "AutoencoderKLWan"],

@@ -25,6 +25,21 @@ MICRO_TEXT_ENCODER_ARCH = dict(TEXT_ENCODER_ARCH, d_model=16, d_kv=8, d_ff=32, n
 
 
 @dataclass
+class DitPhase:
+    """One DiT training phase: text-to-video from scratch, or image-to-video from given weights."""
+
+    name: str
+    steps: int
+    batch: int
+    lr: float
+    warmup: int
+    ema: float
+    first_frame_prob: float = 0.0  # share of rows whose first latent frame is given (TI2V conditioning)
+    first_latent_weight: float = 1.0  # loss weight of the first latent frame (where it is not given)
+    init: dict | None = None  # starting weights (state dict); None: fresh initialisation
+
+
+@dataclass
 class Recipe:
     vae_arch: dict = field(default_factory=lambda: dict(VAE_ARCH))
     dit_arch: dict = field(default_factory=lambda: dict(DIT_ARCH))
@@ -41,6 +56,11 @@ class Recipe:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     vae_object_weight: float = 5.0  # loss weight on object pixels (they are a few % of the frame)
+    # decoder phase: the decoder alone on whole clips (the encoder, hence the latents, frozen).
+    # A decoder trained on vae_frames-long clips only decodes that many latent frames well.
+    decoder_steps: int = 0
+    decoder_batch: int = 4
+    decoder_lr: float = 3e-4
     # DiT phase
     dit_steps: int = 30000
     dit_batch: int = 64
@@ -49,14 +69,43 @@ class Recipe:
     dit_caption_dropout: float = 0.1
     dit_ema: float = 0.999
     dit_timestep_shift: float = 3.0
+    # text-to-video fine-tune: the DiT phase's weights further trained with the first latent frame
+    # (frame 0 alone, a different kind of latent from the rest) weighted up in the loss
+    tune_steps: int = 0
+    tune_batch: int = 16
+    tune_lr: float = 1e-4
+    tune_warmup: int = 20
+    tune_ema: float = 0.99
+    tune_first_latent_weight: float = 4.0
+    # image-to-video phase: the text-to-video DiT fine-tuned with the first latent frame given
+    # (Wan2.2 TI2V's conditioning), exported as a second folder with expand_timesteps
+    i2v_steps: int = 0
+    i2v_batch: int = 16
+    i2v_lr: float = 2e-4
+    i2v_warmup: int = 20
+    i2v_ema: float = 0.99
+    i2v_first_frame_prob: float = 0.8  # the rest stay text-to-video, which the same folder also serves
     checkpoint_minutes: float = 5.0
     log_every: int = 10  # steps between log lines (figures are read back from the device only then)
+
+    def t2v_phase(self) -> DitPhase:
+        return DitPhase("dit", self.dit_steps, self.dit_batch, self.dit_lr, self.dit_warmup, self.dit_ema)
+
+    def tune_phase(self, init: dict) -> DitPhase:
+        return DitPhase("tune", self.tune_steps, self.tune_batch, self.tune_lr, self.tune_warmup, self.tune_ema,
+                        first_latent_weight=self.tune_first_latent_weight, init=init)
+
+    def i2v_phase(self, init: dict) -> DitPhase:
+        return DitPhase("i2v", self.i2v_steps, self.i2v_batch, self.i2v_lr, self.i2v_warmup, self.i2v_ema,
+                        first_frame_prob=self.i2v_first_frame_prob, init=init)
 
 
 PRESETS = {
     "default": Recipe,
     "micro": lambda: Recipe(vae_arch=dict(MICRO_VAE_ARCH), dit_arch=dict(MICRO_DIT_ARCH),
                             text_encoder_arch=dict(MICRO_TEXT_ENCODER_ARCH), frames=5, size=32, clips_per_spec=1,
-                            vae_steps=20, vae_batch=2, vae_frames=5, vae_crop=16, dit_steps=30, dit_batch=8, dit_warmup=5,
+                            vae_steps=20, vae_batch=2, vae_frames=5, vae_crop=16,
+                            dit_steps=30, dit_batch=8, dit_warmup=5, decoder_steps=4, decoder_batch=2,
+                            i2v_steps=6, i2v_batch=8, i2v_warmup=2, tune_steps=5, tune_batch=8, tune_warmup=2,
                             checkpoint_minutes=0.0, log_every=1),
 }

@@ -91,6 +91,63 @@ def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float |
     return vae.eval()
 
 
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def train_decoder(recipe: Recipe, vae: WanVAE, clips: np.ndarray, run_dir: Path, minutes: float | None = None,
+                  device: torch.device | str = "cpu") -> WanVAE:
+    """Train (or resume) the decoder phase: the decoder and ``post_quant_conv`` on whole clips
+    (every frame), the encoder and ``quant_conv`` frozen, so the latents (and a DiT trained on
+    them) are unchanged. Same loss as the VAE phase. Returns ``vae`` updated in place."""
+    device = torch.device(device)
+    ckpt = Checkpointer(run_dir / "decoder.pt")
+    np_rng = np.random.default_rng(recipe.seed + 6)
+    vae = vae.to(device).requires_grad_(False)
+    params = [p for n, p in vae.named_parameters() if n.startswith(DECODER_PREFIXES)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0, betas=(0.9, 0.99),
+                            fused=device.type == "cuda")
+    start, total = 0, recipe.decoder_steps
+    if (state := ckpt.load(device)) is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], np_rng)
+        start, total = state["step"], state.get("total", total)
+    vae.train()
+    data = torch.from_numpy(clips).to(device)
+
+    def step_fn(step: int, total: int) -> dict:
+        idx = torch.from_numpy(np_rng.integers(0, len(clips), recipe.decoder_batch)).to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, recipe.decoder_lr, warmup=min(20, max(1, total // 10)))
+        loss, info = vae_loss(vae, to_model_range(data[idx]), recipe)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return {"loss": loss.detach(), "psnr": info["psnr"]}
+
+    def save_fn(step: int, total: int) -> None:
+        ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng), "step": step,
+                   "total": total})
+
+    run_steps(start, total, step_fn, save_fn, run_dir / "decoder_log.jsonl", recipe.checkpoint_minutes,
+              "decoder", minutes, log_every=recipe.log_every, device=device)
+    return vae.requires_grad_(True).eval()
+
+
+@torch.no_grad()
+def frame_psnr(vae: WanVAE, clips: np.ndarray, count: int = 16) -> list[float]:
+    """PSNR (dB, frames in [0, 1]) per pixel frame of whole clips through encode-mean and decode,
+    over the first ``count`` clips."""
+    device = next(vae.parameters()).device
+    x = to_model_range(clips[:count]).to(device)
+    rec = torch.cat([vae.decode(vae.encode_mean(x[i:i + 4])) for i in range(0, len(x), 4)])
+    mse = ((rec - x) / 2).pow(2).mean(dim=(0, 1, 3, 4))
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).tolist()
+
+
 @torch.no_grad()
 def reconstruction_psnr(vae: WanVAE, clips: np.ndarray, count: int = 16) -> float:
     """Mean PSNR (dB, frames in [0, 1]) of full-length clips through encode-mean and decode."""

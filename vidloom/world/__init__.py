@@ -5,9 +5,9 @@ quality benchmark.
 """
 
 from .clips import COLORS, DIRECTIONS, SHAPES, Clip, ClipSpec, caption, held_out_specs, make_clip, train_specs
-from .score import ClipScore, score_clip
+from .score import ClipScore, latent_spans, score_clip
 
 __all__ = [
     "COLORS", "DIRECTIONS", "SHAPES", "Clip", "ClipScore", "ClipSpec", "caption", "held_out_specs", "make_clip",
-    "score_clip", "train_specs",
+    "latent_spans", "score_clip", "train_specs",
 ]
