@@ -32,7 +32,7 @@ from .data import load_or_build_clips
 from .dit import caption_table, encode_latents, latent_stats, train_dit
 from .export import export_model, make_text_stack, with_latent_stats
 from .recipe import PRESETS, Recipe
-from .vae import frame_psnr, reconstruction_psnr, train_decoder, train_vae
+from .vae import reconstruction_psnr, train_decoder, train_vae
 
 
 def apply_overrides(recipe: Recipe, pairs: list[str]) -> Recipe:
@@ -128,12 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         if not phase_done(args.run_dir / "vae.pt"):
             return 0  # out of time: resume later
     if recipe.decoder_steps:
-        summary["frame_psnr_db_before_decoder"] = frame_psnr(vae, clips)
+        summary["frame_psnr_db_before_decoder"] = reconstruction_psnr(vae, clips)[1]
         vae = train_decoder(recipe, vae, clips, args.run_dir, minutes=left(), device=device)
         if not phase_done(args.run_dir / "decoder.pt"):
             return 0
-    psnr = reconstruction_psnr(vae, clips)
-    summary["frame_psnr_db"] = frame_psnr(vae, clips)
+    psnr, summary["frame_psnr_db"] = reconstruction_psnr(vae, clips)
     print(f"vae reconstruction: {psnr:.2f} dB; per frame: {' '.join(f'{v:.1f}' for v in summary['frame_psnr_db'])}",
           flush=True)
     vae_minutes = (time.time() - began) / 60
@@ -157,10 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     base = {k: v.cpu() for k, v in ema.items()}  # the text-to-video phase's weights: both fine-tunes start here
     if recipe.tune_steps:
-        t2v = WanDiT(dit.config)
-        t2v.load_state_dict(base)
         dit, ema = train_dit(recipe, latents, ids, table, index[""], args.run_dir,
-                             **train(phase=recipe.tune_phase(t2v.state_dict())))
+                             **train(phase=recipe.tune_phase(base)))
         if not phase_done(args.run_dir / "tune.pt"):
             return 0
     vae = with_latent_stats(vae.cpu(), mean, std)
@@ -168,10 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                        recipe.dit_timestep_shift)
     print(f"exported {out}", flush=True)
     if recipe.i2v_steps:
-        t2v = WanDiT(dit.config)
-        t2v.load_state_dict(base)
         i2v, i2v_ema = train_dit(recipe, latents, ids, table, index[""], args.run_dir,
-                                 **train(phase=recipe.i2v_phase(t2v.state_dict())))
+                                 **train(phase=recipe.i2v_phase(base)))
         if not phase_done(args.run_dir / "i2v.pt"):
             return 0
         out_i2v = export_model(args.out_i2v, i2v.cpu(), {k: v.cpu() for k, v in i2v_ema.items()}, vae,

@@ -44,6 +44,21 @@ def vae_loss(vae: WanVAE, x: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor
     return l1 + recipe.vae_kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach(), "psnr": psnr}
 
 
+def _resume(ckpt: Checkpointer, vae: WanVAE, opt, np_rng, total: int, device) -> tuple[int, int]:
+    """A VAE phase's state from its checkpoint, if any -> (start step, total steps)."""
+    if (state := ckpt.load(device)) is None:
+        return 0, total
+    vae.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"], np_rng)
+    return state["step"], state.get("total", total)
+
+
+def _save(ckpt: Checkpointer, vae: WanVAE, opt, np_rng, step: int, total: int) -> None:
+    ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng), "step": step,
+               "total": total})
+
+
 def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float | None = None,
               fit_minutes: float | None = None, device: torch.device | str = "cpu", autocast: bool = False) -> WanVAE:
     """Train (or resume) the VAE in ``run_dir``; returns the VAE at the step reached.
@@ -56,12 +71,7 @@ def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float |
     vae = new_vae(recipe, recipe.seed).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, betas=(0.9, 0.99),
                             fused=device.type == "cuda")
-    start, total = 0, recipe.vae_steps
-    if (state := ckpt.load(device)) is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"], np_rng)
-        start, total = state["step"], state.get("total", total)
+    start, total = _resume(ckpt, vae, opt, np_rng, recipe.vae_steps, device)
     vae.train()
     data = torch.from_numpy(clips).to(device)  # uint8: the whole set fits an accelerator's memory
     n, t_total, size = len(clips), clips.shape[1], clips.shape[2]
@@ -83,8 +93,7 @@ def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float |
         return {"loss": loss.detach(), "psnr": info["psnr"]}
 
     def save_fn(step: int, total: int) -> None:
-        ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng), "step": step,
-                   "total": total})
+        _save(ckpt, vae, opt, np_rng, step, total)
 
     run_steps(start, total, step_fn, save_fn, run_dir / "vae_log.jsonl", recipe.checkpoint_minutes,
               "vae", minutes, fit_minutes=fit_minutes, log_every=recipe.log_every, device=device)
@@ -108,12 +117,7 @@ def train_decoder(recipe: Recipe, vae: WanVAE, clips: np.ndarray, run_dir: Path,
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0, betas=(0.9, 0.99),
                             fused=device.type == "cuda")
-    start, total = 0, recipe.decoder_steps
-    if (state := ckpt.load(device)) is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"], np_rng)
-        start, total = state["step"], state.get("total", total)
+    start, total = _resume(ckpt, vae, opt, np_rng, recipe.decoder_steps, device)
     vae.train()
     data = torch.from_numpy(clips).to(device)
 
@@ -129,8 +133,7 @@ def train_decoder(recipe: Recipe, vae: WanVAE, clips: np.ndarray, run_dir: Path,
         return {"loss": loss.detach(), "psnr": info["psnr"]}
 
     def save_fn(step: int, total: int) -> None:
-        ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng), "step": step,
-                   "total": total})
+        _save(ckpt, vae, opt, np_rng, step, total)
 
     run_steps(start, total, step_fn, save_fn, run_dir / "decoder_log.jsonl", recipe.checkpoint_minutes,
               "decoder", minutes, log_every=recipe.log_every, device=device)
@@ -138,21 +141,15 @@ def train_decoder(recipe: Recipe, vae: WanVAE, clips: np.ndarray, run_dir: Path,
 
 
 @torch.no_grad()
-def frame_psnr(vae: WanVAE, clips: np.ndarray, count: int = 16) -> list[float]:
-    """PSNR (dB, frames in [0, 1]) per pixel frame of whole clips through encode-mean and decode,
-    over the first ``count`` clips."""
+def reconstruction_psnr(vae: WanVAE, clips: np.ndarray, count: int = 16) -> tuple[float, list[float]]:
+    """PSNR (dB, frames in [0, 1]) of the first ``count`` full-length clips through encode-mean
+    and decode: the mean over clips, and per pixel frame (over all of them)."""
     device = next(vae.parameters()).device
     x = to_model_range(clips[:count]).to(device)
     rec = torch.cat([vae.decode(vae.encode_mean(x[i:i + 4])) for i in range(0, len(x), 4)])
-    mse = ((rec - x) / 2).pow(2).mean(dim=(0, 1, 3, 4))
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).tolist()
+    err = ((rec - x) / 2).pow(2)
 
+    def db(mse: torch.Tensor) -> torch.Tensor:
+        return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
-@torch.no_grad()
-def reconstruction_psnr(vae: WanVAE, clips: np.ndarray, count: int = 16) -> float:
-    """Mean PSNR (dB, frames in [0, 1]) of full-length clips through encode-mean and decode."""
-    device = next(vae.parameters()).device
-    x = to_model_range(clips[:count]).to(device)
-    rec = torch.cat([vae.decode(vae.encode_mean(x[i:i + 4])) for i in range(0, len(x), 4)])
-    mse = ((rec - x) / 2).pow(2).mean(dim=(1, 2, 3, 4))
-    return float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean())
+    return float(db(err.mean(dim=(1, 2, 3, 4))).mean()), db(err.mean(dim=(0, 1, 3, 4))).tolist()
