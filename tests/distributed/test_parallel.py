@@ -4,6 +4,8 @@ single-process video; wrong layouts are errors before loading; a failing rank en
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +121,28 @@ def test_layout_errors_name_the_options():
         EngineConfig(sp_size=0)
     with pytest.raises(ValueError, match="cfg_parallel"):
         EngineConfig(cfg_parallel="yes")
+
+
+EXIT_PROBE = """
+import atexit, os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PROBE_PORT"], RANK="0", WORLD_SIZE="1")
+# registered first, so it runs last: after whatever the engine registered at exit
+atexit.register(lambda: print("at exit, initialized:", dist.is_initialized(), flush=True))
+from vidloom.parallel.state import ParallelState
+state = ParallelState.initialize(1, False, torch.device("cpu"))
+print("initialized:", dist.is_initialized(), flush=True)
+"""
+
+
+def test_the_process_groups_an_engine_starts_are_destroyed_before_exit():
+    """Left to the interpreter's teardown, gloo's threads can abort a rank that finished its work."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PROBE_PORT": str(port)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["initialized: True", "at exit, initialized: False"], proc.stdout
 
 
 def test_wrong_layout_is_an_error_before_any_weight_is_read(tiny_wan_dir, monkeypatch):

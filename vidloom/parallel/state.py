@@ -4,6 +4,7 @@ all-to-all of sequence parallelism stays among neighbours."""
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -70,6 +71,10 @@ class ParallelState:
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            # the groups this process started are torn down before the interpreter exits: left to
+            # static destruction, gloo's worker threads can be destroyed still joinable, and the
+            # process aborts ("terminate called without an active exception") after its work is done
+            atexit.register(close_process_groups)
         world, rank = dist.get_world_size(), dist.get_rank()
         cfg_degree = 2 if cfg_parallel else 1
         check_layout(sp_size, cfg_parallel, world)
@@ -78,6 +83,12 @@ class ParallelState:
         cfg_groups = [dist.new_group(list(range(s, world, sp_size))) for s in range(sp_size)]
         return cls(rank=rank, world_size=world, sp_size=sp_size, cfg_degree=cfg_degree,
                    sp_group=sp_groups[rank // sp_size], cfg_group=cfg_groups[rank % sp_size])
+
+
+def close_process_groups() -> None:
+    """Destroy the default process group and every group built on it, if there is one (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: torch.device) -> torch.device:
