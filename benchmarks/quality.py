@@ -1,6 +1,7 @@
 """Prompt-following quality of a model trained on the procedural world, scored analytically.
 
-    python benchmarks/quality.py --model DIR [--steps 4,8,20] [--seeds 2] [--sheet quality.png] [--device cpu]
+    python benchmarks/quality.py --model DIR [--steps 4,8,20] [--guidance-scale 3,5] [--seeds 2]
+                                 [--sheet quality.png] [--device cpu] [--dtype fp32]
                                  [--refine SCALE:STRENGTH[:STEPS]] [--i2v] [--ground-truth]
 
 For a fixed list of prompts (the held-out combinations and as many trained ones), it generates
@@ -11,9 +12,12 @@ silhouette (over the middle frames and per span), and two temporal-consistency f
 largest colour change and the largest relative size change between consecutive frames (means over
 the clips; ground-truth clips give about 0.03 and 0.05).
 
-Columns: ``color`` (clip mean colour right), ``col/span`` (share of clips whose every span has the
-right colour), ``worst`` (accuracy of the worst span, and which span it is, ``@k``), ``dir``,
-``shape``, ``shp/span`` (every span's shape right), ``dcolor``, ``dsize``. A per-span row for each
+``--guidance-scale`` takes one scale or several (default: the shipped models' setting,
+``DEFAULT_MODEL_SAMPLING``); each (steps, guidance) pair is a row.
+
+Columns: ``cfg`` (the guidance scale), ``color`` (clip mean colour right), ``col/span`` (share of
+clips whose every span has the right colour), ``worst`` (accuracy of the worst span, and which
+span it is, ``@k``), ``dir``, ``shape``, ``shp/span`` (every span's shape right), ``dcolor``, ``dsize``. A per-span row for each
 split follows. ``--ground-truth`` scores world clips first, the scorer's ceiling.
 
 ``--i2v`` (a model that takes a first frame: a TI2V-style folder): each prompt's first frame is
@@ -27,6 +31,7 @@ pass at half the size, the refine pass at full size) in the same run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -87,13 +92,13 @@ class Tally:
         return out
 
 
-HEADER = (f"{'steps':>5} {'mode':>9} {'split':>8} {'color':>6} {'col/span':>8} {'worst':>9} {'dir':>5} {'shape':>6} "
-          f"{'shp/span':>8} {'dcolor':>6} {'dsize':>6}")
+HEADER = (f"{'steps':>5} {'cfg':>4} {'mode':>9} {'split':>8} {'color':>6} {'col/span':>8} {'worst':>9} {'dir':>5} "
+          f"{'shape':>6} {'shp/span':>8} {'dcolor':>6} {'dsize':>6}")
 
 
-def row(steps, mode, split, s: dict, per_video: float | None) -> str:
+def row(steps, cfg, mode, split, s: dict, per_video: float | None) -> str:
     worst = f"{s['color_worst_span']:.2f}@{s['worst_span']}"
-    line = (f"{steps:>5} {mode:>9} {split:>8} {s['color']:>6.2f} {s['color_every_span']:>8.2f} {worst:>9} "
+    line = (f"{steps:>5} {cfg:>4g} {mode:>9} {split:>8} {s['color']:>6.2f} {s['color_every_span']:>8.2f} {worst:>9} "
             f"{s['direction']:>5.2f} {s['shape']:>6.2f} {s['shape_every_span']:>8.2f} {s['color_change']:>6.3f} "
             f"{s['size_change']:>6.3f}")
     if "first_frame_psnr_db" in s:
@@ -114,11 +119,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--steps", default="4,8,20")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--guidance-scale", default=None,
+                        help="one scale or a comma list (default: the shipped models' setting)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--sheet", type=Path, default=Path("outputs/quality.png"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="fp32 or bf16 (default: the engine's choice for the device)")
     parser.add_argument("--refine", default=None, metavar="SCALE:STRENGTH[:STEPS]",
                         help="also measure two-stage generation with these RefineParams")
     parser.add_argument("--i2v", action="store_true", help="give each prompt a first frame drawn by the world")
@@ -126,19 +133,23 @@ def main() -> None:
     args = parser.parse_args()
 
     from vidloom import RefineParams, VideoGenerator
+    from vidloom.default_model import DEFAULT_MODEL_SAMPLING
     from vidloom.world import make_clip, score_clip
 
+    guidances = ([float(g) for g in args.guidance_scale.split(",")] if args.guidance_scale
+                 else [DEFAULT_MODEL_SAMPLING["guidance_scale"]])
     modes = [("one-stage", None)]
     if args.refine:
         scale, strength, *steps = args.refine.split(":")
         modes.append(("two-stage", RefineParams(scale=int(scale), strength=float(strength),
                                                 steps=int(steps[0]) if steps else None)))
 
-    gen = VideoGenerator.from_pretrained(args.model, device=args.device)
+    gen = VideoGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     prompts = prompt_list()
     kind = "image-to-video (first frame from the world)" if args.i2v else "text-to-video"
-    print(f"machine: {machine_description()}\nmodel: {args.model}; {kind}; {len(prompts)} prompts x {args.seeds} "
-          f"seeds; spans of {args.frames} frames: frame 0, then 4 at a time")
+    dit_dtype = str(gen.config.resolved_dtypes()["transformer"]).removeprefix("torch.")
+    print(f"machine: {machine_description()}\nmodel: {args.model}; {kind}; transformer in {dit_dtype}; "
+          f"{len(prompts)} prompts x {args.seeds} seeds; spans of {args.frames} frames: frame 0, then 4 at a time")
     print(HEADER + (f" {'keep dB':>7}" if args.i2v else "") + f" {'s/video':>8}")
     results, sheet_rows = [], []
     if args.ground_truth:
@@ -150,9 +161,9 @@ def main() -> None:
         for split, tally in tallies.items():
             s = tally.summary()
             results.append(dict(steps=0, mode="world", split=split, **s))
-            print(row(0, "world", split, s, None))
+            print(row(0, 0, "world", split, s, None))
     all_steps = [int(s) for s in args.steps.split(",")]
-    for steps in all_steps:
+    for cfg, steps in itertools.product(guidances, all_steps):
         for mode, refine in modes:
             tallies = {split: Tally() for split in SPLITS}
             start = time.perf_counter()
@@ -160,31 +171,33 @@ def main() -> None:
                 for seed in range(args.seeds):
                     image = first_frame(spec, seed, args.frames, args.size) if args.i2v else None
                     frames = gen.generate(caption, height=args.size, width=args.size, num_frames=args.frames,
-                                          num_inference_steps=steps, guidance_scale=args.guidance_scale, seed=seed,
+                                          num_inference_steps=steps, guidance_scale=cfg, seed=seed,
                                           refine=refine, image=image).frames
                     keep = psnr(frames[0], image) if image is not None else None
                     tallies["held-out" if held else "trained"].add(score_clip(frames), spec, keep)
-                    if steps == max(all_steps) and seed == 0 and refine is None:
+                    if (steps == max(all_steps) and cfg == guidances[0] and seed == 0 and refine is None):
                         picks = [0, 4, 8, 12, len(frames) - 1]
                         sheet_rows.append(frames[[p for p in picks if p < len(frames)]])
             per_video = (time.perf_counter() - start) / sum(len(t.rows) for t in tallies.values())
             for split, tally in tallies.items():
                 s = tally.summary()
-                results.append(dict(steps=steps, mode=mode, refine=None if refine is None else str(refine),
-                                    split=split, **s, seconds_per_video=per_video))
-                print(row(steps, mode, split, s, per_video))
+                results.append(dict(steps=steps, guidance_scale=cfg, mode=mode,
+                                    refine=None if refine is None else str(refine), split=split, **s,
+                                    seconds_per_video=per_video))
+                print(row(steps, cfg, mode, split, s, per_video))
             for split in SPLITS:
                 spans = next(r["color_per_span"] for r in results[::-1] if r["split"] == split)
-                print(f"{'':>5} {'':>9} {split:>8} colour per span: " + " ".join(f"{v:.2f}" for v in spans))
+                print(f"{'':>5} {'':>4} {'':>9} {split:>8} colour per span: " + " ".join(f"{v:.2f}" for v in spans))
     args.sheet.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(sheet_rows, args.sheet)
-    held = [r for r in results if r["split"] == "held-out" and r["mode"] == "one-stage"]
+    held = [r for r in results if r["split"] == "held-out" and r["mode"] == "one-stage"
+            and r["guidance_scale"] == guidances[0]]
     best = max(held, key=lambda r: r["steps"])
-    print(f"summary: held-out at {best['steps']} steps: color {best['color']:.2f} (every span "
-          f"{best['color_every_span']:.2f}, worst span {best['color_worst_span']:.2f}), direction "
+    print(f"summary: held-out at {best['steps']} steps, guidance {guidances[0]:g}: color {best['color']:.2f} "
+          f"(every span {best['color_every_span']:.2f}, worst span {best['color_worst_span']:.2f}), direction "
           f"{best['direction']:.2f}, shape {best['shape']:.2f}; contact sheet {args.sheet} (frames 0, 4, 8, 12, last)")
     write_result("quality_i2v" if args.i2v else "quality", dict(machine=machine_description(), model=str(args.model),
-                                                                 i2v=args.i2v, results=results))
+                                                                 i2v=args.i2v, dtype=dit_dtype, results=results))
 
 
 if __name__ == "__main__":

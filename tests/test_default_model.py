@@ -104,3 +104,18 @@ def test_generate_with_an_image_and_no_model_uses_the_image_to_video_sibling(tmp
     assert video.shape == (17, 64, 64, 3)
     given = np.asarray(Image.open(first), dtype=np.float32) / 255
     assert np.abs(video[0] - given).mean() < 0.02  # the first frame kept even at 2 steps
+
+
+def test_at_the_default_settings_the_first_frame_has_the_asked_colour():
+    """The shipped model's sampling defaults: at guidance 5 and 20 steps its first latent frame
+    overshoots (a green circle starts red in frames 0-4); at the default guidance every
+    latent-frame span is green."""
+    from vidloom.world import score_clip
+
+    gen = VideoGenerator.from_pretrained(DEFAULT_MODEL_DIR, dtype="fp32")
+    spans = {}
+    for guidance in (DEFAULT_MODEL_SAMPLING["guidance_scale"], 5.0):
+        spans[guidance] = [score_clip(gen.generate("a green circle moving down", seed=seed, **dict(
+            DEFAULT_MODEL_SAMPLING, guidance_scale=guidance)).frames).span_colors for seed in range(3)]
+    assert all(c == "green" for clip in spans[DEFAULT_MODEL_SAMPLING["guidance_scale"]] for c in clip), spans
+    assert any(clip[0] != "green" for clip in spans[5.0]), spans  # the defect the default avoids
