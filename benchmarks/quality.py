@@ -17,8 +17,8 @@ the clips; ground-truth clips give about 0.03 and 0.05).
 
 Columns: ``cfg`` (the guidance scale), ``color`` (clip mean colour right), ``col/span`` (share of
 clips whose every span has the right colour), ``worst`` (accuracy of the worst span, and which
-span it is, ``@k``), ``dir``, ``shape``, ``shp/span`` (every span's shape right), ``dcolor``, ``dsize``. A per-span row for each
-split follows. ``--ground-truth`` scores world clips first, the scorer's ceiling.
+span it is, ``@k``), ``dir``, ``shape``, ``shp/span`` (every span's shape right), ``dcolor``,
+``dsize``. A per-span row for each split follows. ``--ground-truth`` scores world clips first, the scorer's ceiling.
 
 ``--i2v`` (a model that takes a first frame: a TI2V-style folder): each prompt's first frame is
 drawn by the world for that prompt (colour, shape and a start from which the named motion stays in
