@@ -70,7 +70,9 @@ def test_an_expired_lease_is_taken_over_and_the_job_completes_once(fresh_postgre
 def test_killing_the_replica_that_holds_a_job(tiny_wan_dir, tmp_path, fresh_postgres):
     data = tmp_path / "shared"
     ports = [free_port(), free_port()]
-    extra = ["--store", fresh_postgres, "--lease-seconds", "2"]
+    # the lease outlasts any stall of a live replica's loop on a loaded 2-core machine (its first
+    # forward, a neighbour test's burst): only the kill may hand the job over (attempts == 2)
+    extra = ["--store", fresh_postgres, "--lease-seconds", "6"]
     replicas = [start(tiny_wan_dir, data, port, extra) for port in ports]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
