@@ -14,6 +14,7 @@ from vidloom import VideoGenerator
 from vidloom.cli import main as cli_main
 from vidloom.default_model import (
     DEFAULT_I2V_MODEL_DIR, DEFAULT_I2V_PROMPT, DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING, DEFAULT_PROMPT,
+    sampling_defaults,
 )
 from vidloom.demo import main as demo_main, world_first_frame
 
@@ -92,6 +93,17 @@ def test_generate_without_model_uses_the_shipped_model_at_its_size(tmp_path):
     assert cli_main(["generate", "--prompt", "a blue square moving down", "--output", str(out), "--quiet",
                      "--steps", "2"]) == 0
     assert np.load(out).shape == (17, 64, 64, 3)
+
+
+def test_a_shipped_folder_named_by_any_path_keeps_its_settings(tmp_path, monkeypatch, tiny_wan_dir):
+    monkeypatch.chdir(DEFAULT_MODEL_DIR.parent)
+    assert sampling_defaults("wan-shapes-64") == sampling_defaults(DEFAULT_I2V_MODEL_DIR / ".." / "wan-shapes-64") \
+        == sampling_defaults(DEFAULT_I2V_MODEL_DIR) == DEFAULT_MODEL_SAMPLING
+    assert sampling_defaults(tiny_wan_dir) == {} and sampling_defaults(tmp_path / "missing") == {}
+    out = tmp_path / "v.npy"
+    assert cli_main(["generate", "--model", "wan-shapes-64", "--prompt", "a blue square moving down", "--output",
+                     str(out), "--quiet", "--steps", "2"]) == 0
+    assert np.load(out).shape == (17, 64, 64, 3)  # not the engine's 81 x 480 x 832
 
 
 def test_generate_with_an_image_and_no_model_uses_the_image_to_video_sibling(tmp_path, capsys):

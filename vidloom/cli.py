@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 
 from .config import EngineConfig, RefineParams, SamplingParams
-from .default_model import DEFAULT_I2V_MODEL_DIR, DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING
+from .default_model import DEFAULT_I2V_MODEL_DIR, DEFAULT_MODEL_DIR, sampling_defaults
 from .errors import VidloomError
 from .parallel.state import check_layout
 
@@ -132,10 +132,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port: expected 1..65535, got {args.port}")
     if not 1 <= args.max_queue <= 100_000:
         raise ValueError(f"--max-queue: expected 1..100000, got {args.max_queue}")
-    defaults = {}
     if args.model is None:
         args.model = DEFAULT_MODEL_DIR
-        defaults = dict(DEFAULT_MODEL_SAMPLING)
+    defaults = sampling_defaults(args.model)  # a shipped model's own size and settings
     engine = EngineConfig.from_options(**_collect(args, "e_"))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         check_layout(engine.sp_size, engine.cfg_parallel, args.nproc)
@@ -199,7 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sampling["refine"] = RefineParams(**refine)
     if args.model is None:  # the shipped models: the image-to-video sibling when a first frame is given
         args.model = DEFAULT_I2V_MODEL_DIR if sampling.get("image") is not None else DEFAULT_MODEL_DIR
-        sampling = {**DEFAULT_MODEL_SAMPLING, **sampling}  # what the user gave wins
+    sampling = {**sampling_defaults(args.model), **sampling}  # a shipped model's settings; what the user gave wins
     # check the whole folder and the request against it before any weight is read (and, with
     # --nproc, before any process is started)
     limits = VideoGenerator.request_limits(args.model, engine)

@@ -27,3 +27,14 @@ DEFAULT_I2V_MODEL_DIR = ASSETS / "wan-shapes-ti2v-64"
 DEFAULT_MODEL_SAMPLING = dict(height=64, width=64, num_frames=17, num_inference_steps=20, guidance_scale=3.0)
 DEFAULT_PROMPT = "a red circle moving right"
 DEFAULT_I2V_PROMPT = "a yellow triangle moving up"  # the demo's first frame: the world draws this object
+
+
+def sampling_defaults(folder: str | Path) -> dict:
+    """The settings a request to ``folder`` starts from when it does not give them: the shipped
+    models' own (``DEFAULT_MODEL_SAMPLING``) for their folders, however the path is spelled;
+    nothing for any other folder (the engine's defaults, which are diffusers')."""
+    try:
+        resolved = Path(folder).resolve()
+    except (OSError, RuntimeError):
+        return {}
+    return dict(DEFAULT_MODEL_SAMPLING) if resolved in (DEFAULT_MODEL_DIR, DEFAULT_I2V_MODEL_DIR) else {}
