@@ -39,7 +39,7 @@ def worker(args) -> None:
     from vidloom.pipelines.stages import DenoisingStage
     from vidloom.parallel.cfg import CFGParallel
     from vidloom.parallel.sequence import UlyssesSequenceParallel
-    from vidloom.parallel.state import ParallelState, local_device
+    from vidloom.parallel.state import ParallelState, close_process_groups, local_device
 
     layout = json.loads(args.layout)
     device = local_device(torch.device(args.device))
@@ -98,8 +98,7 @@ def worker(args) -> None:
         best = min(range(len(times)), key=times.__getitem__)
         print("RESULT " + json.dumps({"seconds": times[best], "comm_seconds": comms[best],
                                       "threads": torch.get_num_threads()}), flush=True)
-    if parallel is not None:
-        dist.destroy_process_group()
+    close_process_groups()
 
 
 def main() -> None:

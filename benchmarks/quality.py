@@ -175,7 +175,7 @@ def main() -> None:
                                           refine=refine, image=image).frames
                     keep = psnr(frames[0], image) if image is not None else None
                     tallies["held-out" if held else "trained"].add(score_clip(frames), spec, keep)
-                    if (steps == max(all_steps) and cfg == guidances[0] and seed == 0 and refine is None):
+                    if steps == max(all_steps) and cfg == guidances[0] and seed == 0 and refine is None:
                         picks = [0, 4, 8, 12, len(frames) - 1]
                         sheet_rows.append(frames[[p for p in picks if p < len(frames)]])
             per_video = (time.perf_counter() - start) / sum(len(t.rows) for t in tallies.values())
