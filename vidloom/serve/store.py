@@ -22,6 +22,11 @@ from typing import Any
 QUEUED, IN_PROGRESS, COMPLETED, FAILED = "queued", "in_progress", "completed", "failed"
 STATES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
 
+
+class StoreUnavailable(Exception):
+    """The job store cannot be reached or written now (database down, disk full, locked): the
+    server answers 503 with ``Retry-After`` and keeps what it has not recorded yet."""
+
 # the jobs table; REAL is each database's double (SQLite REAL, PostgreSQL DOUBLE PRECISION)
 COLUMNS_SQL = """
     id TEXT UNIQUE NOT NULL,
