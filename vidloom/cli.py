@@ -122,10 +122,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .generator import VideoGenerator
-    from .serve.app import ServeSettings, create_app, is_loopback
+    from .serve.app import ServeSettings, create_app, is_loopback, open_store
 
     if not is_loopback(args.host) and not args.api_key:
-        raise ValueError(f"--host {args.host}: serving beyond loopback needs --api-key (or $VIDLOOM_API_KEY)")
+        raise ValueError(f"--host {args.host}: serving beyond loopback needs --api-key (or $VIDLOOM_API_KEY); "
+                         "a name counts as loopback only when every address it resolves to is")
     if not 1 <= args.nproc <= MAX_NPROC:
         raise ValueError(f"--nproc: expected an integer in 1..{MAX_NPROC}, got {args.nproc}")
     if not 1 <= args.port <= 65535:
@@ -140,6 +141,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_layout(engine.sp_size, engine.cfg_parallel, args.nproc)
         VideoGenerator.request_limits(args.model, engine)  # the folder checked before any process starts
         return launch(args.nproc, args.argv)
+    if args.store is not None:
+        if not args.store.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"--store: expected a postgresql:// URL, got {printable(args.store[:60])!r}")
+        if not 1.0 <= args.lease_seconds <= 3600:
+            raise ValueError(f"--lease-seconds: expected 1..3600, got {args.lease_seconds}")
+
+    def store():  # before the model is loaded where this process serves alone: a bad store fails fast
+        return open_store(args.data_dir, args.store, args.lease_seconds if args.store is not None else None)
+
+    job_store = store() if "WORLD_SIZE" not in os.environ else None
     generator = VideoGenerator.from_pretrained(args.model, engine)
     ranks = None
     if generator.parallel is not None:
@@ -150,17 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             follow(generator, ranks)
             return 0
     settings = ServeSettings(model_name=Path(args.model).name, data_dir=args.data_dir, api_key=args.api_key,
-                             max_queue=args.max_queue, defaults=tuple(defaults.items()))
-    store = None
-    if args.store is not None:
-        if not args.store.startswith(("postgresql://", "postgres://")):
-            raise ValueError(f"--store: expected a postgresql:// URL, got {printable(args.store[:60])!r}")
-        if not 1.0 <= args.lease_seconds <= 3600:
-            raise ValueError(f"--lease-seconds: expected 1..3600, got {args.lease_seconds}")
-        from .serve.pg_store import PostgresJobStore
-
-        store = PostgresJobStore(args.store, lease_s=args.lease_seconds)
-    app = create_app(generator, settings, store=store, start_loop=False, ranks=ranks)
+                             max_queue=args.max_queue, defaults=tuple(defaults.items()), allowed_hosts=(args.host,))
+    app = create_app(generator, settings, store=job_store or store(), start_loop=False, ranks=ranks)
     # HTTP in a thread, the engine loop in the main thread (torch's CPU kernels are slower
     # from a second thread; see EngineLoop.start)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
@@ -172,13 +174,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         time.sleep(0.05)
     print(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (data in {args.data_dir}; "
           f"{app.state.recovered} job(s) resumed)", flush=True)
+    # SIGTERM drains: the unit of work under way finishes, the running jobs go back to the queue,
+    # HTTP stops after the requests in flight, and the process exits 0
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: app.state.loop.stop())
     try:
         app.state.loop.run()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.should_exit = True
         thread.join(30)
+        app.state.store.close()
     return 0
 
 

@@ -31,6 +31,9 @@ FLOW_SHIFT_RANGE = (1e-3, 1e3)
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 MAX_PROCESSES = 1024
 MAX_TILE = 8192
+# a prompt or negative prompt, in characters: far above Wan's 512 tokens, and small enough that
+# the tokenizer (which reads the whole string before it truncates) never sees a huge one
+MAX_PROMPT_CHARS = 20_000
 
 
 def parse_dtype(value: Any, field_name: str) -> torch.dtype | None:
@@ -288,10 +291,9 @@ class SamplingParams:
     def validate(self, limits: RequestLimits | None = None) -> "SamplingParams":
         """Raise InvalidRequestError naming the first bad field; cheap (no model work)."""
         limits = limits or RequestLimits()
-        if not isinstance(self.prompt, str):
-            raise InvalidRequestError("prompt", f"must be a string, got {type(self.prompt).__name__}")
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise InvalidRequestError("negative_prompt", f"must be a string or None, got {type(self.negative_prompt).__name__}")
+        check_text("prompt", self.prompt)
+        if self.negative_prompt is not None:
+            check_text("negative_prompt", self.negative_prompt, "a string or None")
         self._validate_size(limits)
         if not _is_int(self.num_inference_steps) or not 1 <= self.num_inference_steps <= limits.max_steps:
             raise InvalidRequestError("num_inference_steps", f"got {_short(self.num_inference_steps)}",
@@ -426,6 +428,23 @@ class SamplingParams:
         if unknown:
             raise InvalidRequestError(unknown[0], "unknown sampling option", ", ".join(sorted(names)))
         return cls(prompt=prompt, **kwargs)
+
+
+def check_text(name: str, value: Any, allowed: str = "a string") -> str:
+    """A prompt-like field: a string of at most MAX_PROMPT_CHARS characters that UTF-8 can encode
+    (no lone surrogates) and without NUL characters (which no store or tokenizer takes as text)."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(name, f"got {type(value).__name__}", allowed)
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidRequestError(name, f"{len(value)} characters", f"at most {MAX_PROMPT_CHARS} characters")
+    if "\0" in value:
+        raise InvalidRequestError(name, "contains a NUL character", "text without NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(name, f"character {exc.start} is a lone surrogate ({value[exc.start]!a})",
+                                  "text UTF-8 can encode") from None
+    return value
 
 
 def _is_int(value) -> bool:

@@ -165,7 +165,7 @@ def test_plain_http_hostile_requests(server):
         assert r.status_code == 415
         r = http.post("/v1/videos", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"})
         assert r.status_code == 400
-        assert raw_status(server.port, b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        assert raw_status(server.port, b"POST /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                                        b"Content-Length: 1000000000000\r\n\r\n{") == 413  # refused before reading
         big = b"\x89PNG" + b"\0" * (MAX_UPLOAD_BYTES + 10)
         r = http.post("/v1/videos", data={"prompt": "a cat"}, files={"input_reference": ("a.png", big, "image/png")})
@@ -195,7 +195,7 @@ def test_api_key_is_required_when_set(tiny_generator, tmp_path):
 
     app = create_app(tiny_generator, ServeSettings(model_name="m", data_dir=tmp_path, api_key="s3cret"),
                      start_loop=False)
-    with TestClient(app) as http:
+    with TestClient(app, base_url="http://127.0.0.1") as http:
         assert http.get("/v1/models").status_code == 401
         assert http.get("/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
         assert http.get("/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
@@ -207,7 +207,7 @@ def test_queue_full_is_429_and_cancel_fails_a_queued_job(tiny_generator, tmp_pat
 
     app = create_app(tiny_generator, ServeSettings(model_name="m", data_dir=tmp_path, max_queue=2), start_loop=False)
     body = {"prompt": "a cat", "size": "48x32", **SMALL}
-    with TestClient(app) as http:
+    with TestClient(app, base_url="http://127.0.0.1") as http:
         first = http.post("/v1/videos", json=body).json()
         assert http.post("/v1/videos", json=body).status_code == 200
         full = http.post("/v1/videos", json=body)
@@ -313,7 +313,7 @@ def test_a_chunked_body_is_cut_off_at_the_limit(tiny_generator, tmp_path):
         for _ in range(100):
             yield b"\0" * 1000
 
-    with TestClient(app) as http:
+    with TestClient(app, base_url="http://127.0.0.1") as http:
         r = http.post("/v1/videos", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
         r = http.post("/v1/videos", content=(b"x" * 1000 for _ in range(20)), headers={"content-type": "application/json"})

@@ -47,11 +47,12 @@ def load_image(value: Any, field: str = "image"):
 def _read_file(path: Path, field: str):
     from PIL import Image, UnidentifiedImageError
 
+    # messages name the file by its name only: a server's folders are not the client's business
     if not path.is_file():
-        raise InvalidRequestError(field, f"no image file at {path}", ALLOWED)
+        raise InvalidRequestError(field, f"no image file named {path.name!r}", ALLOWED)
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise InvalidRequestError(field, f"{path} is {size} bytes", f"image files up to {MAX_FILE_BYTES} bytes")
+        raise InvalidRequestError(field, f"the file is {size} bytes", f"image files up to {MAX_FILE_BYTES} bytes")
     try:
         with Image.open(path) as image:  # reads the header only: the size is known before decoding
             size_error = _size_error(image.size, field)
@@ -59,13 +60,23 @@ def _read_file(path: Path, field: str):
                 image.load()
                 return image.copy()
     except Image.DecompressionBombError as exc:  # PIL's own check on the header's size
-        raise InvalidRequestError(field, f"{path} claims more pixels than an image may have ({exc})",
+        raise InvalidRequestError(field, f"the file claims more pixels than an image may have "
+                                  f"({_without(path, exc)})",
                                   f"1..{MAX_SIDE} pixels a side, at most {MAX_PIXELS} pixels") from exc
     except UnidentifiedImageError as exc:
-        raise InvalidRequestError(field, f"{path} is not an image this engine reads ({exc})", ALLOWED) from exc
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
-        raise InvalidRequestError(field, f"{path} cannot be decoded ({exc})", ALLOWED) from exc
+        raise InvalidRequestError(field, f"the file is not an image this engine reads ({_without(path, exc)})",
+                                  ALLOWED) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data, whatever the format's decoder raises
+        raise InvalidRequestError(field, f"the file cannot be decoded ({type(exc).__name__}: "
+                                  f"{_without(path, exc)})", ALLOWED) from exc
     raise size_error
+
+
+def _without(path: Path, exc: BaseException) -> str:
+    """The decoder's message with the file's folders left out (PIL quotes the whole path)."""
+    return str(exc).replace(str(path), path.name)[:200]
 
 
 def _from_array(array: np.ndarray, field: str):

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ..config import SamplingParams
+from ..config import MAX_PROMPT_CHARS, SamplingParams, check_text
 from ..errors import InvalidRequestError
 
 # request field -> (type, what is allowed); form strings are converted to the type
@@ -31,7 +31,6 @@ FIELDS: dict[str, tuple[type, str]] = {
 }
 OPENAI_FIELDS = ("prompt", "model", "seconds", "size")
 UPLOADS = {"input_reference": "image", "last_image": "last_image"}
-MAX_PROMPT_CHARS = 20_000
 MAX_SECONDS = 600.0
 
 
@@ -71,8 +70,10 @@ def parse(values: dict[str, Any], model_name: str, defaults: dict[str, Any]) -> 
     prompt = values.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequestError("prompt", "is required: a non-empty string")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise InvalidRequestError("prompt", f"{len(prompt)} characters", f"at most {MAX_PROMPT_CHARS}")
+    for name, kind in FIELDS.items():  # every text field: bounded and storable, before anything reads it
+        if kind[0] is str and isinstance(values.get(name), str):
+            check_text(name, values[name], f"a string of at most {MAX_PROMPT_CHARS} characters")
+    check_text("prompt", prompt, f"a string of at most {MAX_PROMPT_CHARS} characters")
     model = values.get("model", model_name)
     if model != model_name:
         raise InvalidRequestError("model", f"got {str(model)[:60]!r}", repr(model_name))
@@ -82,8 +83,9 @@ def parse(values: dict[str, Any], model_name: str, defaults: dict[str, Any]) -> 
             fields[name] = _convert(name, values[name], kind, allowed)
     size = values.get("size")
     if size is not None:
-        parts = str(size).lower().split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        parts = str(size).lower().split("x") if len(str(size)) <= 40 else []
+        # ASCII digits only: str.isdigit() is true for "²", which int() refuses
+        if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
             raise InvalidRequestError("size", f"got {str(size)[:40]!r}", "WIDTHxHEIGHT, e.g. 832x480")
         fields["width"], fields["height"] = (int(p) for p in parts)
     fps = fields.get("fps", SamplingParams.fps)

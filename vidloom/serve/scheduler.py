@@ -8,10 +8,17 @@ transformer forward, each job's video equal to the one it gets alone. A job's fa
 (a bad request found late, NaN latents, out of memory) fails that job with its reason; the loop
 and the other jobs go on. Finished videos are written to a temporary file and renamed into place
 before the job is marked completed.
+
+A job's outcome is never lost to a store outage or a full disk: until the store has recorded it
+(and, for a finished video, until the file is written), the job stays held by this loop and the
+write is tried again every round. Leases (a store shared by replicas) are renewed by a heartbeat
+thread, so a unit of work longer than the lease does not lose the job. ``stop(drain=True)``
+(SIGTERM) finishes the unit under way and hands the held jobs back to the queue.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -20,13 +27,15 @@ import uuid
 from pathlib import Path
 
 from ..errors import InvalidRequestError, NumericalError, TaskCancelled, VidloomError
-from .store import Job, JobStore
+from .store import Job, JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 # progress written and cancels read from the store at most this often (each write is a synced
 # commit: once per unit of work it cost ~30 ms per denoising step on the shipped model)
 STORE_INTERVAL_S = 0.25
+RETRY_S = 1.0  # an outcome the store or the disk refused is tried again this often
+OUTAGE_LOG_S = 30.0  # a store outage is logged once per this many seconds, not once per round
 
 
 class Metrics:
@@ -74,9 +83,15 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.active: list[tuple[Job, object]] = []  # (job, task)
+        # finished jobs whose outcome is not recorded yet: (job, write) where write() records it
+        # (export included) and raises StoreUnavailable / a disk-full OSError to be tried again
+        self.unrecorded: list[tuple[Job, object]] = []
         self._cancelled: set[str] = set()
         self._pending_submits: list = []  # submitted since the last plan (for the other ranks)
         self._looked = 0.0
+        self._outage_logged = 0.0
+        self._retry_at = 0.0
+        self._heartbeat: threading.Thread | None = None
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -88,10 +103,15 @@ class EngineLoop:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the unit of work under way; the held jobs go back to the queue (``run``)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    def held(self) -> list[str]:
+        """The ids of the jobs this loop holds (running, or finished and not yet recorded)."""
+        return [job.id for job, _ in [*self.active, *self.unrecorded]]
 
     def wake(self) -> None:
         """A job was queued: look now, not at the next idle tick."""
@@ -105,31 +125,80 @@ class EngineLoop:
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """The loop, in the calling thread, until :meth:`stop`."""
+        """The loop, in the calling thread, until :meth:`stop`; then the jobs still running go back
+        to the queue (this start not counted as an attempt) and outcomes not yet recorded are
+        tried once more."""
         self._stop.clear()
-        while not self._stop.is_set():
-            try:
-                self._fill()
-                if not self.active:
-                    self._broadcast([])  # the other ranks wait in the broadcast, not in a timeout
-                    self._wake.wait(self.idle_wait_s)
-                    self._wake.clear()  # a wake after this is seen by the next _fill
-                    continue
-                self._advance_all()
-            except Exception:  # the loop itself must survive anything a job does
-                log.exception("engine loop error")
-                time.sleep(self.idle_wait_s)
-        self._broadcast(None)  # the other ranks stop too
+        self._start_heartbeat()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._record()
+                    self._fill()
+                    if not self.active:
+                        self._broadcast([])  # the other ranks wait in the broadcast, not in a timeout
+                        self._wake.wait(self.idle_wait_s)
+                        self._wake.clear()  # a wake after this is seen by the next _fill
+                        continue
+                    self._advance_all()
+                except StoreUnavailable as exc:
+                    self._outage(exc)
+                    time.sleep(self.idle_wait_s)
+                except Exception:  # the loop itself must survive anything a job does
+                    log.exception("engine loop error")
+                    time.sleep(self.idle_wait_s)
+        finally:
+            self._broadcast(None)  # the other ranks stop too
+            self._drain()
+
+    def _drain(self) -> None:
+        for _, task in self.active:
+            task.cancel()
+        self.active = []
+        try:
+            self._record(force=True)
+            released = self.store.release(self.owner)
+            if released:
+                log.warning("stopping: %d running job(s) back in the queue", released)
+        except StoreUnavailable as exc:  # they go back when the store is next opened (recover / lease)
+            log.warning("stopping with the store unavailable: %s", exc)
+
+    def _outage(self, exc: StoreUnavailable) -> None:
+        now = time.monotonic()
+        if now - self._outage_logged >= OUTAGE_LOG_S:
+            self._outage_logged = now
+            log.warning("job store unavailable, retrying: %s", exc)
+
+    def _start_heartbeat(self) -> None:
+        """Leases renewed every third of a lease from a thread of their own, whatever a unit of
+        work costs."""
+        if not self.store.lease_s or (self._heartbeat is not None and self._heartbeat.is_alive()):
+            return
+
+        def beat():
+            while not self._stop.wait(self.store.lease_s / 3):
+                try:
+                    self.store.renew(self.owner, self.held())
+                except StoreUnavailable as exc:
+                    self._outage(exc)
+                except Exception:  # noqa: BLE001 - the heartbeat must outlive any one failure
+                    log.exception("lease heartbeat error")
+
+        self._heartbeat = threading.Thread(target=beat, name="vidloom-lease", daemon=True)
+        self._heartbeat.start()
 
     def _broadcast(self, plan) -> None:
         if self.ranks is not None:
             self.ranks.send(plan)
 
     def _fill(self) -> None:
-        while len(self.active) < self.max_active:
+        while len(self.active) + len(self.unrecorded) < self.max_active and not self._stop.is_set():
             job = self.store.claim(self.owner)
             if job is None:
                 return
+            if job.error_code == "corrupt_record":  # a damaged row fails alone
+                self.store.fail(job.id, job.error_code, job.error_message, owner=self.owner)
+                continue
             sampling = self._sampling(job)
             try:
                 task = self.generator.submit(job.request["prompt"], **sampling)
@@ -154,12 +223,13 @@ class EngineLoop:
             self._looked = now
         cancels = []
         for job, task in list(self.active):
-            if job.id in self._cancelled or (look and self.store.cancel_requested(job.id)):
+            if job.id in self._cancelled or (look and self._quietly(self.store.cancel_requested, job.id)):
                 self._cancelled.discard(job.id)
                 task.cancel()
                 self.active.remove((job, task))
                 cancels.append(job.id)
-                self.store.fail(job.id, "cancelled", "the job was cancelled", owner=self.owner)
+                self._settle(job, lambda job=job: self.store.fail(job.id, "cancelled", "the job was cancelled",
+                                                                 owner=self.owner))
         # every rank runs the same units of the same tasks in the same order (their collectives meet)
         self._broadcast({"submit": self._pending_submits, "cancel": cancels, "batch": self.batch_steps,
                          "step": [job.id for job, _ in self.active]})
@@ -179,32 +249,66 @@ class EngineLoop:
                 self.metrics.step_seconds.labels(task.state.value).observe(elapsed / len(self.active))
             for size in shared:
                 self.metrics.batch_size.observe(size)
-        if look:
-            self.store.renew(self.owner, [job.id for job, _ in self.active])
         for job, task in list(self.active):
             if task.is_finished:
                 self.active.remove((job, task))
                 self._finish(job, task)
             elif look:
-                self.store.set_progress(job.id, self.owner, min(99, int(100 * task.progress)))
+                self._quietly(self.store.set_progress, job.id, self.owner, min(99, int(100 * task.progress)))
+
+    def _quietly(self, write, *args):
+        """A store call whose failure can wait for the next look (progress, a cancel check)."""
+        try:
+            return write(*args)
+        except StoreUnavailable as exc:
+            self._outage(exc)
+            return None
+
+    def _settle(self, job: Job, write) -> None:
+        """Record a job's outcome now, or keep it held and try again every round until the store
+        (and the disk) take it."""
+        try:
+            write()
+        except (StoreUnavailable, DiskFull) as exc:
+            if isinstance(exc, StoreUnavailable):
+                self._outage(exc)
+            else:
+                log.warning("job %s: %s", job.id, exc)
+            self.unrecorded.append((job, write))
+            self._retry_at = time.monotonic() + RETRY_S
+
+    def _record(self, force: bool = False) -> None:
+        """Try the outcomes not yet recorded again, oldest first (at most every RETRY_S)."""
+        if not self.unrecorded or (not force and time.monotonic() < self._retry_at):
+            return
+        pending, self.unrecorded = self.unrecorded, []
+        for job, write in pending:
+            self._settle(job, write)
 
     def _finish(self, job: Job, task) -> None:
-        from ..io import export_video
-
         if task.state.value != "done":
             self._fail(job, task.error or RuntimeError(f"task ended {task.state.value}"))
             return
+        frames = task.result.frames
+        self._settle(job, lambda: self._export_and_complete(job, frames))
+
+    def _export_and_complete(self, job: Job, frames) -> None:
+        from ..io import export_video
+
         # the id is the server's own (no user input in a path); the attempt keeps the file of a
         # replica that lost the job (its lease expired) from replacing the one that finished it
         path = self.output_dir / f"{job.id}.{job.attempts}.mp4"
-        tmp = path.with_name(f".{job.id}.{job.attempts}.{self.owner}.mp4")
-        try:
-            export_video(task.result.frames, tmp, fps=job.request.get("fps", 16))
-            os.replace(tmp, path)
-        except Exception as exc:  # noqa: BLE001 - a full disk fails this job, not the server
-            tmp.unlink(missing_ok=True)
-            self._fail(job, exc)
-            return
+        if not path.exists():
+            tmp = path.with_name(f".{job.id}.{job.attempts}.{self.owner}.mp4")
+            try:
+                export_video(frames, tmp, fps=job.request.get("fps", 16))
+                os.replace(tmp, path)
+            except Exception as exc:  # noqa: BLE001 - a full disk waits; anything else fails this job alone
+                tmp.unlink(missing_ok=True)
+                if _is_disk_full(exc):
+                    raise DiskFull(f"the video cannot be written yet ({exc}); trying again") from exc
+                self._fail(job, exc)
+                return
         if not self.store.complete(job.id, self.owner, str(path)):
             path.unlink(missing_ok=True)  # deleted (or taken over) meanwhile: this file is nobody's
         elif self.metrics is not None:
@@ -214,7 +318,18 @@ class EngineLoop:
         code = {InvalidRequestError: "invalid_request", NumericalError: "numerical_error",
                 TaskCancelled: "cancelled"}.get(type(exc), "out_of_memory" if _is_oom(exc) else "generation_failed")
         log.warning("job %s failed: %s", job.id, exc)
-        self.store.fail(job.id, code, str(exc)[:2000] or type(exc).__name__, owner=self.owner)
+        message = str(exc)[:2000] or type(exc).__name__
+        self._settle(job, lambda: self.store.fail(job.id, code, message, owner=self.owner))
+
+
+class DiskFull(OSError):
+    """A finished video could not be written for want of space: tried again, not failed."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    # ffmpeg reports the writer's ENOSPC in its own message, not as an errno
+    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        "no space left on device" in str(exc).lower() or "disk quota exceeded" in str(exc).lower()
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -11,7 +11,11 @@ the caller), so a job is completed at most once.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -23,9 +27,21 @@ QUEUED, IN_PROGRESS, COMPLETED, FAILED = "queued", "in_progress", "completed", "
 STATES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
 
 
+MAX_ATTEMPTS = 3  # a job started this many times without finishing (each start ended by a crash) fails
+
+
 class StoreUnavailable(Exception):
     """The job store cannot be reached or written now (database down, disk full, locked): the
-    server answers 503 with ``Retry-After`` and keeps what it has not recorded yet."""
+    server answers 503 with ``Retry-After`` and keeps what it has not recorded yet. ``full``: the
+    disk is full (507)."""
+
+    def __init__(self, message: str, full: bool = False):
+        super().__init__(message)
+        self.full = full
+
+
+class StoreInUse(ValueError):
+    """Another live process holds the store (a second server on the same data folder)."""
 
 # the jobs table; REAL is each database's double (SQLite REAL, PostgreSQL DOUBLE PRECISION)
 COLUMNS_SQL = """
@@ -94,6 +110,7 @@ class JobStore:
     them (``_execute``, ``_transaction``) and claims (``claim``)."""
 
     lease_s: float = 0.0  # > 0: a claim holds a job this long unless renewed (several replicas)
+    max_attempts: int = MAX_ATTEMPTS
 
     def _execute(self, sql: str, args: tuple | list = (), fetch: str | None = None):
         raise NotImplementedError
@@ -114,11 +131,30 @@ class JobStore:
 
     def recover(self) -> int:
         """Jobs left in progress by a process that died go back to the queue; returns how many.
-        (With leases, a store shared by replicas leaves this to the lease expiry instead.)"""
+        A job already started ``max_attempts`` times fails instead (it may be what crashed the
+        server: run again it would crash it again). (With leases, a store shared by replicas
+        leaves this to the lease expiry instead: ``claim``.)"""
         if self.lease_s:
             return 0
+        self._fail_exhausted("status = ?", (IN_PROGRESS,))
         return self._execute("UPDATE jobs SET status = ?, owner = NULL, progress = 0 WHERE status = ?",
                              (QUEUED, IN_PROGRESS), fetch="rowcount")
+
+    def _fail_exhausted(self, where: str, args: tuple) -> int:
+        """Fail the jobs matching ``where`` that have been started ``max_attempts`` times."""
+        message = (f"the job was started {self.max_attempts} times and the server stopped while running it "
+                   "each time (it may be what crashed it); it is not run again")
+        return self._execute(f"UPDATE jobs SET status = ?, error_code = ?, error_message = ?, completed_at = ?, "
+                             f"owner = NULL WHERE {where} AND attempts >= ?",
+                             (FAILED, "too_many_attempts", message, time.time(), *args, self.max_attempts),
+                             fetch="rowcount")
+
+    def release(self, owner: str) -> int:
+        """``owner`` stops (SIGTERM): its jobs go back to the queue at once, this start not
+        counted as an attempt; returns how many."""
+        return self._execute("UPDATE jobs SET status = ?, owner = NULL, progress = 0, lease_until = NULL, "
+                             "attempts = attempts - 1 WHERE owner = ? AND status = ?", (QUEUED, owner, IN_PROGRESS),
+                             fetch="rowcount")
 
     def claim(self, owner: str) -> Job | None:
         raise NotImplementedError
@@ -129,6 +165,12 @@ class JobStore:
             self._execute(f"UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = ? AND id IN "
                           f"({', '.join('?' * len(job_ids))})", [time.time() + self.lease_s, owner, IN_PROGRESS,
                                                                  *job_ids])
+
+    def holds(self, job_id: str, owner: str) -> bool:
+        """Whether ``owner`` still holds the job (in progress, not taken over, not deleted)."""
+        row = self._execute("SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND status = ?",
+                            (job_id, owner, IN_PROGRESS), fetch="one")
+        return row is not None
 
     def set_progress(self, job_id: str, owner: str, progress: int) -> None:
         self._execute("UPDATE jobs SET progress = ? WHERE id = ? AND owner = ? AND status = ?",
@@ -196,28 +238,40 @@ class JobStore:
 
 class SQLiteJobStore(JobStore):
     """Jobs in ``path`` (a SQLite file, WAL journal, every write committed before it returns): one
-    server process at a time."""
+    server process at a time, held by an exclusive lock on ``path.lock`` (``exclusive``); a second
+    one gets ``StoreInUse`` naming the holder. Any SQLite failure while serving (locked past the
+    busy timeout, disk full, I/O error) is ``StoreUnavailable``."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, exclusive: bool = True, busy_timeout_s: float = 5.0):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut too
-        self._db.executescript(SCHEMA)
+        self._holder = _lock_file(self.path.with_name(self.path.name + ".lock")) if exclusive else None
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                       timeout=busy_timeout_s)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut too
+            self._db.executescript(SCHEMA)
+            self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a corrupt file fails here, not later
+        except BaseException:
+            if self._holder is not None:
+                self._holder.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._holder is not None:
+                self._holder.close()  # the lock goes with the descriptor
 
     def _execute(self, sql, args=(), fetch=None):
-        with self._lock:
+        with self._lock, _unavailable():
             cursor = self._db.execute(sql, args)
             return _fetch(cursor, fetch)
 
     def claim(self, owner: str) -> Job | None:
         """The oldest queued job, now in progress and held by ``owner``; None when the queue is empty."""
-        with self._lock:
+        with self._lock, _unavailable():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE status = ? AND "
@@ -227,9 +281,45 @@ class SQLiteJobStore(JobStore):
                                      "progress = 0 WHERE id = ?", (IN_PROGRESS, owner, time.time(), row[0]))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         return None if row is None else self.get(row[0])
+
+
+def _lock_file(path: Path):
+    """An exclusive, non-blocking lock on ``path`` (created), held while the returned file is open;
+    the file names the holder. The kernel releases it when the process dies (kill -9 included)."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.seek(0)
+        holder = handle.read(200).strip() or "another process"
+        handle.close()
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise StoreInUse(f"the job store {path.with_suffix('').name} is in use by {holder}: one server per "
+                             "data folder (stop it, or give this one another --data-dir)") from None
+        raise
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"vidloom serve pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+class _unavailable:
+    """SQLite failures while serving -> StoreUnavailable (``full`` for a full disk)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.ProgrammingError):
+            text = str(exc)
+            full = isinstance(exc, sqlite3.OperationalError) and "full" in text
+            raise StoreUnavailable(f"the job store cannot be used now: {text}", full=full) from exc
+        return False
 
 
 def _fetch(cursor, fetch):
@@ -243,7 +333,26 @@ def _fetch(cursor, fetch):
 
 
 def _job(row) -> Job:
+    """A row as a Job. A row that does not parse (edited or damaged by hand) is that job alone
+    failed with code ``corrupt_record``, never an error for whoever reads it."""
     values = dict(zip(_COLUMNS, row))
-    values["request"], values["inputs"] = json.loads(values["request"]), json.loads(values["inputs"])
-    values["cancel_requested"] = bool(values["cancel_requested"])
-    return Job(**values)
+    try:
+        request, inputs = json.loads(values["request"]), json.loads(values["inputs"])
+        if not (isinstance(request, dict) and isinstance(request.get("prompt"), str) and isinstance(inputs, dict)
+                and all(isinstance(v, str) for v in inputs.values())):
+            raise ValueError("request or inputs of the wrong shape")
+        values["request"], values["inputs"] = request, inputs
+        values["cancel_requested"] = bool(values["cancel_requested"])
+        return Job(**values)
+    except (ValueError, TypeError) as exc:
+        return Job(id=str(values["id"]), status=FAILED, model=str(values.get("model")), prompt="", seconds="",
+                   size="", request={}, inputs={}, created_at=_number(values.get("created_at")),
+                   error_code="corrupt_record", error_message=f"the job's stored record is damaged ({exc})"[:200],
+                   attempts=_number(values.get("attempts"), int), owner=values.get("owner"), seq=values.get("seq"))
+
+
+def _number(value, kind=float):
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        return kind(0)
