@@ -161,11 +161,7 @@ def open_store(data_dir: Path, store: str | None = None, lease_s: float | None =
     import sqlite3
 
     data_dir = Path(data_dir)
-    try:
-        for sub in ("videos", "inputs"):
-            (data_dir / sub).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--data-dir {data_dir}: cannot make its folders ({exc.strerror or exc})") from None
+    _make_folders(data_dir)
     if store is not None:
         from .pg_store import PostgresJobStore
 
@@ -176,6 +172,14 @@ def open_store(data_dir: Path, store: str | None = None, lease_s: float | None =
         raise ValueError(f"--data-dir {data_dir}: the job store jobs.sqlite3 cannot be opened ({exc})") from None
 
 
+def _make_folders(data_dir: Path) -> None:
+    try:
+        for sub in ("videos", "inputs"):
+            (data_dir / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--data-dir {data_dir}: cannot make its folders ({exc.strerror or exc})") from None
+
+
 def create_app(generator, settings: ServeSettings, store: JobStore | None = None, start_loop: bool = True,
                ranks=None):
     """The FastAPI app serving ``generator``; the store defaults to ``data_dir/jobs.sqlite3``
@@ -184,6 +188,7 @@ def create_app(generator, settings: ServeSettings, store: JobStore | None = None
     from .scheduler import EngineLoop, Metrics
 
     data_dir = Path(settings.data_dir)
+    _make_folders(data_dir)
     store = store or open_store(data_dir)
     recovered = store.recover()
     registry = CollectorRegistry()
