@@ -10,6 +10,17 @@ Model classes are strict: each (library, class) has its own planner. Tokenizers 
 processors load through transformers' Auto classes whatever class name the index gives
 (``T5TokenizerFast``, ``TokenizersBackend`` as transformers 5 names a ``PreTrainedTokenizerFast``,
 ``CLIPImageProcessor``, ...): the files in the folder say what they are.
+
+Symlinks: names are confined, link targets are not. The component folders are the fixed names
+of ``model_index.json``'s entries, the weight files fixed names in them, and a shard index may
+name only plain ``*.safetensors`` file names of its own folder (``weights._shards``). Any of
+them may be a symlink that leads anywhere: a Hugging Face cache snapshot
+(``models--org--name/snapshots/<rev>/``) holds every file as a link into ``../blobs/``, and a
+text encoder shared between two model folders through a linked folder is common. Whoever can
+place links in the folder can replace its files as well, so confining targets would refuse
+those layouts without protecting anything. The weight files, shard indexes and JSON files the
+loader reads must be regular files wherever their links lead (a component must be a folder), so
+a link to a FIFO or a device is refused, not opened.
 """
 
 from __future__ import annotations
