@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,7 +136,30 @@ def _plan_vae(folder: Path):
     from ..models.wan_vae import WanVAE
 
     prepared = prepare_model(WanVAE, folder)
+    _check_rgb_video(prepared.config, folder / "config.json")
     return prepared.config, lambda device, dtype, map_weights: load_prepared(prepared, device, dtype, map_weights)
+
+
+RGB_CHANNELS = 3
+
+
+def _check_rgb_video(config, path: Path) -> None:
+    """The pipelines give the VAE RGB frames and take RGB frames from it: in_channels and
+    out_channels must be 3 per pixel of its patches, 3 x patch_size^2 (Wan2.1: 3; Wan2.2's VAE:
+    12 in 2x2 patches). Otherwise the first encode or decode fails with a shape error, late."""
+    p = config.patch
+    for name in ("in_channels", "out_channels"):
+        channels = getattr(config, name)
+        if channels == RGB_CHANNELS * p * p:
+            continue
+        root = math.isqrt(channels // RGB_CHANNELS)
+        if channels % RGB_CHANNELS == 0 and root * root * RGB_CHANNELS == channels:
+            allowed = "null or 1" if root == 1 else str(root)
+            raise ModelLoadError(f"patch_size: {json.dumps(config.patch_size)} makes {name}={channels} frames of "
+                                 f"{channels // (p * p)} channels, but the VAE takes and gives RGB frames (allowed: "
+                                 f"{allowed}, for {name} = 3 x patch_size^2)", file=str(path))
+        raise ModelLoadError(f"{name}: {channels} is not 3 x patch_size^2 = {RGB_CHANNELS * p * p} (RGB frames in "
+                             f"{p}x{p} patches) (allowed: {RGB_CHANNELS * p * p})", file=str(path))
 
 
 @dataclasses.dataclass(frozen=True)
