@@ -1,7 +1,7 @@
 """Hostile Wan2.1 I2V + CLIP and Wan2.2 TI2V folders: an image processor whose sizes, flags or
-normalisation would not give the image encoder its input, and a VAE config that does not take
-RGB frames. Each is a one-line ModelLoadError naming the file and the field before any
-component's weights are read."""
+normalisation would not give the image encoder its input, a VAE config that does not take RGB
+frames, and transformers components that name custom code (``auto_map``). Each is a one-line
+ModelLoadError naming the file and the field before any component's weights are read."""
 
 from __future__ import annotations
 
@@ -158,3 +158,72 @@ def test_ti2v_vae_that_does_not_take_rgb_fails_at_load(ti2v_source, tmp_path, no
     shutil.copytree(ti2v_source, folder)
     edit_json(folder / "vae" / "config.json", lambda d: d.update(change))
     expect_one_line_error(folder, match, "vae/config.json")
+
+
+# ----------------------------------------------------------------------------- custom code
+
+EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+class EvilProcessor(CLIPImageProcessor):
+    pass
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+@pytest.mark.parametrize("component,file,auto_map,own_class", [
+    ("image_processor", "preprocessor_config.json", {"AutoImageProcessor": "evil.EvilProcessor"},
+     {"image_processor_type": "EvilProcessor"}),
+    ("image_processor", "preprocessor_config.json", {"AutoImageProcessor": "evil.EvilProcessor"}, {}),
+    ("tokenizer", "tokenizer_config.json", {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]},
+     {"tokenizer_class": "EvilTokenizer"}),
+    ("tokenizer", "tokenizer_config.json", {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}, {}),
+    ("image_encoder", "config.json", {"AutoModel": "evil.EvilModel"}, {}),
+    ("text_encoder", "config.json", {"AutoModel": "evil.EvilModel"}, {}),
+])
+def test_auto_map_is_refused_and_its_code_never_runs(i2v, tmp_path, no_loading, component, file, auto_map, own_class):
+    """With the folder's class (own_class) or the transformers class kept, auto_map is refused at
+    once: no prompt, no traceback, and the folder's .py file never runs."""
+    marker = tmp_path / "MARKER"
+    for name in ("image_processor", "tokenizer", "image_encoder", "text_encoder"):
+        (i2v / name / "evil.py").write_text(EVIL.format(marker=str(marker)))
+    edit_json(i2v / component / file, lambda d: d.update(auto_map=auto_map, **own_class))
+    expect_one_line_error(i2v, r"auto_map names custom code \(.*evil.*\), which vidloom never runs \(allowed: no "
+                          r"auto_map", f"{component}/{file}")
+    assert not marker.exists()
+
+
+def test_every_transformers_load_passes_trust_remote_code_false(i2v, monkeypatch):
+    """The Auto classes and the model classes are told never to run a folder's code (no prompt on
+    a terminal), also when the plan's refusal is not what stops it."""
+    import transformers
+
+    seen = []
+    for cls_name in ("AutoTokenizer", "AutoImageProcessor", "UMT5EncoderModel", "CLIPVisionModel"):
+        cls = getattr(transformers, cls_name)
+        original = cls.from_pretrained.__func__
+
+        def checked(klass, *args, _original=original, _name=cls_name, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code", "not passed")))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(checked))
+    VideoGenerator.from_pretrained(i2v, dtype="fp32")
+    assert sorted(seen) == [("AutoImageProcessor", False), ("AutoTokenizer", False), ("CLIPVisionModel", False),
+                            ("UMT5EncoderModel", False)]
+
+
+def test_a_library_error_is_quoted_on_one_line(i2v, monkeypatch):
+    """transformers' messages run over several lines (its custom-code refusal has three): the
+    ModelLoadError quoting one stays one line, as the CLI and the server print it."""
+    import transformers
+
+    def fail(*args, **kwargs):
+        raise ValueError("The repository contains custom code.\n You can inspect it at ...\nPlease pass the argument")
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", fail)
+    err = expect_one_line_error(i2v, "image processor failed to load \\(ValueError: The repository contains custom "
+                                "code. You can inspect it at ... Please pass the argument\\)", "image_processor")
+    assert err.file.endswith("image_processor")

@@ -204,6 +204,7 @@ def _clip_vision(class_name: str) -> TransformersModel:
 def _plan_transformers_model(spec: TransformersModel, folder: Path):
     path = folder / "config.json"
     config = read_json_object(path, "config.json")
+    refuse_custom_code(config, path)
     for key, high in spec.limits.items():
         value = config.get(key)
         if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high):
@@ -234,9 +235,10 @@ def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtyp
     try:
         model, info = getattr(transformers, spec.class_name).from_pretrained(
             str(folder), dtype=dtype, output_loading_info=True, local_files_only=True, use_safetensors=True,
+            trust_remote_code=False,
         )
     except Exception as exc:
-        raise ModelLoadError(f"{spec.what} failed to load ({type(exc).__name__}: {exc})", file=str(folder)) from exc
+        raise ModelLoadError(f"{spec.what} failed to load ({one_line(exc)})", file=str(folder)) from exc
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = [k for k in info.get(kind, []) if not (isinstance(k, str) and k.endswith(spec.tied))]
         if keys:
@@ -246,6 +248,33 @@ def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtyp
         if not p.dtype.is_floating_point:
             raise ModelLoadError(f"{spec.what} parameter stored as {p.dtype}", file=str(folder), key=name)
     return model.to(device).eval().requires_grad_(False)
+
+
+def refuse_custom_code(config: dict[str, Any], path: Path) -> None:
+    """No code from a model folder runs: a transformers config whose ``auto_map`` names classes
+    of the folder's own .py files is refused, before transformers reads it (which would ask on
+    a terminal whether to run them, or fail with a message of several lines)."""
+    if "auto_map" in config:
+        raise ModelLoadError(f"auto_map names custom code ({short_repr(config['auto_map'])}), which vidloom never "
+                             "runs (allowed: no auto_map; the component loads through its transformers class)",
+                             file=str(path))
+
+
+def _refuse_custom_code_in(folder: Path, name: str) -> dict[str, Any]:
+    """``refuse_custom_code`` for ``folder / name`` if it exists; its object, or {} if not."""
+    path = folder / name
+    if not path.exists():
+        return {}
+    config = read_json_object(path, name)
+    refuse_custom_code(config, path)
+    return config
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` as the one line a ModelLoadError quotes: its type and its text with the line breaks
+    and runs of spaces of a library's message folded, cut to ``limit`` characters."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # the files a transformers tokenizer is read from (fast, sentencepiece, BPE, WordPiece)
@@ -259,18 +288,19 @@ def _plan_tokenizer(folder: Path):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})", file=str(folder))
     facts = {"model_max_length": None}
-    if (folder / "tokenizer_config.json").is_file():
-        raw = read_json_object(folder / "tokenizer_config.json", "tokenizer_config.json").get("model_max_length")
-        if isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw < UNSET_MAX_LENGTH:
-            facts["model_max_length"] = raw
+    _refuse_custom_code_in(folder, "config.json")
+    tokenizer_config = _refuse_custom_code_in(folder, "tokenizer_config.json")
+    raw = tokenizer_config.get("model_max_length")
+    if isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw < UNSET_MAX_LENGTH:
+        facts["model_max_length"] = raw
 
     def load(device, dtype, map_weights):
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as exc:
-            raise ModelLoadError(f"tokenizer failed to load ({type(exc).__name__}: {exc})", file=str(folder)) from exc
+            raise ModelLoadError(f"tokenizer failed to load ({one_line(exc)})", file=str(folder)) from exc
 
     return facts, load
 
@@ -416,16 +446,17 @@ def _finite_number(value) -> bool:
 def _plan_image_processor(folder: Path):
     path = folder / "preprocessor_config.json"
     data = read_json_object(path, "preprocessor_config.json")
+    refuse_custom_code(data, path)
+    _refuse_custom_code_in(folder, "config.json")
     facts = _read_image_processor(data, path)
 
     def load(device, dtype, map_weights):
         from transformers import AutoImageProcessor
 
         try:
-            return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+            return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as exc:
-            raise ModelLoadError(f"image processor failed to load ({type(exc).__name__}: {exc})",
-                                 file=str(folder)) from exc
+            raise ModelLoadError(f"image processor failed to load ({one_line(exc)})", file=str(folder)) from exc
 
     return facts, load
 
