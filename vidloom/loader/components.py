@@ -9,14 +9,29 @@ error in milliseconds, not after minutes of loading the others.
 Model classes are strict: each (library, class) has its own planner. Tokenizers and image
 processors load through transformers' Auto classes whatever class name the index gives
 (``T5TokenizerFast``, ``TokenizersBackend`` as transformers 5 names a ``PreTrainedTokenizerFast``,
-``CLIPImageProcessor``, ...): the files in the folder say what they are.
+``CLIPImageProcessor``, ...): the files in the folder say what they are. An image processor's
+``preprocessor_config.json`` is checked first (``ImageProcessorConfig``: sizes bounded, flags,
+normalisation), and against the image encoder's ``image_size`` by the pipeline.
+
+Symlinks: names are confined, link targets are not. The component folders are the fixed names
+of ``model_index.json``'s entries, the weight files fixed names in them, and a shard index may
+name only plain ``*.safetensors`` file names of its own folder (``weights._shards``). Any of
+them may be a symlink that leads anywhere: a Hugging Face cache snapshot
+(``models--org--name/snapshots/<rev>/``) holds every file as a link into ``../blobs/``, and a
+text encoder shared between two model folders through a linked folder is common. Whoever can
+place links in the folder can replace its files as well, so confining targets would refuse
+those layouts without protecting anything. The weight files, shard indexes and JSON files the
+loader reads must be regular files wherever their links lead (a component must be a folder), so
+a link to a FIFO or a device is refused, not opened.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,7 +138,30 @@ def _plan_vae(folder: Path):
     from ..models.wan_vae import WanVAE
 
     prepared = prepare_model(WanVAE, folder)
+    _check_rgb_video(prepared.config, folder / "config.json")
     return prepared.config, lambda device, dtype, map_weights: load_prepared(prepared, device, dtype, map_weights)
+
+
+RGB_CHANNELS = 3
+
+
+def _check_rgb_video(config, path: Path) -> None:
+    """The pipelines give the VAE RGB frames and take RGB frames from it: in_channels and
+    out_channels must be 3 per pixel of its patches, 3 x patch_size^2 (Wan2.1: 3; Wan2.2's VAE:
+    12 in 2x2 patches). Otherwise the first encode or decode fails with a shape error, late."""
+    p = config.patch
+    for name in ("in_channels", "out_channels"):
+        channels = getattr(config, name)
+        if channels == RGB_CHANNELS * p * p:
+            continue
+        root = math.isqrt(channels // RGB_CHANNELS)
+        if channels % RGB_CHANNELS == 0 and root * root * RGB_CHANNELS == channels:
+            allowed = "null or 1" if root == 1 else str(root)
+            raise ModelLoadError(f"patch_size: {json.dumps(config.patch_size)} makes {name}={channels} frames of "
+                                 f"{channels // (p * p)} channels, but the VAE takes and gives RGB frames (allowed: "
+                                 f"{allowed}, for {name} = 3 x patch_size^2)", file=str(path))
+        raise ModelLoadError(f"{name}: {channels} is not 3 x patch_size^2 = {RGB_CHANNELS * p * p} (RGB frames in "
+                             f"{p}x{p} patches) (allowed: {RGB_CHANNELS * p * p})", file=str(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +204,7 @@ def _clip_vision(class_name: str) -> TransformersModel:
 def _plan_transformers_model(spec: TransformersModel, folder: Path):
     path = folder / "config.json"
     config = read_json_object(path, "config.json")
+    refuse_custom_code(config, path)
     for key, high in spec.limits.items():
         value = config.get(key)
         if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high):
@@ -196,9 +235,10 @@ def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtyp
     try:
         model, info = getattr(transformers, spec.class_name).from_pretrained(
             str(folder), dtype=dtype, output_loading_info=True, local_files_only=True, use_safetensors=True,
+            trust_remote_code=False,
         )
     except Exception as exc:
-        raise ModelLoadError(f"{spec.what} failed to load ({type(exc).__name__}: {exc})", file=str(folder)) from exc
+        raise ModelLoadError(f"{spec.what} failed to load ({one_line(exc)})", file=str(folder)) from exc
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = [k for k in info.get(kind, []) if not (isinstance(k, str) and k.endswith(spec.tied))]
         if keys:
@@ -208,6 +248,33 @@ def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtyp
         if not p.dtype.is_floating_point:
             raise ModelLoadError(f"{spec.what} parameter stored as {p.dtype}", file=str(folder), key=name)
     return model.to(device).eval().requires_grad_(False)
+
+
+def refuse_custom_code(config: dict[str, Any], path: Path) -> None:
+    """No code from a model folder runs: a transformers config whose ``auto_map`` names classes
+    of the folder's own .py files is refused, before transformers reads it (which would ask on
+    a terminal whether to run them, or fail with a message of several lines)."""
+    if "auto_map" in config:
+        raise ModelLoadError(f"auto_map names custom code ({short_repr(config['auto_map'])}), which vidloom never "
+                             "runs (allowed: no auto_map; the component loads through its transformers class)",
+                             file=str(path))
+
+
+def _refuse_custom_code_in(folder: Path, name: str) -> dict[str, Any]:
+    """``refuse_custom_code`` for ``folder / name`` if it exists; its object, or {} if not."""
+    path = folder / name
+    if not path.exists():
+        return {}
+    config = read_json_object(path, name)
+    refuse_custom_code(config, path)
+    return config
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` as the one line a ModelLoadError quotes: its type and its text with the line breaks
+    and runs of spaces of a library's message folded, cut to ``limit`` characters."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # the files a transformers tokenizer is read from (fast, sentencepiece, BPE, WordPiece)
@@ -221,34 +288,175 @@ def _plan_tokenizer(folder: Path):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})", file=str(folder))
     facts = {"model_max_length": None}
-    if (folder / "tokenizer_config.json").is_file():
-        raw = read_json_object(folder / "tokenizer_config.json", "tokenizer_config.json").get("model_max_length")
-        if isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw < UNSET_MAX_LENGTH:
-            facts["model_max_length"] = raw
+    _refuse_custom_code_in(folder, "config.json")
+    tokenizer_config = _refuse_custom_code_in(folder, "tokenizer_config.json")
+    raw = tokenizer_config.get("model_max_length")
+    if isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw < UNSET_MAX_LENGTH:
+        facts["model_max_length"] = raw
 
     def load(device, dtype, map_weights):
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as exc:
-            raise ModelLoadError(f"tokenizer failed to load ({type(exc).__name__}: {exc})", file=str(folder)) from exc
+            raise ModelLoadError(f"tokenizer failed to load ({one_line(exc)})", file=str(folder)) from exc
 
     return facts, load
 
 
+# What transformers' CLIP image processors take for a field that preprocessor_config.json leaves
+# out (their class defaults); a processor of another type must state these fields itself.
+CLIP_PROCESSOR_TYPES = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil")
+CLIP_PROCESSOR_DEFAULTS = {
+    "do_resize": True, "size": {"shortest_edge": 224},
+    "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+MAX_PROCESSOR_SIDE = 8192  # the largest image_size an image encoder may have (see _clip_vision)
+# A resize before a center crop may exceed the crop by at most this factor per side (real
+# processors: 224 -> 224, 256 -> 224): the whole image is resized before the crop, so a large
+# resize costs memory per request for pixels the crop throws away.
+MAX_RESIZE_PER_CROP = 2
+PIL_RESAMPLE_FILTERS = range(6)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessorConfig:
+    """The checked ``preprocessor_config.json`` fields that decide what the image encoder is given.
+    ``resize``: ("shortest_edge", (n,)) or ("height_width", (h, w)); ``crop``: (h, w)."""
+
+    file: str
+    do_resize: bool
+    resize: tuple[str, tuple[int, ...]] | None  # None: no resize
+    do_center_crop: bool
+    crop: tuple[int, int] | None  # None: no crop
+
+    def check_fits(self, image_size: int) -> None:
+        """Every image must reach the encoder as ``image_size`` x ``image_size`` pixels: a center
+        crop of that size (after a resize that covers it and is at most MAX_RESIZE_PER_CROP times
+        larger), or else a resize to exactly that size."""
+        side, crop = image_size, {"height": image_size, "width": image_size}
+        if self.do_center_crop:
+            if self.crop != (side, side):
+                self._error("crop_size", f"{_size_text(self.crop)} is not the image encoder's image_size {side}",
+                            json.dumps(crop))
+            low, high = side, MAX_RESIZE_PER_CROP * side
+            if self.do_resize and not all(low <= n <= high for n in self.resize[1]):
+                self._error("size", f"{self._resize_text()}: the resize before the {side} px center crop must cover "
+                            f"it and exceed it at most {MAX_RESIZE_PER_CROP}x", f'{{"shortest_edge": {low}..{high}}}')
+            return
+        fix = f'do_resize true with size {json.dumps(crop)}, or do_center_crop true with crop_size {json.dumps(crop)}'
+        if not self.do_resize:
+            self._error("do_resize", f"false with do_center_crop false: images would reach the image encoder at "
+                        f"their own size, not its image_size {side}", fix)
+        if self.resize != ("height_width", (side, side)):
+            self._error("size", f"{self._resize_text()} without a center crop does not make every image {side}x{side} "
+                        "(the image encoder's image_size)", fix)
+
+    def _resize_text(self) -> str:
+        kind, sides = self.resize
+        return json.dumps({"shortest_edge": sides[0]} if kind == "shortest_edge"
+                          else {"height": sides[0], "width": sides[1]})
+
+    def _error(self, field: str, message: str, allowed: str) -> None:
+        raise ModelLoadError(f"{field}: {message} (allowed: {allowed})", file=self.file)
+
+
+def _size_text(hw: tuple[int, int]) -> str:
+    return json.dumps({"height": hw[0], "width": hw[1]})
+
+
+def _read_image_processor(data: dict[str, Any], path: Path) -> ImageProcessorConfig:
+    """Check the fields of ``preprocessor_config.json`` that decide the pixels the encoder sees."""
+    def fail(field: str, message: str, allowed: str):
+        raise ModelLoadError(f"{field}: {message} (allowed: {allowed})", file=str(path))
+
+    kind = data.get("image_processor_type", data.get("feature_extractor_type"))
+    if not isinstance(kind, str):
+        fail("image_processor_type", f"got {short_repr(kind)}", "a transformers image processor class name, "
+             "e.g. CLIPImageProcessor")
+    kind = kind.replace("FeatureExtractor", "ImageProcessor")
+    defaults = CLIP_PROCESSOR_DEFAULTS if kind in CLIP_PROCESSOR_TYPES else {}
+
+    def field(name: str):
+        if name in data:
+            return data[name]
+        if name not in defaults:
+            fail(name, f"missing, and a {short_repr(kind)} has no default vidloom knows", "the value, stated")
+        return defaults[name]
+
+    def side(name: str, value) -> int:
+        if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_PROCESSOR_SIDE):
+            fail(name, f"got {short_repr(value)}", f"an integer in 1..{MAX_PROCESSOR_SIDE}")
+        return value
+
+    flags = {}
+    for name in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+        flags[name] = field(name)
+        if not isinstance(flags[name], bool):
+            fail(name, f"got {short_repr(flags[name])}", "true or false")
+    resize, crop = None, None
+    if flags["do_resize"]:
+        size = field("size")
+        size = {k: v for k, v in size.items() if v is not None} if isinstance(size, dict) else size
+        if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+            resize = ("shortest_edge", (side("size.shortest_edge", size["shortest_edge"]),))
+        elif isinstance(size, dict) and set(size) == {"height", "width"}:
+            resize = ("height_width", (side("size.height", size["height"]), side("size.width", size["width"])))
+        elif isinstance(size, int) and not isinstance(size, bool):  # the old form: the shortest edge
+            resize = ("shortest_edge", (side("size", size),))
+        else:
+            fail("size", f"got {short_repr(size)}", '{"shortest_edge": n} or {"height": h, "width": w}')
+    if flags["do_center_crop"]:
+        crop_size = field("crop_size")
+        if isinstance(crop_size, dict) and {k for k, v in crop_size.items() if v is not None} == {"height", "width"}:
+            crop = (side("crop_size.height", crop_size["height"]), side("crop_size.width", crop_size["width"]))
+        elif isinstance(crop_size, int) and not isinstance(crop_size, bool):  # the old form: a square
+            crop = (side("crop_size", crop_size),) * 2
+        else:
+            fail("crop_size", f"got {short_repr(crop_size)}", '{"height": h, "width": w}')
+    if flags["do_rescale"]:
+        factor = field("rescale_factor")
+        if not (_finite_number(factor) and factor > 0):
+            fail("rescale_factor", f"got {short_repr(factor)}", "a finite number > 0, e.g. 1/255")
+    if flags["do_normalize"]:
+        for name in ("image_mean", "image_std"):
+            value = field(name)
+            if _finite_number(value):  # one number for the three channels
+                values = [value]
+            elif isinstance(value, list) and len(value) == 3 and all(_finite_number(v) for v in value):
+                values = value
+            else:
+                fail(name, f"got {short_repr(value)}", "3 finite numbers, one per RGB channel")
+            if name == "image_std" and not all(v > 0 for v in values):
+                fail(name, f"got {short_repr(value)}: the pixels are divided by it", "numbers > 0")
+    resample = data.get("resample")
+    if resample is not None and not (isinstance(resample, int) and not isinstance(resample, bool)
+                                     and resample in PIL_RESAMPLE_FILTERS):
+        fail("resample", f"got {short_repr(resample)}", "a PIL filter number, 0..5 (3: bicubic)")
+    return ImageProcessorConfig(str(path), flags["do_resize"], resize, flags["do_center_crop"], crop)
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _plan_image_processor(folder: Path):
     path = folder / "preprocessor_config.json"
-    facts = read_json_object(path, "preprocessor_config.json")
+    data = read_json_object(path, "preprocessor_config.json")
+    refuse_custom_code(data, path)
+    _refuse_custom_code_in(folder, "config.json")
+    facts = _read_image_processor(data, path)
 
     def load(device, dtype, map_weights):
         from transformers import AutoImageProcessor
 
         try:
-            return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+            return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as exc:
-            raise ModelLoadError(f"image processor failed to load ({type(exc).__name__}: {exc})",
-                                 file=str(folder)) from exc
+            raise ModelLoadError(f"image processor failed to load ({one_line(exc)})", file=str(folder)) from exc
 
     return facts, load
 

@@ -61,7 +61,12 @@ PARALLEL_READ_BYTES = 64 * 2**20
 
 def find_weight_files(folder: Path, stems: tuple[str, ...] = WEIGHT_NAMES) -> list[Path]:
     """The safetensors files of a component folder (single file or sharded with an index), named
-    ``<stem>.safetensors`` or by ``<stem>.safetensors.index.json`` for the first stem found."""
+    ``<stem>.safetensors`` or by ``<stem>.safetensors.index.json`` for the first stem found.
+
+    One rule for a single file, an index, its shards and the component folder itself (see
+    ``vidloom.loader.components``): the names are confined to the folder, symlinks are followed
+    wherever they lead, and what they lead to must be a regular file (a folder, for a component).
+    """
     for stem in stems:
         single = folder / f"{stem}.safetensors"
         if single.is_file():
@@ -77,25 +82,33 @@ def find_weight_files(folder: Path, stems: tuple[str, ...] = WEIGHT_NAMES) -> li
 
 
 def _shards(folder: Path, index: Path) -> list[Path]:
-    """The shard files an index names. Each must be a plain file name of this folder: an index may
-    not reach outside it (``../x.safetensors``, ``/etc/passwd``)."""
+    """The shard files an index names. The names are confined, not where a file leads: each must
+    be a plain file name of this folder (``../x.safetensors`` and ``/etc/passwd`` are refused),
+    while the file itself may be a symlink to anywhere, as every file of a Hugging Face cache
+    snapshot is a link into ``blobs/`` (see ``find_weight_files``)."""
     weight_map = read_json_object(index, "shard index").get("weight_map")
     if not (isinstance(weight_map, dict) and weight_map
             and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
         raise ModelLoadError("shard index needs a non-empty weight_map of tensor name -> file name",
                              file=str(index))
-    root = folder.resolve()
     files = []
     for name in sorted(set(weight_map.values())):
-        path = folder / name
-        if (Path(name).name != name or name in (".", "..") or not name.endswith(".safetensors")
-                or path.resolve().parent != root):
+        if not is_plain_file_name(name, ".safetensors"):
             raise ModelLoadError(f"shard index names {short_repr(name)}: shards must be *.safetensors files "
-                                 "of the component's own folder", file=str(index))
+                                 "of the component's own folder (a plain file name)", file=str(index))
+        path = folder / name
         if not path.is_file():
-            raise ModelLoadError("shard listed in the index is missing", file=str(path))
+            raise ModelLoadError("shard listed in the index is missing (or not a regular file)", file=str(path))
         files.append(path)
     return files
+
+
+def is_plain_file_name(name: str, suffix: str) -> bool:
+    """Whether ``name`` names a file directly inside a folder: no path separator of any system,
+    not "." or "..", no NUL or other control character, and ending in ``suffix``."""
+    return (Path(name).name == name and name not in (".", "..") and "/" not in name and "\\" not in name
+            and name.endswith(suffix) and len(name) > len(suffix)
+            and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in name))
 
 
 def _rename(key: str, table, reverse: bool = False) -> str:

@@ -309,6 +309,8 @@ class WanI2VPipeline(WanT2VPipeline):
         if encoder is None:
             raise ModelLoadError(f"the transformer takes image tokens (image_dim={dit.image_dim}) but the folder "
                                  "has no image_encoder", file=index_file)
+        # every image must reach the encoder at its image_size (not late, as a shape error per request)
+        configs["image_processor"].check_fits(encoder["image_size"])
         return [("transformer image_dim", dit.image_dim, "image_encoder hidden_size", encoder["hidden_size"])]
 
     def conditioning_stages(self, components: dict, config: EngineConfig, dit_dtype, settings) -> list:
