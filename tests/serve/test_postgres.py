@@ -1,19 +1,22 @@
 """The PostgreSQL job store (several replicas, one queue) on a real server: claims never collide
-(SKIP LOCKED), a dead holder's lease is taken over, a job completes once; and two ``vidloom
-serve`` replicas where the one holding a job is killed."""
+(SKIP LOCKED), a dead holder's lease is taken over, a job completes once; two ``vidloom serve``
+replicas where the one holding a job is killed; and the database itself restarting under a
+store."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
 
 import httpx
+import psycopg
 import pytest
 
 from vidloom.serve.pg_store import PostgresJobStore
-from vidloom.serve.store import Job
+from vidloom.serve.store import Job, StoreUnavailable
 
 from .test_api import free_port
 from .test_crash import start, wait
@@ -96,3 +99,129 @@ def test_killing_the_replica_that_holds_a_job(tiny_wan_dir, tmp_path, fresh_post
             if r.poll() is None:
                 r.terminate()
                 r.wait(30)
+
+
+def until(check, timeout: float):
+    """``check()``'s first result that is not an exception, retrying for ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return check()
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_a_database_restart_gives_store_unavailable_then_the_same_store_works_again(postgres_server):
+    store = PostgresJobStore(postgres_server.dsn, lease_s=60)
+    store.timeout_s = 1.0  # how long a call waits for the database: short, so the outage is quick to see
+    store.add(job(1))
+    assert store.claim("a").id == "video_0001"
+    postgres_server.stop()
+    calls = {"get": lambda: store.get("video_0001"), "add": lambda: store.add(job(2)),
+             "claim": lambda: store.claim("b"), "renew": lambda: store.renew("a", ["video_0001"]),
+             "complete": lambda: store.complete("video_0001", "a", "done.mp4"), "counts": store.counts}
+    for name, call in calls.items():
+        with pytest.raises(StoreUnavailable) as raised:  # not psycopg's own error: the server maps it to 503
+            call()
+        message = str(raised.value)
+        assert "\n" not in message and "pg-pass-1" not in message, (name, message)
+    postgres_server.start()
+    started = time.time()
+    assert until(lambda: store.get("video_0001"), timeout=10).owner == "a"  # no new store: the same one
+    assert time.time() - started < 10
+    store.renew("a", ["video_0001"])
+    assert store.complete("video_0001", "a", "done.mp4")
+    assert not store.complete("video_0001", "a", "again.mp4")
+    store.add(job(3))
+    assert store.claim("b").id == "video_0003"
+    done = store.get("video_0001")
+    assert (done.status, done.output, done.attempts) == ("completed", "done.mp4", 1)
+    store.close()
+
+
+def test_dropped_connections_are_replaced_without_an_error(fresh_postgres):
+    store = PostgresJobStore(fresh_postgres)
+    store.add(job(1))
+    for _ in range(3):  # the server ends every connection of the store (an admin, a proxy, a failover)
+        with psycopg.connect(fresh_postgres, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                          "AND datname = current_database()")
+        assert store.get("video_0001").status == "queued"
+    assert store.claim("a").id == "video_0001"
+    store.close()
+
+
+def test_one_store_serves_the_engine_and_a_lease_heartbeat_at_once(fresh_postgres):
+    """The engine thread and a heartbeat thread renewing its leases share one store; neither
+    waits behind the other's statements (each runs on a connection of its own)."""
+    store = PostgresJobStore(fresh_postgres, lease_s=30)
+    for i in range(20):
+        store.add(job(i))
+    held, errors, stop = [], [], threading.Event()
+
+    def heartbeat():
+        while not stop.is_set():
+            try:
+                store.renew("a", list(held))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+            time.sleep(0.01)
+
+    beat = threading.Thread(target=heartbeat)
+    slow = threading.Thread(target=store._execute, args=("SELECT pg_sleep(5)",))  # e.g. a long page of jobs
+    beat.start()
+    slow.start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        while (claimed := store.claim("a")) is not None:
+            held.append(claimed.id)
+            store.set_progress(claimed.id, "a", 50)
+            assert store.complete(claimed.id, "a", f"{claimed.id}.mp4")
+            held.remove(claimed.id)
+        assert time.monotonic() - started < 3.5  # not queued behind the slow statement
+    finally:
+        stop.set()
+        beat.join()
+        slow.join()
+    assert not errors
+    assert store.counts()["completed"] == 20
+    store.close()
+
+
+class _ReplyLost:
+    """A connection whose next statement runs (and commits) but whose answer never arrives."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def execute(self, *args, **kwargs):
+        self._conn.execute(*args, **kwargs)
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+
+def test_a_statement_whose_answer_is_lost_takes_effect_once(fresh_postgres):
+    store = PostgresJobStore(fresh_postgres)
+    pooled = store._pool.connection
+    losses = []
+
+    @contextlib.contextmanager
+    def connection(timeout=None):
+        with pooled(timeout=timeout) as conn:
+            yield _ReplyLost(conn) if losses and losses.pop() else conn
+
+    store._pool.connection = connection
+    losses.append(True)
+    store.add(job(1))  # committed, then retried: not a duplicate-key error
+    assert store.counts()["queued"] == 1
+    losses.append(True)
+    claimed = store.claim("a")  # the retry finds the job the first try took, rather than a second one
+    assert claimed.id == "video_0001" and claimed.attempts == 1
+    losses.append(True)
+    assert store.complete("video_0001", "a", "done.mp4")  # went through: the caller keeps its file
+    done = store.get("video_0001")
+    assert (done.status, done.output, done.attempts) == ("completed", "done.mp4", 1)
+    store.close()
+
