@@ -1,7 +1,7 @@
 """The PostgreSQL job store (several replicas, one queue) on a real server: claims never collide
 (SKIP LOCKED), a dead holder's lease is taken over, a job completes once; two ``vidloom serve``
 replicas where the one holding a job is killed; and the database itself restarting under a
-store."""
+store, or refusing a server at start-up."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import httpx
 import psycopg
 import pytest
 
+from vidloom.cli import main
 from vidloom.serve.pg_store import PostgresJobStore
 from vidloom.serve.store import Job, StoreUnavailable
 
@@ -224,4 +225,49 @@ def test_a_statement_whose_answer_is_lost_takes_effect_once(fresh_postgres):
     done = store.get("video_0001")
     assert (done.status, done.output, done.attempts) == ("completed", "done.mp4", 1)
     store.close()
+
+
+def test_the_url_may_leave_everything_to_the_pg_variables(postgres_server, monkeypatch):
+    """The password need not be on the command line (where ``ps`` shows it): libpq's PG*
+    variables fill in whatever the URL leaves out."""
+    for name, value in {"PGHOST": "127.0.0.1", "PGPORT": str(postgres_server.port), "PGUSER": "vidloom",
+                        "PGPASSWORD": "pg-pass-1", "PGDATABASE": "postgres"}.items():
+        monkeypatch.setenv(name, value)
+    urls = ("postgresql://", "postgresql:///postgres", f"postgresql://127.0.0.1:{postgres_server.port}")
+    for i, dsn in enumerate(urls):
+        store = PostgresJobStore(dsn)
+        store.add(job(i))
+        assert store.get(f"video_{i:04d}") is not None
+        store.close()
+    monkeypatch.delenv("PGPASSWORD")
+    passfile = postgres_server.root / "pgpass"
+    passfile.write_text(f"127.0.0.1:{postgres_server.port}:*:vidloom:pg-pass-1\n")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    store = PostgresJobStore("postgresql://")
+    assert store.counts()["queued"] == 3
+    store.close()
+
+
+def test_start_up_failures_are_one_line_errors_without_the_password(postgres_server, tiny_wan_dir, tmp_path,
+                                                                     capsys):
+    port = postgres_server.port
+    url = f"vidloom:s3cret@127.0.0.1:{port}/postgres"  # the server's password is pg-pass-1: s3cret is wrong
+    cases = [(f"postgresql://{url}", "password authentication failed"),
+             (f"postgresql://nobody:s3cret@127.0.0.1:{port}/postgres", "password authentication failed"),
+             (f"postgresql://{url}?sslmode=bogus", "sslmode"),
+             (f"postgresql://{url}?nonsense=1", "nonsense"),
+             (f"postgresql://{url.replace('s3cret', 's3cret%zz')}", "percent-encoded"),  # libpq quotes the part
+             (f"mysql://{url}", "expected a postgresql:// URL"),
+             (f"postgresql://{url}", "Connection refused")]  # the database is down for this one
+    for i, (dsn, reason) in enumerate(cases):
+        if i == len(cases) - 1:
+            postgres_server.stop()
+        code = main(["serve", "--model", str(tiny_wan_dir), "--dtype", "fp32", "--data-dir", str(tmp_path / "d"),
+                     "--store", dsn])
+        err = capsys.readouterr().err
+        assert code == 2, (dsn, err)
+        assert "s3cret" not in err, err
+        error = err[err.find("error: "):]  # after the model's loading bar
+        assert error.startswith("error: --store: ") and error.count("\n") == 1 and reason in error, err
 
