@@ -1,7 +1,7 @@
 """The PostgreSQL job store (several replicas, one queue) on a real server: claims never collide
 (SKIP LOCKED), a dead holder's lease is taken over, a job completes once; two ``vidloom serve``
 replicas where the one holding a job is killed; and the database itself restarting under a
-store, or refusing a server at start-up."""
+store and under a running server, or refusing a server at start-up."""
 
 from __future__ import annotations
 
@@ -271,3 +271,38 @@ def test_start_up_failures_are_one_line_errors_without_the_password(postgres_ser
         error = err[err.find("error: "):]  # after the model's loading bar
         assert error.startswith("error: --store: ") and error.count("\n") == 1 and reason in error, err
 
+
+@pytest.mark.slow
+def test_a_database_restart_under_a_running_server(tiny_wan_dir, tmp_path, postgres_server, monkeypatch):
+    """The database stops at once while the server runs a job, then starts again: the same server
+    process goes on (no restart of its own), the job completes once, and new jobs are served."""
+    monkeypatch.setenv("PGPASSWORD", "pg-pass-1")  # from the environment, not the command line
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # a lease that outlasts the outage: the job stays this server's, so it runs once (attempts 1)
+    extra = ["--store", f"postgresql://vidloom@127.0.0.1:{postgres_server.port}/postgres", "--lease-seconds", "120"]
+    proc = start(tiny_wan_dir, tmp_path / "data", port, extra)
+    try:
+        small = {"size": "48x32", "num_frames": 9, "num_inference_steps": 2}
+        running = httpx.post(f"{url}/v1/videos", json={"prompt": "through", **small, "num_inference_steps": 60}).json()
+        wait(url, running["id"], lambda v: v["status"] == "in_progress" and v["progress"] >= 2)
+        postgres_server.stop()
+        time.sleep(4)  # the engine loop meets the outage: its store calls fail while the job is held
+        assert proc.poll() is None
+        postgres_server.start()
+        observer = until(lambda: PostgresJobStore(postgres_server.dsn), timeout=10)
+        deadline = time.time() + 120
+        while (record := observer.get(running["id"])).status == "in_progress" and time.time() < deadline:
+            time.sleep(0.2)
+        assert (record.status, record.attempts, record.progress) == ("completed", 1, 100), record
+        assert os.path.exists(record.output)
+        assert proc.poll() is None
+        after = until(lambda: httpx.post(f"{url}/v1/videos", json={"prompt": "after", **small}).raise_for_status(),
+                      timeout=10).json()
+        assert wait(url, after["id"], lambda v: v["status"] in ("completed", "failed"))["status"] == "completed"
+        assert httpx.get(f"{url}/v1/videos/{running['id']}/content").status_code == 200
+        observer.close()
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert "pg-pass-1" not in out + err
