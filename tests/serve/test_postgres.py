@@ -83,7 +83,8 @@ def test_killing_the_replica_that_holds_a_job(tiny_wan_dir, tmp_path, fresh_post
         small = {"size": "48x32", "num_frames": 9, "num_inference_steps": 2}
         long = httpx.post(f"{urls[0]}/v1/videos", json={"prompt": "long", **small, "num_inference_steps": 400}).json()
         wait(urls[1], long["id"], lambda v: v["status"] == "in_progress" and v["progress"] >= 3)
-        holder = PostgresJobStore(fresh_postgres).get(long["id"]).owner
+        with contextlib.closing(PostgresJobStore(fresh_postgres)) as store:  # (its pool's threads stop)
+            holder = store.get(long["id"]).owner
         victim = next(i for i, r in enumerate(replicas) if f"-{r.pid}-" in holder)
         os.kill(replicas[victim].pid, signal.SIGKILL)
         replicas[victim].wait(30)
@@ -93,7 +94,8 @@ def test_killing_the_replica_that_holds_a_job(tiny_wan_dir, tmp_path, fresh_post
             assert wait(survivor, j["id"], lambda v: v["status"] in ("completed", "failed"), timeout=180)["status"] \
                 == "completed"
         assert httpx.get(f"{survivor}/v1/videos/{long['id']}/content").status_code == 200
-        record = PostgresJobStore(fresh_postgres).get(long["id"])
+        with contextlib.closing(PostgresJobStore(fresh_postgres)) as store:
+            record = store.get(long["id"])
         assert record.attempts == 2 and f"-{replicas[1 - victim].pid}-" in record.owner
     finally:
         for r in replicas:
