@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "queue and sends each round of work to the others")
     serve.add_argument("--store", default=None, metavar="postgresql://...",
                        help="a PostgreSQL queue shared by several replicas (default: SQLite in --data-dir); "
-                            "replicas share --data-dir too (the videos are files there)")
+                            "replicas share --data-dir too (the videos are files there). What the URL leaves out "
+                            "comes from libpq's PG* variables (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, "
+                            "PGPASSFILE, PGSERVICE): give the password there, not in the URL, where ps shows it, "
+                            "e.g. --store postgresql:// or --store postgresql://db.example/vidloom")
     serve.add_argument("--lease-seconds", type=float, default=15.0,
                        help="with --store: how long a replica holds a job without renewing it before another "
                             "takes it over")
@@ -142,8 +145,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         VideoGenerator.request_limits(args.model, engine)  # the folder checked before any process starts
         return launch(args.nproc, args.argv)
     if args.store is not None:
-        if not args.store.startswith(("postgresql://", "postgres://")):
-            raise ValueError(f"--store: expected a postgresql:// URL, got {printable(args.store[:60])!r}")
+        if not args.store.startswith(("postgresql://", "postgres://")):  # echoes no password
+            scheme, sep, _ = args.store.partition("://")
+            shown = f", got {scheme[:20]}://..." if sep and scheme.replace("+", "").isalnum() else ""
+            raise ValueError(f"--store: expected a postgresql:// URL{shown}")
         if not 1.0 <= args.lease_seconds <= 3600:
             raise ValueError(f"--lease-seconds: expected 1..3600, got {args.lease_seconds}")
 

@@ -165,7 +165,10 @@ def open_store(data_dir: Path, store: str | None = None, lease_s: float | None =
     if store is not None:
         from .pg_store import PostgresJobStore
 
-        return PostgresJobStore(store, **({} if lease_s is None else {"lease_s": lease_s}))
+        try:
+            return PostgresJobStore(store, **({} if lease_s is None else {"lease_s": lease_s}))
+        except (StoreUnavailable, ValueError) as exc:  # one line, without the password
+            raise ValueError(f"--store: {exc}") from None
     try:
         return SQLiteJobStore(data_dir / "jobs.sqlite3")
     except (sqlite3.Error, StoreUnavailable, OSError) as exc:
