@@ -62,6 +62,9 @@ def test_a_unit_longer_than_the_lease_keeps_the_job(fresh_postgres, tmp_path):
     loop.start()
     try:
         deadline = time.time() + 30
+        while mine.get("video_slow").owner != loop.owner:  # taken by this replica first
+            assert time.time() < deadline
+            time.sleep(0.02)
         while (job := mine.get("video_slow")).status != COMPLETED:
             assert time.time() < deadline, job
             # the other replica looks for work all along: it must never find this job free
@@ -72,3 +75,21 @@ def test_a_unit_longer_than_the_lease_keeps_the_job(fresh_postgres, tmp_path):
         mine.close()
         other.close()
     assert job.attempts == 1 and job.owner == loop.owner
+
+
+def test_a_job_whose_holders_keep_dying_fails_after_max_attempts(fresh_postgres):
+    from vidloom.serve.store import FAILED, MAX_ATTEMPTS
+
+    store = PostgresJobStore(fresh_postgres, lease_s=0.05)
+    try:
+        store.add(Job(id="video_crasher", status=QUEUED, model="m", prompt="p", seconds="1", size="48x32",
+                      request={"prompt": "p"}, inputs={}, created_at=time.time()))
+        for attempt in range(1, MAX_ATTEMPTS + 1):  # each replica that takes it dies holding it
+            time.sleep(0.1)
+            assert store.claim(f"replica-{attempt}").attempts == attempt
+        time.sleep(0.1)
+        assert store.claim("replica-next") is None
+        job = store.get("video_crasher")
+        assert job.status == FAILED and job.error_code == "too_many_attempts"
+    finally:
+        store.close()
