@@ -5,13 +5,16 @@ exports the model folder. Keep the run directory outside the repository.
 
 Phases: the VAE, the decoder alone on whole clips (``decoder_steps``), the text-to-video DiT, its
 fine-tune with the first latent frame weighted up (``tune_steps``), and the image-to-video DiT
-(``i2v_steps``, from the text-to-video DiT's weights, exported to ``--out-i2v``); a phase with 0
-steps is skipped. ``--init MODEL_DIR`` starts from an exported folder instead (its VAE, text stack
+(``i2v_steps``, from the text-to-video DiT's weights, exported to ``--out-i2v``); the decoder,
+fine-tune and image-to-video phases are skipped at 0 steps. ``--init MODEL_DIR`` starts from an exported folder instead (its VAE, text stack
 and DiT, with its latent statistics) and runs only the later phases.
 
 ``--fit-vae-minutes`` / ``--fit-dit-minutes`` shorten a fresh phase to fit a time budget (its
 step count is chosen from the pace of its first steps, inside the learning-rate warm-up, and
 written to ``summary.json``); ``--set vae_steps=N --set dit_steps=M`` reruns with those counts.
+
+Every option and the recipe are checked before the first clip is built; what the user can fix (a
+bad value, a path) is one line, ``error: ...``, exit code 2.
 """
 
 from __future__ import annotations
@@ -19,33 +22,36 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..cli import printable
+from ..errors import VidloomError
 from ..models.encoders import WanTextEncoder
-from ..models.wan_dit import WanDiT
+from ..models.wan_dit import WanDiT, WanDiTConfig
 from ..models.wan_vae import WanVAE
 from .data import load_or_build_clips
 from .dit import caption_table, encode_latents, latent_stats, train_dit
 from .export import export_model, make_text_stack, with_latent_stats
-from .recipe import PRESETS, Recipe
+from .recipe import PRESETS, Recipe, with_overrides
 from .vae import reconstruction_psnr, train_decoder, train_vae
+
+INIT_PARTS = ("vae", "transformer", "tokenizer", "text_encoder")
+
+
+class UsageError(VidloomError):
+    """A command-line option names something training cannot use."""
 
 
 def apply_overrides(recipe: Recipe, pairs: list[str]) -> Recipe:
-    """``key=value`` pairs over the recipe's scalar fields, parsed as the field's type."""
-    scalars = {f.name: type(getattr(recipe, f.name)) for f in dataclasses.fields(recipe)
-               if isinstance(getattr(recipe, f.name), (int, float, str))}
-    changes = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in scalars:
-            raise SystemExit(f"--set: expected KEY=VALUE with KEY one of {', '.join(sorted(scalars))}; got {pair!r}")
-        changes[key] = scalars[key](value)
-    return dataclasses.replace(recipe, **changes)
+    """``key=value`` pairs over the recipe's scalar fields, parsed as the field's type and
+    validated (a RecipeError names the key)."""
+    return with_overrides(recipe, pairs)
 
 
 def phase_done(checkpoint: Path) -> bool:
@@ -63,7 +69,7 @@ def cached_latents(path: Path, vae, clips, batch: int) -> torch.Tensor:
     return latents
 
 
-def load_init(folder: Path, text_dir: Path):
+def load_init(folder: Path, text_dir: Path, recipe: Recipe):
     """An exported folder's VAE (its latent statistics set back to identity, as training sees it),
     its DiT as both the model and the EMA weights, the statistics; its text stack copied to
     ``text_dir`` (where ``make_text_stack`` reads it)."""
@@ -73,6 +79,8 @@ def load_init(folder: Path, text_dir: Path):
     mean, std = list(vae.config.latents_mean), list(vae.config.latents_std)
     vae = with_latent_stats(vae, [0.0] * len(mean), [1.0] * len(std))
     dit = load_model(WanDiT, folder / "transformer").eval()
+    if dit.config != WanDiTConfig.from_dict(recipe.dit_arch):  # the later phases build the recipe's DiT
+        raise UsageError(f"--init: {folder / 'transformer'} is not the DiT of this preset (another --preset?)")
     if not (text_dir / "text_encoder" / "config.json").is_file():
         for name in ("tokenizer", "text_encoder"):
             shutil.copytree(folder / name, text_dir / name, dirs_exist_ok=True)
@@ -98,27 +106,77 @@ def main(argv: list[str] | None = None) -> int:
                         help="bf16 autocast of the forward passes (the weights and the optimizer stay fp32)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    try:
+        return train(args)
+    except VidloomError as exc:  # what the user can fix: one line, no traceback
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return 2
+
+
+def checked_options(args: argparse.Namespace) -> tuple[Recipe, torch.device]:
+    """The recipe and the device, every option checked before the first clip is built; the run
+    directory created. A UsageError or RecipeError names the option."""
+    recipe = apply_overrides(PRESETS[args.preset](), args.overrides)
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
+        raise UsageError(f"--minutes: expected a finite number >= 0, got {args.minutes!r}")
+    for option, value in (("--fit-vae-minutes", args.fit_vae_minutes), ("--fit-dit-minutes", args.fit_dit_minutes)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{option}: expected a finite number > 0, got {value!r}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected at least 1, got {args.threads}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu or cuda, got {args.device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device is available")
+    if recipe.i2v_steps and args.out_i2v is None:
+        raise UsageError("--set i2v_steps needs --out-i2v (where to write the image-to-video folder)")
+    run_dir = args.run_dir.resolve()
+    outs = [("--out", args.out)] + ([("--out-i2v", args.out_i2v)] if args.out_i2v is not None else [])
+    for option, out in outs:  # the export replaces the folder: never the run directory or an unrelated one
+        out = out.resolve()
+        if out == run_dir or out in run_dir.parents or run_dir in out.parents:
+            raise UsageError(f"{option} {out}: must lie outside --run-dir {run_dir}, and not contain it")
+        if out.exists() and not (out.is_dir() and ((out / "model_index.json").is_file() or not any(out.iterdir()))):
+            raise UsageError(f"{option} {out}: exists and is not an exported model folder (it would be replaced)")
+    if args.out_i2v is not None and args.out.resolve() == args.out_i2v.resolve():
+        raise UsageError("--out and --out-i2v name the same folder")
+    if args.init is not None:
+        if not args.init.is_dir():
+            raise UsageError(f"--init {args.init}: no such folder")
+        if missing := [name for name in INIT_PARTS if not (args.init / name).is_dir()]:
+            raise UsageError(f"--init {args.init}: not an exported model folder (no {', '.join(missing)} folder)")
+    if args.run_dir.exists() and not args.run_dir.is_dir():
+        raise UsageError(f"--run-dir {args.run_dir}: exists and is not a directory")
+    try:
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--run-dir {args.run_dir}: cannot create it ({exc.strerror or exc})") from None
+    return recipe, device
+
+
+def train(args: argparse.Namespace) -> int:
+    recipe, device = checked_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights and optimizer, TF32 products
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    recipe = apply_overrides(PRESETS[args.preset](), args.overrides)
     began = time.time()
 
     def left() -> float | None:
         return None if args.minutes is None else max(0.0, args.minutes - (time.time() - began) / 60)
 
-    if recipe.i2v_steps and args.out_i2v is None:
-        raise SystemExit("--set i2v_steps needs --out-i2v (where to write the image-to-video folder)")
     clips, captions = load_or_build_clips(args.run_dir / "data", recipe.frames, recipe.size, recipe.clips_per_spec,
                                           recipe.seed)
     print(f"{len(clips)} clips ready after {time.time() - began:.0f} s", flush=True)
     summary: dict = {}
     if args.init is not None:
-        vae, dit, ema, (mean, std) = load_init(args.init, args.run_dir / "text")
+        vae, dit, ema, (mean, std) = load_init(args.init, args.run_dir / "text", recipe)
         summary["init"] = str(args.init)
         if (args.init / "training.json").is_file():  # the run that made it
             summary["init_training"] = json.loads((args.init / "training.json").read_text())
