@@ -14,7 +14,7 @@ step count is chosen from the pace of its first steps, inside the learning-rate 
 written to ``summary.json``); ``--set vae_steps=N --set dit_steps=M`` reruns with those counts.
 
 Every option and the recipe are checked before the first clip is built; what the user can fix (a
-bad value, a path) is one line, ``error: ...``, exit code 2.
+bad value, a path, a checkpoint the trainer did not write) is one line, ``error: ...``, exit code 2.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ from ..models.wan_vae import WanVAE
 from .data import load_or_build_clips
 from .dit import caption_table, encode_latents, latent_stats, train_dit
 from .export import export_model, make_text_stack, with_latent_stats
+from .loop import Checkpointer, CheckpointError, read_safetensors, write_safetensors
 from .recipe import PRESETS, Recipe, with_overrides
 from .vae import reconstruction_psnr, train_decoder, train_vae
 
+PHASES = ("vae", "decoder", "dit", "tune", "i2v")
 INIT_PARTS = ("vae", "transformer", "tokenizer", "text_encoder")
 
 
@@ -54,18 +56,31 @@ def apply_overrides(recipe: Recipe, pairs: list[str]) -> Recipe:
     return with_overrides(recipe, pairs)
 
 
-def phase_done(checkpoint: Path) -> bool:
-    state = torch.load(checkpoint, weights_only=False, map_location="cpu")
-    return state["step"] >= state["total"]
+def phase_done(run_dir: Path, phase: str) -> bool:
+    progress = Checkpointer(run_dir, phase).progress()
+    return progress is not None and progress[0] >= progress[1]
 
 
-def cached_latents(path: Path, vae, clips, batch: int) -> torch.Tensor:
+def cached_latents(path: Path, vae: WanVAE, clips, batch: int) -> torch.Tensor:
     """The clips' posterior means, encoded once per run directory (the encoder is frozen after
     the VAE phase; every later phase and every resumed run reads the same latents)."""
-    if path.is_file():
-        return torch.load(path, map_location=next(vae.parameters()).device)
+    device = next(vae.parameters()).device
+    config = vae.config
+    n, frames, size = len(clips), clips.shape[1], clips.shape[2]
+    shape = (n, config.z_dim, (frames - 1) // config.scale_factor_temporal + 1, size // config.scale_factor_spatial,
+             size // config.scale_factor_spatial)
+    if path.exists():
+        tensors, _ = read_safetensors(path, "latent cache", device)
+        latents = tensors.get("latents")
+        if set(tensors) != {"latents"} or latents.dtype != torch.float32 or tuple(latents.shape) != shape:
+            found = {k: (str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+            raise CheckpointError(f"latent cache holds {found}, not this run's latents (float32 {shape}): delete it "
+                                  "to encode them again", file=str(path))
+        if not torch.isfinite(latents).all():
+            raise CheckpointError("latent cache holds NaN or Inf: delete it to encode them again", file=str(path))
+        return latents
     latents = encode_latents(vae, clips, batch=batch)
-    torch.save(latents, path)
+    write_safetensors(path, {"latents": latents}, {"format": "pt"})
     return latents
 
 
@@ -183,12 +198,12 @@ def train(args: argparse.Namespace) -> int:
     else:
         vae = train_vae(recipe, clips, args.run_dir, minutes=left(), fit_minutes=args.fit_vae_minutes, device=device,
                         autocast=args.autocast == "bf16")
-        if not phase_done(args.run_dir / "vae.pt"):
+        if not phase_done(args.run_dir, "vae"):
             return 0  # out of time: resume later
     if recipe.decoder_steps:
         summary["frame_psnr_db_before_decoder"] = reconstruction_psnr(vae, clips)[1]
         vae = train_decoder(recipe, vae, clips, args.run_dir, minutes=left(), device=device)
-        if not phase_done(args.run_dir / "decoder.pt"):
+        if not phase_done(args.run_dir, "decoder"):
             return 0
     psnr, summary["frame_psnr_db"] = reconstruction_psnr(vae, clips)
     print(f"vae reconstruction: {psnr:.2f} dB; per frame: {' '.join(f'{v:.1f}' for v in summary['frame_psnr_db'])}",
@@ -196,7 +211,7 @@ def train(args: argparse.Namespace) -> int:
     vae_minutes = (time.time() - began) / 60
     tokenizer, encoder = make_text_stack(recipe, args.run_dir / "text")
     table, index = caption_table(WanTextEncoder(tokenizer, encoder), captions)
-    latents = cached_latents(args.run_dir / "latents.pt", vae, clips, batch=64 if device.type == "cuda" else 8)
+    latents = cached_latents(args.run_dir / "latents.safetensors", vae, clips, batch=64 if device.type == "cuda" else 8)
     if args.init is None:
         mean, std = latent_stats(latents)
     shape = (1, -1, 1, 1, 1)
@@ -210,13 +225,13 @@ def train(args: argparse.Namespace) -> int:
     if args.init is None:
         dit, ema = train_dit(recipe, latents, ids, table, index[""], args.run_dir,
                              **train(fit_minutes=args.fit_dit_minutes))
-        if not phase_done(args.run_dir / "dit.pt"):
+        if not phase_done(args.run_dir, "dit"):
             return 0
     base = {k: v.cpu() for k, v in ema.items()}  # the text-to-video phase's weights: both fine-tunes start here
     if recipe.tune_steps:
         dit, ema = train_dit(recipe, latents, ids, table, index[""], args.run_dir,
                              **train(phase=recipe.tune_phase(base)))
-        if not phase_done(args.run_dir / "tune.pt"):
+        if not phase_done(args.run_dir, "tune"):
             return 0
     vae = with_latent_stats(vae.cpu(), mean, std)
     out = export_model(args.out, dit.cpu(), {k: v.cpu() for k, v in ema.items()}, vae, args.run_dir / "text",
@@ -225,15 +240,14 @@ def train(args: argparse.Namespace) -> int:
     if recipe.i2v_steps:
         i2v, i2v_ema = train_dit(recipe, latents, ids, table, index[""], args.run_dir,
                                  **train(phase=recipe.i2v_phase(base)))
-        if not phase_done(args.run_dir / "i2v.pt"):
+        if not phase_done(args.run_dir, "i2v"):
             return 0
         out_i2v = export_model(args.out_i2v, i2v.cpu(), {k: v.cpu() for k, v in i2v_ema.items()}, vae,
                                args.run_dir / "text", recipe.dit_timestep_shift, expand_timesteps=True)
         print(f"exported {out_i2v}", flush=True)
-    steps = {name: torch.load(args.run_dir / f"{name}.pt", weights_only=False, map_location="cpu")
-             for name in ("vae", "decoder", "dit", "tune", "i2v") if (args.run_dir / f"{name}.pt").is_file()}
+    steps = {name: progress for name in PHASES if (progress := Checkpointer(args.run_dir, name).progress())}
     summary.update({
-        "vae_psnr_db": psnr, **{f"{name}_steps": state["step"] for name, state in steps.items()},
+        "vae_psnr_db": psnr, **{f"{name}_steps": step for name, (step, _) in steps.items()},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "minutes_this_run": (time.time() - began) / 60, "vae_minutes_this_run": vae_minutes,
         "recipe": dataclasses.asdict(recipe),
