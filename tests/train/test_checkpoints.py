@@ -179,6 +179,31 @@ def test_dit_resume_from_its_safetensors_checkpoint_is_exact(tmp_path):
     assert record["step"] == record["total"] == 3 and record["numpy_rng"]["bit_generator"] == "PCG64"
 
 
+def _planted_object_array(path, marker):
+    np.savez(path, clips=np.array([PlantedCode(marker)], dtype=object), captions=np.array(["a"]))
+
+
+@pytest.mark.parametrize("plant", ["object array", "garbage", "wrong shape", "a single array", "missing captions"])
+def test_a_clip_cache_the_trainer_did_not_write_is_refused(tmp_path, capsys, plant):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "run" / "data" / "clips_f5_s32_n1_seed0.npz"
+    path.parent.mkdir(parents=True)
+    if plant == "object array":
+        _planted_object_array(path, marker)
+    elif plant == "garbage":
+        _garbage(path)
+    elif plant == "a single array":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros((60, 5, 32, 32, 3), np.uint8))
+    elif plant == "missing captions":
+        np.savez(path, clips=np.zeros((60, 5, 32, 32, 3), np.uint8))
+    else:
+        np.savez(path, clips=np.zeros((60, 5, 16, 16, 3), np.uint8), captions=np.array(["a"] * 60))
+    code, err = train(tmp_path, capsys, "--minutes", "0")
+    assert_one_line_error(code, err, str(path))
+    assert not marker.exists()
+
+
 FAST = ("--set", "vae_steps=1", "--set", "decoder_steps=0", "--set", "dit_steps=1", "--set", "tune_steps=0")
 
 
@@ -193,3 +218,15 @@ def test_a_latent_cache_the_trainer_did_not_write_is_refused(tmp_path, capsys, p
         save_file({"latents": torch.full(shape, float("nan") if plant == "not finite" else 0.0)}, str(path))
     code, err = train(tmp_path, capsys, *FAST)
     assert_one_line_error(code, err, str(path))
+
+
+def test_the_text_encoder_is_never_read_from_a_pickle(tmp_path, capsys):
+    assert train(tmp_path, capsys, *FAST)[0] == 0
+    folder = tmp_path / "run" / "text" / "text_encoder"
+    marker = tmp_path / "PWNED"
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**weights, "x": PlantedCode(marker)}, folder / "pytorch_model.bin")
+    code, err = train(tmp_path, capsys, *FAST)
+    assert_one_line_error(code, err, str(tmp_path / "run" / "text"))
+    assert not marker.exists()
