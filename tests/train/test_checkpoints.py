@@ -105,12 +105,14 @@ def _empty(path):
     path.write_bytes(b"")
 
 
-def _rewrite(path, drop_tensor=None, record=None):
+def _rewrite(path, drop_tensor=None, record=None, add_tensor=None):
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     tensors = load_file(str(path))
     if drop_tensor is not None:
         del tensors[next(k for k in tensors if k.startswith(drop_tensor))]
+    if add_tensor is not None:
+        tensors[add_tensor] = torch.zeros(3)
     if record is not None:
         metadata = {META_KEY: json.dumps(record(json.loads(metadata[META_KEY])))} if record else {}
     save_file(tensors, str(path), metadata=metadata)
@@ -118,6 +120,10 @@ def _rewrite(path, drop_tensor=None, record=None):
 
 def _without(key):
     return lambda record: {k: v for k, v in record.items() if k != key}
+
+
+def _numpy_state(record, value):
+    return {**record, "numpy_rng": {**record["numpy_rng"], "state": {"state": value, "inc": 1}}}
 
 
 CORRUPTIONS = {
@@ -135,6 +141,15 @@ CORRUPTIONS = {
     "a negative step": lambda p: _rewrite(p, record=lambda r: {**r, "step": -1}),
     "another phase's": lambda p: _rewrite(p, record=lambda r: {**r, "phase": "dit"}),
     "a bad numpy RNG state": lambda p: _rewrite(p, record=lambda r: {**r, "numpy_rng": {"bit_generator": "x"}}),
+    "a numpy RNG state out of range": lambda p: _rewrite(p, record=lambda r: _numpy_state(r, 2**200)),
+    "a numpy RNG state not an integer": lambda p: _rewrite(p, record=lambda r: _numpy_state(r, 1.5)),
+    "an optimizer key without a name": lambda p: _rewrite(p, add_tensor="optimizer/0"),
+    "optimizer state of no parameter": lambda p: _rewrite(p, add_tensor="optimizer/999/exp_avg"),
+    "an extra tensor": lambda p: _rewrite(p, add_tensor="model/extra"),
+    "optimizer scalars not objects": lambda p: _rewrite(p, record=lambda r: {**r, "optimizer_scalars": {"0": 5}}),
+    "a NaN learning rate": lambda p: _rewrite(p, record=lambda r: {
+        **r, "param_groups": [{**g, "lr": float("nan")} for g in r["param_groups"]]}),
+    "a directory": lambda p: (p.unlink(), p.mkdir()),
 }
 
 

@@ -107,29 +107,19 @@ class Checkpointer:
                 device: torch.device | str = "cpu", ema: dict[str, torch.Tensor] | None = None,
                 generator: torch.Generator | None = None) -> tuple[int, int] | None:
         """Load the checkpoint into the given objects (``ema`` updated in place) -> (step, total);
-        None (nothing changed) without a checkpoint."""
+        None (nothing changed) without a checkpoint. Everything is checked before anything is set."""
         if not self._exists():
             return None
         tensors, record = self._read(device=device)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         expected = {f"model/{k}": v for k, v in model.state_dict().items()}
         expected.update({f"ema/{k}": v for k, v in (ema or {}).items()})
         expected["rng/torch"] = torch.get_rng_state()
         if generator is not None:
             expected["rng/generator"] = generator.get_state()
-        optimizer_state: dict[int, dict] = {}
-        for key in tensors:
-            if key.startswith("optimizer/"):
-                _, index, name = key.split("/", 2)
-                if not index.isdigit() or int(index) >= len(params):
-                    raise self._error(f"has optimizer state for a parameter the optimizer lacks ({len(params)})", key)
-                param = params[int(index)]
-                shape = () if name == "step" else param.shape
-                expected[key] = torch.empty(shape, dtype=torch.float32 if name == "step" else param.dtype)
-                optimizer_state.setdefault(int(index), {})[name] = tensors[key]
         cuda = sorted(k for k in tensors if k.startswith("rng/cuda/"))
         for key in cuda:
             expected[key] = tensors[key]  # another machine's accelerators: restored only where they fit
+        optimizer_state = self._optimizer_state(tensors, record, optimizer, expected)
         for key, want in expected.items():
             if key not in tensors:
                 raise self._error("is missing a tensor", key)
@@ -139,40 +129,60 @@ class Checkpointer:
                                   f"{tuple(want.shape)} (another preset's checkpoint?)", key)
         if unexpected := sorted(set(tensors) - set(expected)):
             raise self._error("has a tensor this phase does not use", unexpected[0])
-        scalars = record["optimizer_scalars"]
-        if not isinstance(scalars, dict) or set(scalars) - {str(i) for i in optimizer_state}:
-            raise self._error("has optimizer scalars that do not match its tensors", "optimizer_scalars")
-        moments = {"step", "exp_avg", "exp_avg_sq"}  # what Adam(W) keeps per parameter it has stepped
-        if any(group.get("amsgrad") for group in optimizer.param_groups):
-            moments.add("max_exp_avg_sq")
-        for index, entry in optimizer_state.items():
-            entry.update(scalars.get(str(index), {}))
-            if isinstance(optimizer, torch.optim.Adam) and set(entry) != moments:
-                raise self._error(f"has optimizer state {sorted(entry)} where Adam keeps {sorted(moments)}",
-                                  f"optimizer/{index}")
-        groups = record["param_groups"]
-        current = optimizer.state_dict()["param_groups"]
-        if not isinstance(groups, list) or len(groups) != len(current) or any(
-                not isinstance(g, dict) or set(g) != set(c) or g["params"] != c["params"]
-                for g, c in zip(groups, current)):
-            raise self._error("has optimizer parameter groups that do not match this phase's optimizer",
-                              "param_groups")
-        groups = [{k: tuple(v) if isinstance(c[k], tuple) and isinstance(v, list) else v for k, v in g.items()}
-                  for g, c in zip(groups, current)]
+        if not _same_layout(record["numpy_rng"], np_rng.bit_generator.state):
+            raise self._error(f"has a numpy generator state unlike this phase's "
+                              f"{np_rng.bit_generator.state['bit_generator']}", "numpy_rng")
         try:
             model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
             for name, value in (ema or {}).items():
                 value.copy_(tensors[f"ema/{name}"])
-            optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
+            optimizer.load_state_dict(optimizer_state)
             torch.set_rng_state(tensors["rng/torch"].cpu())
             np_rng.bit_generator.state = record["numpy_rng"]
             if generator is not None:
                 generator.set_state(tensors["rng/generator"].cpu())
             if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all([tensors[k].cpu() for k in cuda])
-        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        except (RuntimeError, ValueError, TypeError, KeyError, OverflowError) as exc:
             raise CheckpointError(f"{self.phase} checkpoint does not fit ({exc})", file=str(self.path)) from exc
         return record["step"], record["total"]
+
+    def _optimizer_state(self, tensors: dict, record: dict, optimizer: torch.optim.Optimizer,
+                         expected: dict[str, torch.Tensor]) -> dict:
+        """The optimizer's state dict from the checkpoint, checked against ``optimizer``: per
+        parameter Adam's moments (their shapes added to ``expected``), and its parameter groups.
+        The hyper-parameters come from the code; only the learning rate (reset every step) is
+        taken from the file."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state: dict[int, dict] = {}
+        for key in tensors:
+            if key.startswith("optimizer/"):
+                index, _, name = key[len("optimizer/"):].partition("/")
+                if not index.isdigit() or int(index) >= len(params) or not name:
+                    raise self._error(f"has optimizer state for none of the {len(params)} parameters", key)
+                param = params[int(index)]
+                shape, dtype = ((), torch.float32) if name == "step" else (param.shape, param.dtype)
+                expected[key] = torch.empty(shape, dtype=dtype)
+                state.setdefault(int(index), {})[name] = tensors[key]
+        scalars = record["optimizer_scalars"]
+        if (not isinstance(scalars, dict) or set(scalars) - {str(i) for i in state}
+                or not all(isinstance(v, dict) for v in scalars.values())):
+            raise self._error("has optimizer scalars that do not match its tensors", "optimizer_scalars")
+        moments = {"step", "exp_avg", "exp_avg_sq"}  # what Adam(W) keeps per parameter it has stepped
+        if any(group.get("amsgrad") for group in optimizer.param_groups):
+            moments.add("max_exp_avg_sq")
+        for index, entry in state.items():
+            entry.update(scalars.get(str(index), {}))
+            if isinstance(optimizer, torch.optim.Adam) and set(entry) != moments:
+                raise self._error(f"has optimizer state {sorted(entry)} where Adam keeps {sorted(moments)}",
+                                  f"optimizer/{index}")
+        groups, current = record["param_groups"], optimizer.state_dict()["param_groups"]
+        if not isinstance(groups, list) or len(groups) != len(current) or any(
+                not isinstance(g, dict) or g.get("params") != c["params"] or not _is_real(g.get("lr"))
+                for g, c in zip(groups, current)):
+            raise self._error("has optimizer parameter groups that do not match this phase's optimizer",
+                              "param_groups")
+        return {"state": state, "param_groups": [{**c, "lr": float(g["lr"])} for g, c in zip(groups, current)]}
 
     def _exists(self) -> bool:
         if self.path.exists():
@@ -209,6 +219,21 @@ class Checkpointer:
         if step > total:
             raise self._error(f"has step {step} beyond its total of {total}", "step")
         return out, record
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _same_layout(saved, current) -> bool:
+    """Whether ``saved`` (from a file) has the keys and kinds of ``current``, a numpy generator's
+    state: the same names, and non-negative integers below 2**128 where it has integers."""
+    if isinstance(current, dict):
+        return isinstance(saved, dict) and set(saved) == set(current) and all(
+            _same_layout(saved[k], v) for k, v in current.items())
+    if isinstance(current, str):
+        return saved == current
+    return isinstance(saved, int) and not isinstance(saved, bool) and 0 <= saved < 2**128
 
 
 def synchronize(device: torch.device) -> None:
