@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import pickle
 import shutil
 
@@ -198,7 +199,8 @@ def _planted_object_array(path, marker):
     np.savez(path, clips=np.array([PlantedCode(marker)], dtype=object), captions=np.array(["a"]))
 
 
-@pytest.mark.parametrize("plant", ["object array", "garbage", "wrong shape", "a single array", "missing captions"])
+@pytest.mark.parametrize("plant", ["object array", "garbage", "wrong shape", "a single array", "missing captions",
+                                   "a FIFO"])
 def test_a_clip_cache_the_trainer_did_not_write_is_refused(tmp_path, capsys, plant):
     marker = tmp_path / "PWNED"
     path = tmp_path / "run" / "data" / "clips_f5_s32_n1_seed0.npz"
@@ -207,6 +209,8 @@ def test_a_clip_cache_the_trainer_did_not_write_is_refused(tmp_path, capsys, pla
         _planted_object_array(path, marker)
     elif plant == "garbage":
         _garbage(path)
+    elif plant == "a FIFO":  # np.load would wait on it forever
+        os.mkfifo(path)
     elif plant == "a single array":
         with open(path, "wb") as f:
             np.save(f, np.zeros((60, 5, 32, 32, 3), np.uint8))

@@ -55,6 +55,9 @@ REFUSED = {
     "an output that is the run directory": (["--out", "{tmp}/run"], ["--out", "--run-dir"]),
     "an output that holds the run directory": (["--out", "{tmp}"], ["--out", "--run-dir"]),
     "an output that is some other folder": (["--out", "{tmp}/other"], ["--out", "not an exported model folder"]),
+    "an output below a file": (["--out", "{tmp}/file/out"], ["--out", "{tmp}/file"]),
+    "an image-to-video output below a file": (["--set", "i2v_steps=2", "--out-i2v", "{tmp}/file/i2v"],
+                                              ["--out-i2v", "{tmp}/file"]),
 }
 if not torch.cuda.is_available():
     REFUSED["a CUDA device on a machine without one"] = (["--device", "cuda"], ["--device", "CUDA"])

@@ -25,6 +25,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,11 +167,20 @@ def checked_options(args: argparse.Namespace) -> tuple[Recipe, torch.device]:
             raise UsageError(f"--init {args.init}: not an exported model folder (no {', '.join(missing)} folder)")
     if args.run_dir.exists() and not args.run_dir.is_dir():
         raise UsageError(f"--run-dir {args.run_dir}: exists and is not a directory")
-    try:
-        args.run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--run-dir {args.run_dir}: cannot create it ({exc.strerror or exc})") from None
+    writable_folder("--run-dir", args.run_dir)
+    for option, out in outs:  # found out now, not after hours of training
+        writable_folder(option, out.parent)
     return recipe, device
+
+
+def writable_folder(option: str, folder: Path) -> None:
+    """Create ``folder`` if needed and check that a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def train(args: argparse.Namespace) -> int:

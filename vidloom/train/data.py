@@ -39,6 +39,8 @@ def load_or_build_clips(cache: Path, frames: int, size: int, clips_per_spec: int
 
     path = cache / f"clips_f{frames}_s{size}_n{clips_per_spec}_seed{seed}.npz"
     if path.exists():
+        if not path.is_file():  # a directory, or a FIFO that np.load would wait on forever
+            raise CheckpointError("clip cache is not a file; delete it to build the clips again", file=str(path))
         n = clips_per_spec * len(train_specs())
         try:
             data = np.load(path, allow_pickle=False)
