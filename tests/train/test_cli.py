@@ -96,3 +96,35 @@ def test_the_module_exits_2_with_the_error_on_stderr_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: vae_steps: expected an integer, got 'abc'"
     assert "Traceback" not in proc.stderr
+
+
+def _exported_folder(folder: Path, recipe, text_dir: Path) -> Path:
+    """An exported folder of ``recipe``'s architectures (random weights), as --init takes it."""
+    from vidloom.models.wan_dit import WanDiT, WanDiTConfig
+    from vidloom.models.wan_vae import WanVAE, WanVAEConfig
+    from vidloom.train.export import export_model, make_text_stack
+
+    make_text_stack(recipe, text_dir)
+    dit = WanDiT(WanDiTConfig.from_dict(recipe.dit_arch))
+    ema = {n: p.detach() for n, p in dit.named_parameters()}
+    return export_model(folder, dit, ema, WanVAE(WanVAEConfig.from_dict(recipe.vae_arch)), text_dir, 3.0)
+
+
+@pytest.mark.parametrize("case", ["another preset's DiT", "a training.json that is not JSON"])
+def test_an_init_folder_that_does_not_fit_is_a_one_line_error(tmp_path, capsys, case):
+    import dataclasses
+
+    recipe = PRESETS["micro"]()
+    if case == "another preset's DiT":
+        recipe = dataclasses.replace(recipe, dit_arch={**recipe.dit_arch, "num_layers": 2})
+    init = _exported_folder(tmp_path / "init", recipe, tmp_path / "text")
+    if case == "a training.json that is not JSON":
+        (init / "training.json").write_text("{not json")
+    code = train_main(["--run-dir", str(tmp_path / "run"), "--init", str(init), "--out", str(tmp_path / "out"),
+                       "--preset", "micro", "--set", "decoder_steps=0", "--set", "tune_steps=0",
+                       "--set", "i2v_steps=0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err, err
+    assert str(init / ("transformer" if case == "another preset's DiT" else "training.json")) in err
+    assert not (tmp_path / "out").exists()

@@ -33,6 +33,7 @@ import torch
 
 from ..cli import printable
 from ..errors import VidloomError
+from ..jsonfile import read_json_object
 from ..models.encoders import WanTextEncoder
 from ..models.wan_dit import WanDiT, WanDiTConfig
 from ..models.wan_vae import WanVAE
@@ -204,7 +205,7 @@ def train(args: argparse.Namespace) -> int:
         vae, dit, ema, (mean, std) = load_init(args.init, args.run_dir / "text", recipe)
         summary["init"] = str(args.init)
         if (args.init / "training.json").is_file():  # the run that made it
-            summary["init_training"] = json.loads((args.init / "training.json").read_text())
+            summary["init_training"] = read_json_object(args.init / "training.json", "training.json")
     else:
         vae = train_vae(recipe, clips, args.run_dir, minutes=left(), fit_minutes=args.fit_vae_minutes, device=device,
                         autocast=args.autocast == "bf16")
