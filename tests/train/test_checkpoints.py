@@ -151,6 +151,7 @@ CORRUPTIONS = {
     "a NaN learning rate": lambda p: _rewrite(p, record=lambda r: {
         **r, "param_groups": [{**g, "lr": float("nan")} for g in r["param_groups"]]}),
     "a directory": lambda p: (p.unlink(), p.mkdir()),
+    "CUDA generator states misnumbered": lambda p: _rewrite(p, add_tensor="rng/cuda/3"),
 }
 
 

@@ -6,8 +6,9 @@ exports the model folder. Keep the run directory outside the repository.
 Phases: the VAE, the decoder alone on whole clips (``decoder_steps``), the text-to-video DiT, its
 fine-tune with the first latent frame weighted up (``tune_steps``), and the image-to-video DiT
 (``i2v_steps``, from the text-to-video DiT's weights, exported to ``--out-i2v``); the decoder,
-fine-tune and image-to-video phases are skipped at 0 steps. ``--init MODEL_DIR`` starts from an exported folder instead (its VAE, text stack
-and DiT, with its latent statistics) and runs only the later phases.
+fine-tune and image-to-video phases are skipped at 0 steps. ``--init MODEL_DIR`` starts from an
+exported folder instead (its VAE, text stack and DiT, with its latent statistics) and runs only the
+later phases.
 
 ``--fit-vae-minutes`` / ``--fit-dit-minutes`` shorten a fresh phase to fit a time budget (its
 step count is chosen from the pace of its first steps, inside the learning-rate warm-up, and

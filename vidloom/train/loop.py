@@ -116,9 +116,12 @@ class Checkpointer:
         expected["rng/torch"] = torch.get_rng_state()
         if generator is not None:
             expected["rng/generator"] = generator.get_state()
-        cuda = sorted(k for k in tensors if k.startswith("rng/cuda/"))
+        cuda = [k for k in tensors if k.startswith("rng/cuda/")]
+        if sorted(cuda) != sorted(f"rng/cuda/{i}" for i in range(len(cuda))):
+            raise self._error("has CUDA generator states not numbered 0 to N - 1", "rng/cuda")
+        cuda = [f"rng/cuda/{i}" for i in range(len(cuda))]
         for key in cuda:
-            expected[key] = tensors[key]  # another machine's accelerators: restored only where they fit
+            expected[key] = tensors[key]  # the saving machine's accelerators: restored for those present
         optimizer_state = self._optimizer_state(tensors, record, optimizer, expected)
         for key, want in expected.items():
             if key not in tensors:
@@ -141,8 +144,8 @@ class Checkpointer:
             np_rng.bit_generator.state = record["numpy_rng"]
             if generator is not None:
                 generator.set_state(tensors["rng/generator"].cpu())
-            if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all([tensors[k].cpu() for k in cuda])
+            for i, key in enumerate(cuda[:torch.cuda.device_count() if torch.cuda.is_available() else 0]):
+                torch.cuda.set_rng_state(tensors[key].cpu(), i)
         except (RuntimeError, ValueError, TypeError, KeyError, OverflowError) as exc:
             raise CheckpointError(f"{self.phase} checkpoint does not fit ({exc})", file=str(self.path)) from exc
         return record["step"], record["total"]
