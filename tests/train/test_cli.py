@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vidloom.train.__main__ import apply_overrides
 from vidloom.train.__main__ import main as train_main
 from vidloom.train.recipe import PRESETS, RecipeError
 
@@ -86,6 +87,10 @@ def test_the_recipe_is_validated_when_it_is_made():
         PRESETS["micro"]().__class__(dit_lr=float("nan"))
     for preset in PRESETS.values():
         preset()  # the shipped presets are valid
+    # checkpoints only at the end and when time runs out: infinite, but not NaN
+    assert apply_overrides(PRESETS["micro"](), ["checkpoint_minutes=inf"]).checkpoint_minutes == float("inf")
+    with pytest.raises(RecipeError, match="checkpoint_minutes"):
+        apply_overrides(PRESETS["micro"](), ["checkpoint_minutes=nan"])
 
 
 def test_the_module_exits_2_with_the_error_on_stderr_and_no_traceback(tmp_path):

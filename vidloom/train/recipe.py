@@ -107,8 +107,10 @@ class Recipe:
         for name in ("vae_lr", "decoder_lr", "dit_lr", "tune_lr", "i2v_lr", "dit_timestep_shift",
                      "tune_first_latent_weight"):
             _real(self, name, "a finite number > 0", lambda v: v > 0)
-        for name in ("vae_kl_weight", "vae_object_weight", "checkpoint_minutes"):
+        for name in ("vae_kl_weight", "vae_object_weight"):
             _real(self, name, "a finite number >= 0", lambda v: v >= 0)
+        _real(self, "checkpoint_minutes", "a number >= 0 (inf: only at the end and when time runs out)",
+              lambda v: v >= 0, infinite_ok=True)
         for name in ("dit_caption_dropout", "dit_ema", "tune_ema", "i2v_ema", "i2v_first_frame_prob"):
             _real(self, name, "a number in [0, 1]", lambda v: 0 <= v <= 1)
         if self.seed >= 2**63 - 8:  # seeds up to seed + 6 go to torch.manual_seed (a 64-bit integer)
@@ -155,11 +157,11 @@ def _integer(recipe: Recipe, name: str, minimum: int) -> None:
         raise RecipeError(name, f"must be at least {minimum}, got {value}")
 
 
-def _real(recipe: Recipe, name: str, allowed: str, accepts) -> None:
+def _real(recipe: Recipe, name: str, allowed: str, accepts, infinite_ok: bool = False) -> None:
     value = getattr(recipe, name)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise RecipeError(name, f"expected a number, got {value!r}")
-    if not math.isfinite(value) or not accepts(value):
+    if math.isnan(value) or (math.isinf(value) and not infinite_ok) or not accepts(value):
         raise RecipeError(name, f"must be {allowed}, got {value!r}")
 
 
