@@ -135,8 +135,8 @@ def checked_options(args: argparse.Namespace) -> tuple[Recipe, torch.device]:
     """The recipe and the device, every option checked before the first clip is built; the run
     directory created. A UsageError or RecipeError names the option."""
     recipe = apply_overrides(PRESETS[args.preset](), args.overrides)
-    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
-        raise UsageError(f"--minutes: expected a finite number >= 0, got {args.minutes!r}")
+    if args.minutes is not None and not args.minutes >= 0:  # inf: no limit, as without the option
+        raise UsageError(f"--minutes: expected a number >= 0, got {args.minutes!r}")
     for option, value in (("--fit-vae-minutes", args.fit_vae_minutes), ("--fit-dit-minutes", args.fit_dit_minutes)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{option}: expected a finite number > 0, got {value!r}")
