@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..world import make_clip, train_specs
+from .loop import CheckpointError
 
 
 def _render(args: tuple) -> np.ndarray:
@@ -35,8 +36,6 @@ def build_clips(frames: int, size: int, clips_per_spec: int, seed: int,
 def load_or_build_clips(cache: Path, frames: int, size: int, clips_per_spec: int, seed: int):
     """The clips and captions, built once and cached in ``cache`` (an .npz of plain arrays: a
     cache that is not what this function wrote is a CheckpointError naming it, never unpickled)."""
-    from .loop import CheckpointError
-
     path = cache / f"clips_f{frames}_s{size}_n{clips_per_spec}_seed{seed}.npz"
     if path.exists():
         if not path.is_file():  # a directory, or a FIFO that np.load would wait on forever
