@@ -15,7 +15,7 @@ from vidloom import VideoGenerator
 from vidloom.train.__main__ import main as train_main
 from vidloom.train.data import build_clips
 from vidloom.train.dit import sample_sigmas
-from vidloom.train.recipe import PRESETS
+from vidloom.train.recipe import PRESETS, RecipeError
 from vidloom.train.vae import train_vae
 
 
@@ -177,7 +177,7 @@ def test_recipe_overrides_are_typed_and_checked():
 
     recipe = apply_overrides(PRESETS["micro"](), ["dit_steps=7", "dit_lr=0.5"])
     assert recipe.dit_steps == 7 and recipe.dit_lr == 0.5
-    with pytest.raises(SystemExit, match="dit_steps"):
+    with pytest.raises(RecipeError, match="dit_steps"):
         apply_overrides(recipe, ["no_such_field=1"])
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..world import make_clip, train_specs
+from .loop import CheckpointError
 
 
 def _render(args: tuple) -> np.ndarray:
@@ -32,13 +34,34 @@ def build_clips(frames: int, size: int, clips_per_spec: int, seed: int,
 
 
 def load_or_build_clips(cache: Path, frames: int, size: int, clips_per_spec: int, seed: int):
+    """The clips and captions, built once and cached in ``cache`` (an .npz of plain arrays: a
+    cache that is not what this function wrote is a CheckpointError naming it, never unpickled)."""
     path = cache / f"clips_f{frames}_s{size}_n{clips_per_spec}_seed{seed}.npz"
-    if path.is_file():
-        data = np.load(path)
-        return data["clips"], [str(c) for c in data["captions"]]
+    if path.exists():
+        if not path.is_file():  # a directory, or a FIFO that np.load would wait on forever
+            raise CheckpointError("clip cache is not a file; delete it to build the clips again", file=str(path))
+        n = clips_per_spec * len(train_specs())
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError(f"a single {type(data).__name__}, not an .npz archive")
+            with data:
+                clips, captions = data["clips"], data["captions"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(f"clip cache is not readable ({type(exc).__name__}: {exc}); delete it to build "
+                                  "the clips again", file=str(path)) from exc
+        if (clips.dtype != np.uint8 or clips.shape != (n, frames, size, size, 3) or captions.dtype.kind != "U"
+                or captions.shape != (n,)):
+            raise CheckpointError(f"clip cache holds {clips.dtype} {clips.shape} clips and {captions.dtype} "
+                                  f"{captions.shape} captions, not this recipe's {n} clips; delete it to build them "
+                                  "again", file=str(path))
+        return clips, [str(c) for c in captions]
     clips, captions = build_clips(frames, size, clips_per_spec, seed, workers=min(16, os.cpu_count() or 1))
     cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, clips=clips, captions=np.array(captions))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, clips=clips, captions=np.array(captions))
+    os.replace(tmp, path)  # atomic: an interrupted run never leaves a cut-short cache
     return clips, captions
 
 

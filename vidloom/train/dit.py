@@ -20,7 +20,7 @@ from ..models.encoders import WanTextEncoder
 from ..models.wan_dit import WanDiT, WanDiTConfig
 from ..models.wan_vae import WanVAE
 from .data import to_model_range
-from .loop import Checkpointer, ema_update, lr_at, restore_rng, rng_state, run_steps
+from .loop import Checkpointer, ema_update, lr_at, run_steps
 from .recipe import DitPhase, Recipe
 
 MAX_SEQUENCE_LENGTH = 512  # the inference default; the DiT cross-attends to every padded position
@@ -93,7 +93,7 @@ def train_dit(recipe: Recipe, latents: torch.Tensor, caption_ids: torch.Tensor, 
     starts from given weights and gives the first latent frame in a share of the rows."""
     phase = phase or recipe.t2v_phase()
     device = torch.device(device)
-    ckpt = Checkpointer(run_dir / f"{phase.name}.pt")
+    ckpt = Checkpointer(run_dir, phase.name)
     np_rng = np.random.default_rng(recipe.seed + 2)
     generator = torch.Generator(device).manual_seed(recipe.seed + 3)
     torch.manual_seed(recipe.seed + 4)
@@ -103,14 +103,8 @@ def train_dit(recipe: Recipe, latents: torch.Tensor, caption_ids: torch.Tensor, 
     ema = {n: p.detach().clone() for n, p in dit.named_parameters()}
     opt = torch.optim.AdamW(dit.parameters(), lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.99),
                             fused=device.type == "cuda")
-    start, total = 0, phase.steps
-    if (state := ckpt.load(device)) is not None:
-        dit.load_state_dict(state["model"])
-        ema = state["ema"]
-        opt.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"], np_rng)
-        generator.set_state(state["generator"].cpu())
-        start, total = state["step"], state.get("total", total)
+    start, total = ckpt.restore(model=dit, optimizer=opt, np_rng=np_rng, device=device, ema=ema,
+                                generator=generator) or (0, phase.steps)
     dit.train()
     latents, table, caption_ids = latents.to(device), table.to(device), caption_ids.to(device)
 
@@ -136,8 +130,7 @@ def train_dit(recipe: Recipe, latents: torch.Tensor, caption_ids: torch.Tensor, 
         return {"loss": loss.detach()}
 
     def save_fn(step: int, total: int) -> None:
-        ckpt.save({"model": dit.state_dict(), "ema": ema, "optimizer": opt.state_dict(), "rng": rng_state(np_rng),
-                   "generator": generator.get_state(), "step": step, "total": total})
+        ckpt.save(model=dit, optimizer=opt, np_rng=np_rng, step=step, total=total, ema=ema, generator=generator)
 
     run_steps(start, total, step_fn, save_fn, run_dir / f"{phase.name}_log.jsonl", recipe.checkpoint_minutes,
               phase.name, minutes, fit_minutes=fit_minutes, log_every=recipe.log_every, device=device)

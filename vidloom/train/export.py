@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelLoadError
 from ..loader.weights import save_model
 from ..models.wan_dit import WanDiT
 from ..models.wan_vae import WanVAE, WanVAEConfig
@@ -21,8 +22,13 @@ def make_text_stack(recipe: Recipe, folder: Path):
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
     if (folder / "text_encoder" / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-        encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+        try:  # use_safetensors: never the pickled pytorch_model.bin fallback
+            tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+            encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True,
+                                                       use_safetensors=True)
+        except Exception as exc:  # transformers raises many kinds; any of them means the folder is unusable
+            raise ModelLoadError(f"the run's text stack failed to load ({type(exc).__name__}: {exc})",
+                                 file=str(folder)) from exc
         return tokenizer, encoder.eval().requires_grad_(False)
     tokenizer = build_tokenizer(folder / "tokenizer")
     torch.manual_seed(recipe.seed + 5)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
+
+from ..errors import InvalidRequestError
 
 # Wan2.1 architecture, small: 4x spatial / 4x temporal VAE, 2x2 DiT patches
 VAE_ARCH = dict(
@@ -22,6 +26,10 @@ MICRO_VAE_ARCH = dict(VAE_ARCH, base_dim=8, z_dim=4, latents_mean=[0.0] * 4, lat
 MICRO_DIT_ARCH = dict(DIT_ARCH, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
                       text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1)
 MICRO_TEXT_ENCODER_ARCH = dict(TEXT_ENCODER_ARCH, d_model=16, d_kv=8, d_ff=32, num_heads=2)
+
+
+class RecipeError(InvalidRequestError):
+    """A recipe field holds a value training cannot use; the message names the field and what it accepts."""
 
 
 @dataclass
@@ -88,6 +96,47 @@ class Recipe:
     checkpoint_minutes: float = 5.0
     log_every: int = 10  # steps between log lines (figures are read back from the device only then)
 
+    def __post_init__(self) -> None:
+        """Every scalar checked here, once, so that a bad value is refused before the first clip is
+        built, not in the middle of a later phase."""
+        for name in ("frames", "size", "clips_per_spec", "vae_steps", "vae_batch", "vae_frames", "vae_crop",
+                     "decoder_batch", "dit_steps", "dit_batch", "tune_batch", "i2v_batch", "log_every"):
+            _integer(self, name, minimum=1)  # the VAE and DiT phases are never skipped (--init replaces them)
+        for name in ("seed", "decoder_steps", "dit_warmup", "tune_steps", "tune_warmup", "i2v_steps", "i2v_warmup"):
+            _integer(self, name, minimum=0)  # a fine-tune with 0 steps is skipped
+        for name in ("vae_lr", "decoder_lr", "dit_lr", "tune_lr", "i2v_lr", "dit_timestep_shift",
+                     "tune_first_latent_weight"):
+            _real(self, name, "a finite number > 0", lambda v: v > 0)
+        for name in ("vae_kl_weight", "vae_object_weight"):
+            _real(self, name, "a finite number >= 0", lambda v: v >= 0)
+        _real(self, "checkpoint_minutes", "a number >= 0 (inf: only at the end and when time runs out)",
+              lambda v: v >= 0, infinite_ok=True)
+        for name in ("dit_caption_dropout", "dit_ema", "tune_ema", "i2v_ema", "i2v_first_frame_prob"):
+            _real(self, name, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        if self.seed >= 2**63 - 8:  # seeds up to seed + 6 go to torch.manual_seed (a 64-bit integer)
+            raise RecipeError("seed", f"must be below 2**63 - 8, got {self.seed}")
+        temporal, spatial = self.vae_arch["scale_factor_temporal"], self.vae_arch["scale_factor_spatial"]
+        _, patch_h, patch_w = self.dit_arch["patch_size"]
+        for name in ("frames", "vae_frames"):  # the causal VAE: one latent frame, then one per `temporal` frames
+            if (getattr(self, name) - 1) % temporal:
+                raise RecipeError(name, f"must be 1 + {temporal} * k (the VAE's temporal compression), "
+                                        f"got {getattr(self, name)}")
+        if self.frames < 1 + temporal:
+            raise RecipeError("frames", f"must be at least {1 + temporal} (two latent frames), got {self.frames}")
+        if self.vae_frames > self.frames:
+            raise RecipeError("vae_frames", f"must be at most frames ({self.frames}), got {self.vae_frames}")
+        multiple = spatial * max(patch_h, patch_w)
+        if self.size % multiple or self.size < 2 * multiple:
+            raise RecipeError("size", f"must be a multiple of {multiple} (the VAE's spatial factor {spatial} times "
+                                      f"the DiT's patch), at least {2 * multiple}, got {self.size}")
+        grid = max((self.frames - 1) // temporal + 1, self.size // multiple)
+        if grid > self.dit_arch["rope_max_seq_len"]:
+            raise RecipeError("size", f"{self.size} x {self.frames} frames is a token grid of {grid}, beyond the "
+                                      f"DiT's rope_max_seq_len={self.dit_arch['rope_max_seq_len']}")
+        if self.vae_crop % spatial:
+            raise RecipeError("vae_crop", f"must be a multiple of {spatial} (the VAE's spatial compression), "
+                                          f"got {self.vae_crop}")
+
     def t2v_phase(self) -> DitPhase:
         return DitPhase("dit", self.dit_steps, self.dit_batch, self.dit_lr, self.dit_warmup, self.dit_ema)
 
@@ -98,6 +147,47 @@ class Recipe:
     def i2v_phase(self, init: dict) -> DitPhase:
         return DitPhase("i2v", self.i2v_steps, self.i2v_batch, self.i2v_lr, self.i2v_warmup, self.i2v_ema,
                         first_frame_prob=self.i2v_first_frame_prob, init=init)
+
+
+def _integer(recipe: Recipe, name: str, minimum: int) -> None:
+    value = getattr(recipe, name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RecipeError(name, f"expected an integer, got {value!r}")
+    if value < minimum:
+        raise RecipeError(name, f"must be at least {minimum}, got {value}")
+
+
+def _real(recipe: Recipe, name: str, allowed: str, accepts, infinite_ok: bool = False) -> None:
+    value = getattr(recipe, name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise RecipeError(name, f"expected a number, got {value!r}")
+    if math.isnan(value) or (math.isinf(value) and not infinite_ok) or not accepts(value):
+        raise RecipeError(name, f"must be {allowed}, got {value!r}")
+
+
+def settable_fields() -> dict[str, type]:
+    """The recipe's scalar fields (what ``--set KEY=VALUE`` may override) and their types."""
+    types = {"int": int, "float": float}
+    return {f.name: types[f.type] for f in dataclasses.fields(Recipe) if f.type in types}
+
+
+def with_overrides(recipe: Recipe, pairs: list[str]) -> Recipe:
+    """``recipe`` with ``KEY=VALUE`` pairs over its scalar fields, each parsed as the field's type
+    and the result validated; a RecipeError names the key and what it accepts."""
+    settable = settable_fields()
+    changes: dict[str, int | float] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or key not in settable:
+            raise RecipeError("--set", f"expected KEY=VALUE with a recipe field as KEY, got {pair!r}",
+                              allowed=", ".join(sorted(settable)))
+        kind = settable[key]
+        try:
+            changes[key] = kind(value)
+        except ValueError:
+            raise RecipeError(key, f"expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    return dataclasses.replace(recipe, **changes)
 
 
 PRESETS = {

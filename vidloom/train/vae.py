@@ -14,7 +14,7 @@ import torch
 
 from ..models.wan_vae import WanVAE, WanVAEConfig
 from .data import to_model_range
-from .loop import Checkpointer, lr_at, restore_rng, rng_state, run_steps
+from .loop import Checkpointer, lr_at, run_steps
 from .recipe import Recipe
 
 
@@ -46,17 +46,11 @@ def vae_loss(vae: WanVAE, x: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor
 
 def _resume(ckpt: Checkpointer, vae: WanVAE, opt, np_rng, total: int, device) -> tuple[int, int]:
     """A VAE phase's state from its checkpoint, if any -> (start step, total steps)."""
-    if (state := ckpt.load(device)) is None:
-        return 0, total
-    vae.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    restore_rng(state["rng"], np_rng)
-    return state["step"], state.get("total", total)
+    return ckpt.restore(model=vae, optimizer=opt, np_rng=np_rng, device=device) or (0, total)
 
 
 def _save(ckpt: Checkpointer, vae: WanVAE, opt, np_rng, step: int, total: int) -> None:
-    ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng), "step": step,
-               "total": total})
+    ckpt.save(model=vae, optimizer=opt, np_rng=np_rng, step=step, total=total)
 
 
 def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float | None = None,
@@ -66,7 +60,7 @@ def train_vae(recipe: Recipe, clips: np.ndarray, run_dir: Path, minutes: float |
     ``autocast``: bf16 autocast for the forward pass (weights, gradients and optimizer stay fp32)."""
     device = torch.device(device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(run_dir / "vae.pt")
+    ckpt = Checkpointer(run_dir, "vae")
     np_rng = np.random.default_rng(recipe.seed + 1)
     vae = new_vae(recipe, recipe.seed).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, betas=(0.9, 0.99),
@@ -109,7 +103,7 @@ def train_decoder(recipe: Recipe, vae: WanVAE, clips: np.ndarray, run_dir: Path,
     (every frame), the encoder and ``quant_conv`` frozen, so the latents (and a DiT trained on
     them) are unchanged. Same loss as the VAE phase. Returns ``vae`` updated in place."""
     device = torch.device(device)
-    ckpt = Checkpointer(run_dir / "decoder.pt")
+    ckpt = Checkpointer(run_dir, "decoder")
     np_rng = np.random.default_rng(recipe.seed + 6)
     vae = vae.to(device).requires_grad_(False)
     params = [p for n, p in vae.named_parameters() if n.startswith(DECODER_PREFIXES)]
