@@ -22,10 +22,11 @@ def make_text_stack(recipe: Recipe, folder: Path):
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
     if (folder / "text_encoder" / "config.json").is_file():
-        try:  # use_safetensors: never the pickled pytorch_model.bin fallback
-            tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+        try:  # use_safetensors: never the pickled pytorch_model.bin fallback; no code from the folder runs
+            tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True,
+                                                      trust_remote_code=False)
             encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True,
-                                                       use_safetensors=True)
+                                                       use_safetensors=True, trust_remote_code=False)
         except Exception as exc:  # transformers raises many kinds; any of them means the folder is unusable
             raise ModelLoadError(f"the run's text stack failed to load ({type(exc).__name__}: {exc})",
                                  file=str(folder)) from exc
