@@ -1,14 +1,24 @@
-"""What a GPU machine meets first: the device default (``auto``), checked on the CPU."""
+"""What a GPU machine meets first: the device default (``auto``) and benchmarks/gpu_check.sh
+where there is no CUDA device. Both run on the CPU; the GPU side of the script is exercised only
+on a GPU machine."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from vidloom.cli import main
 from vidloom.config import EngineConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 
 
 def no_cuda(monkeypatch):
@@ -89,3 +99,52 @@ def test_cli_help_names_auto():
 
     text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
     assert "--device DEVICE" in text and "auto (default" in " ".join(text.split())
+
+
+# ------------------------------------------------------------------------------------ gpu_check.sh
+
+
+def run_check(tmp_path, extra_env=None, timeout=300):
+    """benchmarks/gpu_check.sh from a copy-free checkout, with an empty wheel folder and OUT in tmp."""
+    wheels = tmp_path / "whl"
+    wheels.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDLOOM_")}
+    env.update(OUT=str(tmp_path / "out"), VIDLOOM_GPU_WHEELS=str(wheels), PYTHON=sys.executable,
+               CUDA_VISIBLE_DEVICES="")
+    env.update(extra_env or {})
+    return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
+    proc = run_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no CUDA device" in proc.stdout
+    report = tmp_path / "out" / "gpu-report.md"
+    assert report.is_file()
+    text = report.read_text()
+    assert "no CUDA device" in text
+    assert f"torch {torch.__version__}" in text  # the environment report ran before the CUDA check
+    assert "pytest -m cuda" in text and "skipped" in text  # the GPU parts are named as not run
+    env = (tmp_path / "out" / "env.json").read_text()
+    assert '"cuda_available": false' in env
+
+
+def test_gpu_check_reports_a_failing_part_and_goes_on(tmp_path):
+    # a python that cannot import torch: the environment part fails, the script still writes the
+    # report, names the failure with its exit status and exits 0 (no CUDA device either)
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = -c ] || [ \"$1\" = - ]; then echo 'ImportError: no torch' >&2; "
+                    f"exit 3; fi\nexec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    proc = run_check(tmp_path, dict(PYTHON=str(fake)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (tmp_path / "out" / "gpu-report.md").read_text()
+    assert "environment: exit 3" in text
+    assert "no CUDA device" in text
+
+
+def test_gpu_check_script_is_valid_bash():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(["shellcheck", "-S", "warning", str(SCRIPT)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
