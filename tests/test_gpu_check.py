@@ -125,6 +125,7 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
     assert "no CUDA device" in text
     assert f"torch {torch.__version__}" in text  # the environment report ran before the CUDA check
     assert "pytest -m cuda" in text and "skipped" in text  # the GPU parts are named as not run
+    assert "\n## environment\n" in text and "| environment | exit 0 |" in text  # a section and a summary row
     env = (tmp_path / "out" / "env.json").read_text()
     assert '"cuda_available": false' in env
 
