@@ -19,7 +19,8 @@
 # beside it. Without a CUDA device it says "no CUDA device", skips the GPU parts and exits 0;
 # with one it exits 1 when any part failed, else 0.
 #
-# Environment: OUT, PYTHON (python3), VIDLOOM_GPU_WHEELS (.whl), VIDLOOM_GPU_CHECK_SECONDS (480);
+# Environment: OUT; PYTHON (default: the first of python3, python, python3.12 that imports torch);
+# VIDLOOM_GPU_WHEELS (.whl); VIDLOOM_GPU_CHECK_SECONDS (480);
 # VIDLOOM_GPU_CHECK_ON_CPU=1 runs the GPU parts on the CPU at toy sizes instead (the CUDA tests
 # with VIDLOOM_CUDA_TESTS_ON_CPU=1): a rehearsal of the script and the carried wheels on a
 # machine without a GPU, which says nothing about CUDA (each part's limit x3; set the budget too).
@@ -31,7 +32,12 @@ cd "$REPO" || exit 2
 OUT=${OUT:-$REPO/gpu-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 WHEELS=${VIDLOOM_GPU_WHEELS:-$REPO/.whl}
-PYTHON=${PYTHON:-python3}
+if [[ -z ${PYTHON:-} ]]; then  # the first Python on PATH that has torch
+    PYTHON=python3
+    for candidate in python3 python python3.12; do
+        if "$candidate" -c 'import torch' >/dev/null 2>&1; then PYTHON=$candidate && break; fi
+    done
+fi
 BUDGET=${VIDLOOM_GPU_CHECK_SECONDS:-480}
 ON_CPU=${VIDLOOM_GPU_CHECK_ON_CPU:-0}
 GPU_BENCH_ARGS=""  # the options of the two benchmarks, as words
