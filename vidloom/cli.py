@@ -28,6 +28,7 @@ SAMPLING_SKIP = {"prompt", "latents", "output_type", "output_path", "return_traj
 SHORT_FLAGS = {"num_inference_steps": "--steps"}
 ENGINE_DTYPE_FIELDS = {"dtype", "dit_dtype", "vae_dtype", "text_encoder_dtype"}
 MAX_NPROC = 64  # processes one --nproc starts on this machine
+DEVICE_HELP = "auto (default: cuda where torch sees a CUDA device, else cpu), cpu, cuda or cuda:N"
 
 
 def _scalar_type(annotation) -> type | None:
@@ -56,7 +57,9 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=frozenset(),
         kind = _scalar_type(hints[f.name])
         if kind is None:
             continue
-        if kind is bool:
+        if f.name == "device":
+            parser.add_argument(flag, dest=dest, default=None, metavar="DEVICE", help=DEVICE_HELP)
+        elif kind is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"default: {f.default}")
         else:

@@ -65,7 +65,7 @@ def _require_bool(name: str, value: Any) -> None:
 class EngineConfig:
     """Options of one engine instance (device, precision, memory)."""
 
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA where torch sees a device, else the CPU (resolved in __post_init__)
     dtype: Any = None  # all components; overridden per component below
     dit_dtype: Any = None  # default: bf16 where the device runs it fast, else fp32
     vae_dtype: Any = None  # default: fp32
@@ -89,10 +89,11 @@ class EngineConfig:
     offload_experts: bool = False
 
     def __post_init__(self):
+        self.device = resolve_device(self.device)
         try:
             self.torch_device = torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device: {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from exc
+            raise ValueError(f"device: {self.device!r} is not a torch device (e.g. auto, cpu, cuda, cuda:1)") from exc
         _check_device_present(self.torch_device)
         for name in ("dtype", "dit_dtype", "vae_dtype", "text_encoder_dtype"):
             setattr(self, name, parse_dtype(getattr(self, name), name))
@@ -131,16 +132,23 @@ class EngineConfig:
         return cls(**options)
 
 
+def resolve_device(device: Any) -> Any:
+    """``"auto"``: ``"cuda"`` where torch sees a CUDA device, else ``"cpu"``; any other value as given."""
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def _check_device_present(device: torch.device) -> None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device: {str(device)!r} asked for, but torch sees no CUDA device "
-                             "(torch.cuda.is_available() is False; a CPU build of torch?)")
+                             "(torch.cuda.is_available() is False; a CPU build of torch?): use cpu, or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device: {str(device)!r} does not exist "
                              f"(allowed: cuda:0..cuda:{torch.cuda.device_count() - 1})")
     elif device.type not in ("cpu", "meta") and not hasattr(torch, device.type):
-        raise ValueError(f"device: {str(device)!r} is not supported (allowed: cpu, cuda, cuda:N)")
+        raise ValueError(f"device: {str(device)!r} is not supported (allowed: auto, cpu, cuda, cuda:N)")
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ def test_generate_matches_wanpipeline_bf16(tiny_wan_dir, no_tf32):
 def test_seed_gives_the_same_video_on_cpu_and_cuda(tiny_wan_dir, gen_fp32, no_tf32):
     from vidloom import VideoGenerator
 
-    cpu = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32")
+    cpu = VideoGenerator.from_pretrained(tiny_wan_dir, device="cpu", dtype="fp32")  # the default is auto: CUDA here
+    assert device_of(cpu.pipeline.components["transformer"]).type == "cpu"
     common = dict(seed=11, num_inference_steps=3, guidance_scale=4.0, **SIZE)
     on_cpu, on_cuda = cpu.generate("a blue square", **common), gen_fp32.generate("a blue square", **common)
     err = rel_err(on_cuda.frames, on_cpu.frames)
