@@ -236,12 +236,13 @@ def client(index: int, server: Server, stop: threading.Event, tally: Tally, host
                     time.sleep(0.2)
                     try:
                         v = http.get(f"/v1/videos/{video['id']}")
-                    except httpx.HTTPError:
+                    except httpx.HTTPError as exc:  # the server is down (killed) for a moment
+                        tally.add("connection", type(exc).__name__)
+                        time.sleep(0.3)
                         continue
+                    tally.add("poll", v.status_code, v.text)
                     if v.status_code == 200 and v.json()["status"] in ("completed", "failed"):
                         break
-                    if v.status_code >= 500:
-                        tally.add("poll", v.status_code, v.text)
             except httpx.HTTPError as exc:  # the server was killed under this request
                 tally.add("connection", type(exc).__name__)
                 time.sleep(0.2)
@@ -362,8 +363,13 @@ def main() -> int:
         pg.stop()
     if mounted:
         subprocess.run(["umount", "-l", str(fs_root)])
+    log = (work / "server.log").read_text(errors="replace")
+    held = {"video writes held for a full disk": log.count("the video cannot be written yet"),
+            "store outages seen by the engine loop": log.count("job store unavailable"),
+            "jobs handed back at SIGTERM": log.count("back in the queue")}
     hostile = {s: n for (k, s), n in tally.statuses.items() if k == "hostile"}
     good = {s: n for (k, s), n in tally.statuses.items() if k == "good"}
+    polls = {s: n for (k, s), n in tally.statuses.items() if k == "poll"}
     figures = {
         "machine": machine_description(), "clients": args.clients, "chaos_seconds": args.chaos_seconds,
         "postgres": bool(pg), "filled_data_fs": mounted, "events": events,
@@ -371,9 +377,10 @@ def main() -> int:
         "lost": lost, "completed_twice": twice, "restarted_after_kill": restarted,
         "good_responses": {str(k): v for k, v in sorted(good.items(), key=str)},
         "hostile_responses": {str(k): v for k, v in sorted(hostile.items(), key=str)},
+        "poll_responses": {str(k): v for k, v in sorted(polls.items(), key=str)},
         "hostile_accepted": tally.hostile_accepted, "unexpected_5xx": tally.unexpected,
         "connection_errors": sum(n for (k, _), n in tally.statuses.items() if k == "connection"),
-        "failures": failures[:10], "seconds": round(time.time() - began, 1),
+        "failures": failures[:10], "server_log": held, "seconds": round(time.time() - began, 1),
     }
     print()
     print(f"soak: {args.clients} clients, {args.chaos_seconds:g} s of submissions, 2 SIGKILLs"
@@ -384,10 +391,12 @@ def main() -> int:
     print(f"  lost                    {lost}")
     print(f"  completed twice         {twice}")
     print(f"  started again after a kill (attempts > 1): {restarted}")
-    print(f"  good requests by status {figures['good_responses']}")
+    print(f"  good requests by status {figures['good_responses']}; polls by status {figures['poll_responses']}")
     print(f"  hostile requests by status {figures['hostile_responses']} (accepted: {len(tally.hostile_accepted)})")
     print(f"  5xx other than 503/507  {len(tally.unexpected)}" + (f": {tally.unexpected[:3]}" if tally.unexpected else ""))
-    print(f"  connections cut by the kills: {figures['connection_errors']}; whole run {figures['seconds']} s")
+    print(f"  requests refused while the server was down: {figures['connection_errors']}; "
+          f"whole run {figures['seconds']} s")
+    print(f"  server log: {held}")
     ok = (lost == 0 and twice == 0 and failed == 0 and not tally.unexpected and not tally.hostile_accepted
           and figures["completed_once"] == figures["accepted_good"] > 0)
     print(f"  target (every accepted good job completed exactly once, no 5xx but 503/507): {'MET' if ok else 'MISSED'}")
