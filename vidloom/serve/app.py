@@ -92,17 +92,20 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        seen = 0
+        seen, whole = 0, False
         deadline = time.monotonic() + self.timeout_s
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, whole
+            if whole:  # after the body: waiting for a disconnect while a response streams is not bounded
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise BodyTimeout(f"the request body did not arrive within {self.timeout_s:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                whole = not message.get("more_body", False)
                 if seen > self.limit:
                     raise BodyTooLarge(f"the request body is larger than {self.limit} bytes")
             return message

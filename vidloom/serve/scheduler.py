@@ -11,9 +11,9 @@ before the job is marked completed.
 
 A job's outcome is never lost to a store outage or a full disk: until the store has recorded it
 (and, for a finished video, until the file is written), the job stays held by this loop and the
-write is tried again every round. Leases (a store shared by replicas) are renewed by a heartbeat
-thread, so a unit of work longer than the lease does not lose the job. ``stop(drain=True)``
-(SIGTERM) finishes the unit under way and hands the held jobs back to the queue.
+write is tried again every RETRY_S. Leases (a store shared by replicas) are renewed by a
+heartbeat thread, so a unit of work longer than the lease does not lose the job. ``stop()``
+(SIGTERM) lets the unit under way finish and hands the running jobs back to the queue.
 """
 
 from __future__ import annotations

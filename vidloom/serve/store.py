@@ -166,12 +166,6 @@ class JobStore:
                           f"({', '.join('?' * len(job_ids))})", [time.time() + self.lease_s, owner, IN_PROGRESS,
                                                                  *job_ids])
 
-    def holds(self, job_id: str, owner: str) -> bool:
-        """Whether ``owner`` still holds the job (in progress, not taken over, not deleted)."""
-        row = self._execute("SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND status = ?",
-                            (job_id, owner, IN_PROGRESS), fetch="one")
-        return row is not None
-
     def set_progress(self, job_id: str, owner: str, progress: int) -> None:
         self._execute("UPDATE jobs SET progress = ? WHERE id = ? AND owner = ? AND status = ?",
                       (progress, job_id, owner, IN_PROGRESS))
