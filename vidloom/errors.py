@@ -46,3 +46,26 @@ class NumericalError(VidloomError):
 
 class TaskCancelled(VidloomError):
     """The task was cancelled before it finished."""
+
+
+class ResourceExhausted(VidloomError, MemoryError):
+    """Memory ran out (host or device) while a unit of work ran: the request may fit at a smaller
+    size or with a lower-memory configuration; the engine itself is left usable."""
+
+
+def engine_error(exc: BaseException) -> BaseException:
+    """An error raised while a unit of work ran, as the engine's own type where it has one:
+    torch's and the allocators' out-of-memory errors become ResourceExhausted (the cause kept).
+    The one place an error is recognised by more than its type: torch's CPU allocator raises a
+    plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    if isinstance(exc, VidloomError):
+        return exc
+    out_of_memory = isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        type(exc) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(exc))
+    if not out_of_memory:
+        return exc
+    error = ResourceExhausted(f"out of memory: {' '.join(str(exc).split())[:300]}")
+    error.__cause__ = exc
+    return error

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import errno
 import os
 import signal
 import subprocess
@@ -59,6 +60,10 @@ MAX_FPS = 1000
 # Pseudo file systems: os.access may call them writable (always, for root), yet creating
 # a file there fails.
 PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"))
+
+
+# the write errors ffmpeg can exit with that mean "no room": a full disk, a quota, a file size limit
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class VideoEncodingError(VidloomError, RuntimeError):
@@ -109,7 +114,9 @@ def export_video(
 
     Raises InvalidRequestError naming the field for a bad argument, OutputWriteError
     when writing fails (disk full, file size limit, I/O error) and VideoEncodingError
-    when ffmpeg fails (for MP4 that includes ffmpeg's own write errors).
+    when ffmpeg fails (for MP4 that includes ffmpeg's own write errors, except running out of
+    room: a full disk, a quota or the file size limit ffmpeg reports as its exit status is an
+    OutputWriteError with that errno).
     """
     path = Path(path)
     kind = check_output_path(path)
@@ -484,6 +491,10 @@ def _run_encoder(command: list[str], frames: Iterator[np.ndarray]) -> None:
         if status != 0:
             log.seek(0)
             tail = log.read().decode(errors="replace").strip()[-2000:]
+            if 0 < status and 256 - status in WRITE_ERRNOS:
+                # ffmpeg exits with its error code, -errno, as an 8-bit status (228: -ENOSPC): the
+                # output could not be written, a condition the caller may wait out, not a bad encode
+                raise OSError(256 - status, f"{os.strerror(256 - status)} (ffmpeg: {tail[-300:]})")
             raise VideoEncodingError(f"ffmpeg {_exit_text(status)}: {tail or '(no output)'}")
 
 

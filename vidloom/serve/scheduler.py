@@ -26,7 +26,8 @@ import time
 import uuid
 from pathlib import Path
 
-from ..errors import InvalidRequestError, NumericalError, TaskCancelled, VidloomError
+from ..errors import (InvalidRequestError, NumericalError, ResourceExhausted, TaskCancelled, VidloomError,
+                      engine_error)
 from .store import Job, JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -315,11 +316,16 @@ class EngineLoop:
             self.metrics.job_seconds.observe(time.time() - job.created_at)
 
     def _fail(self, job: Job, exc: BaseException) -> None:
-        code = {InvalidRequestError: "invalid_request", NumericalError: "numerical_error",
-                TaskCancelled: "cancelled"}.get(type(exc), "out_of_memory" if _is_oom(exc) else "generation_failed")
+        exc = engine_error(exc)
+        code = next((code for kind, code in ERROR_CODES if isinstance(exc, kind)), "generation_failed")
         log.warning("job %s failed: %s", job.id, exc)
         message = str(exc)[:2000] or type(exc).__name__
         self._settle(job, lambda: self.store.fail(job.id, code, message, owner=self.owner))
+
+
+# a failed job's error code, by the error's type (first match)
+ERROR_CODES = ((InvalidRequestError, "invalid_request"), (NumericalError, "numerical_error"),
+               (TaskCancelled, "cancelled"), (ResourceExhausted, "out_of_memory"))
 
 
 class DiskFull(OSError):
@@ -327,13 +333,8 @@ class DiskFull(OSError):
 
 
 def _is_disk_full(exc: BaseException) -> bool:
-    # ffmpeg reports the writer's ENOSPC in its own message, not as an errno
-    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
-        "no space left on device" in str(exc).lower() or "disk quota exceeded" in str(exc).lower()
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+    # export_video gives an OSError with the cause's errno, ffmpeg's exit status included
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class RankBroadcast:
