@@ -159,6 +159,13 @@ class VideoGenerator:
             limits = _plan_refine_model(pipe_cls, plans, limits, config)[2]
         return limits
 
+    def check(self, prompt: str = "", **sampling) -> SamplingParams:
+        """A request checked against this model (sizes, frames, steps, guidance, the images'
+        formats and dimensions), before any work; InvalidRequestError names the first bad field."""
+        params = SamplingParams.from_kwargs(prompt, **sampling)
+        self.pipeline.validate_request(params)
+        return params
+
     # --- task API -------------------------------------------------------------------------------
     def submit(self, prompt: str = "", callback: StepCallback | None = None, **sampling) -> Task:
         """Validate a request (raising InvalidRequestError before any work) and queue it as a task."""

@@ -238,7 +238,9 @@ class SQLiteJobStore(JobStore):
 
     def __init__(self, path: str | Path, exclusive: bool = True, busy_timeout_s: float = 5.0):
         self.path = Path(path)
-        self._lock = threading.Lock()
+        # writes on one connection, reads on another: a write waiting for SQLite's lock (another
+        # process, a busy disk) does not hold up reads (/health, polls), which WAL lets run
+        self._lock, self._read_lock = threading.Lock(), threading.Lock()
         self._holder = _lock_file(self.path.with_name(self.path.name + ".lock")) if exclusive else None
         try:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
@@ -247,20 +249,24 @@ class SQLiteJobStore(JobStore):
             self._db.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut too
             self._db.executescript(SCHEMA)
             self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a corrupt file fails here, not later
+            self._reader = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                           timeout=busy_timeout_s)
         except BaseException:
             if self._holder is not None:
                 self._holder.close()
             raise
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._db.close()
             if self._holder is not None:
                 self._holder.close()  # the lock goes with the descriptor
 
     def _execute(self, sql, args=(), fetch=None):
-        with self._lock, _unavailable():
-            cursor = self._db.execute(sql, args)
+        reading = sql.startswith("SELECT")
+        with (self._read_lock if reading else self._lock), _unavailable():
+            cursor = (self._reader if reading else self._db).execute(sql, args)
             return _fetch(cursor, fetch)
 
     def claim(self, owner: str) -> Job | None:
