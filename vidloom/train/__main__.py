@@ -185,14 +185,25 @@ def writable_folder(option: str, folder: Path) -> None:
         raise UsageError(f"{option}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
-def train(args: argparse.Namespace) -> int:
-    recipe, device = checked_options(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def set_up_device(device: torch.device, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights and optimizer, TF32 products
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+
+
+def normalised(latents: torch.Tensor, mean, std) -> torch.Tensor:
+    """Latents (N, C, F, H, W) per channel to zero mean and unit std, as the DiT is trained on them."""
+    shape = (1, -1, 1, 1, 1)
+    return (latents - torch.tensor(mean, device=latents.device).view(shape)) / torch.tensor(
+        std, device=latents.device).view(shape)
+
+
+def train(args: argparse.Namespace) -> int:
+    recipe, device = checked_options(args)
+    set_up_device(device, args.threads)
     began = time.time()
 
     def left() -> float | None:
@@ -226,9 +237,7 @@ def train(args: argparse.Namespace) -> int:
     latents = cached_latents(args.run_dir / "latents.safetensors", vae, clips, batch=64 if device.type == "cuda" else 8)
     if args.init is None:
         mean, std = latent_stats(latents)
-    shape = (1, -1, 1, 1, 1)
-    latents = (latents - torch.tensor(mean, device=latents.device).view(shape)) / torch.tensor(
-        std, device=latents.device).view(shape)
+    latents = normalised(latents, mean, std)
     ids = torch.tensor([index[c] for c in captions])
 
     def train(**more) -> dict:
