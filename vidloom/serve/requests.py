@@ -13,22 +13,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Any
 
 from ..config import MAX_PROMPT_CHARS, SamplingParams, check_text
 from ..errors import InvalidRequestError
 
-# request field -> (type, what is allowed); form strings are converted to the type
-FIELDS: dict[str, tuple[type, str]] = {
-    "negative_prompt": (str, "a string"),
-    "num_frames": (int, "an integer"),
-    "fps": (int, "an integer"),
-    "num_inference_steps": (int, "an integer"),
-    "guidance_scale": (float, "a number"),
-    "guidance_scale_2": (float, "a number"),
-    "seed": (int, "an integer"),
-    "flow_shift": (float, "a number"),
-}
+# the SamplingParams fields a request may set, beside the OpenAI ones
+SERVED_FIELDS = ("negative_prompt", "num_frames", "fps", "num_inference_steps", "guidance_scale", "guidance_scale_2",
+                 "seed", "flow_shift")
+_ALLOWED = {str: "a string", int: "an integer", float: "a number"}
+
+
+def _field_kinds() -> dict[str, tuple[type, str]]:
+    """Request field -> (its SamplingParams type, what is allowed), read from the dataclass so the
+    server never restates it; form strings are converted to the type."""
+    hints = typing.get_type_hints(SamplingParams)
+    kinds = {}
+    for name in SERVED_FIELDS:
+        kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
+        kinds[name] = (kind, _ALLOWED[kind])
+    return kinds
+
+
+FIELDS: dict[str, tuple[type, str]] = _field_kinds()
 OPENAI_FIELDS = ("prompt", "model", "seconds", "size")
 UPLOADS = {"input_reference": "image", "last_image": "last_image"}
 MAX_SECONDS = 600.0
