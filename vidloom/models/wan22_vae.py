@@ -27,8 +27,21 @@ from vidloom.models.causal3d import (
     CausalCache, CausalConv3d, CausalDecoder, CausalEncoder, MidBlock, Resample, ResidualBlock, RMSNorm,
 )
 
-if typing.TYPE_CHECKING:
-    from vidloom.models.wan_vae import WanVAEConfig
+
+
+class ResidualVAEConfig(typing.Protocol):
+    """What the residual stages read of a VAE's architecture (``wan_vae.WanVAEConfig`` has it;
+    named here so this file does not import the one that imports it)."""
+
+    base_dim: int
+    decoder_dim: int
+    dim_mult: typing.Sequence[int]
+    num_res_blocks: int
+    dropout: float
+    temperal_downsample: typing.Sequence[bool]
+    in_channels: int
+    out_channels: int
+    z_dim: int
 
 
 def patch_view(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -154,7 +167,7 @@ class ResidualUpBlock(nn.Module):
 class ResidualEncoder3d(CausalEncoder):
     """Wan2.2: patch channels -> 2 * z_dim moments."""
 
-    def __init__(self, config: WanVAEConfig) -> None:
+    def __init__(self, config: ResidualVAEConfig) -> None:
         super().__init__()
         dims = [config.base_dim * m for m in (1, *config.dim_mult)]
         last = len(config.dim_mult) - 1
@@ -172,7 +185,7 @@ class ResidualEncoder3d(CausalEncoder):
 class ResidualDecoder3d(CausalDecoder):
     """Wan2.2: latents -> patch channels (unclamped)."""
 
-    def __init__(self, config: WanVAEConfig) -> None:
+    def __init__(self, config: ResidualVAEConfig) -> None:
         super().__init__()
         mults = config.dim_mult
         dims = [config.decoder_dim * m for m in (mults[-1], *reversed(mults))]
