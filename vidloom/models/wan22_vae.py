@@ -28,7 +28,6 @@ from vidloom.models.causal3d import (
 )
 
 
-
 class ResidualVAEConfig(typing.Protocol):
     """What the residual stages read of a VAE's architecture (``wan_vae.WanVAEConfig`` has it;
     named here so this file does not import the one that imports it)."""
