@@ -16,6 +16,7 @@ from vidloom.models.attention import (
     BACKENDS, SDPA, AttentionContext, Backend, attention, attention_context, attention_with_lse, current_context,
     sdpa_attention, select_backend, sequence_parallel,
 )
+from vidloom.models.causal3d import AttentionBlock, fold_time, unfold_time
 from vidloom.models.wan_dit import WanDiT
 
 
@@ -211,6 +212,27 @@ def test_sequence_parallel_self_attention_needs_the_layout():
     q = torch.randn(1, 4, 2, 8)
     with sequence_parallel(WholeSequence()), pytest.raises(ValueError, match="needs layout"):
         attention(q, q, q, kind="self")
+
+
+# ------------------------------------------------------------------------- the VAE
+
+def test_the_vae_attention_goes_through_the_entry_point_unchanged(counting):
+    recorder = counting()
+    torch.manual_seed(5)
+    block = AttentionBlock(8)
+    x = torch.randn(1, 8, 2, 3, 5)  # (B, C, T, H, W)
+    with torch.no_grad():
+        out = block(x)
+        with attention_context(AttentionContext(backend=select_backend("counting"))):
+            counted = block(x)
+        # the direct call the block made before: one head, pixels as tokens
+        b, c, t, h, w = x.shape
+        qkv = block.to_qkv(block.norm(fold_time(x)))
+        q, k, v = qkv.reshape(b * t, 1, 3 * c, h * w).transpose(2, 3).contiguous().chunk(3, dim=-1)
+        direct = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        direct = x + unfold_time(block.proj(direct), b)
+    assert torch.equal(counted, out) and torch.equal(out, direct)
+    assert recorder.calls == [((3, 5), False, 15, 15)]
 
 
 def test_backend_record_is_frozen():
