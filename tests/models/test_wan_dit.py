@@ -97,9 +97,9 @@ def test_collapse_repeated_tail_keeps_distinct_tokens():
     assert torch.equal(short, ctx[:, :7]) and bias.tolist() == pytest.approx([0.0] * 6 + [math.log(3)])
     q, k, v = torch.randn(2, 5, 2, 2), torch.randn(2, 9, 2, 2), torch.randn(2, 9, 2, 2)
     k[0, 6:], v[0, 6:], k[1, 4:], v[1, 4:] = k[0, 8], v[0, 8], k[1, 8], v[1, 8]
-    full = attention(q, k, v)
-    assert rel(attention(q, k[:, :7], v[:, :7], bias=bias), full) <= 1e-6
-    assert rel(attention(q, k[:, :7], v[:, :7]), full) > 1e-2  # without the bias it is another attention
+    full = attention(q, k, v, kind="cross")
+    assert rel(attention(q, k[:, :7], v[:, :7], kind="cross", bias=bias), full) <= 1e-6
+    assert rel(attention(q, k[:, :7], v[:, :7], kind="cross"), full) > 1e-2  # without the bias it is another attention
 
 
 def test_rotary_is_a_rotation():

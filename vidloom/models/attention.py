@@ -1,53 +1,211 @@
 """The one attention entry point every model calls.
 
-Models hand over queries, keys and values in (batch, tokens, heads, head_dim) layout;
-this layer chooses the kernel. Parallel schemes attach here from outside, so model files
-stay free of distributed code: while a sequence-parallel context is active (set by the
-pipeline around a forward, ``sequence_parallel``), ``shard_sequence`` / ``gather_sequence``
-split and join the token sequence and self-attention runs through its all-to-all; with none
-active they are identities.
+Models hand over queries, keys and values in (batch, tokens, heads, head_dim) layout and say
+which attention it is: ``kind="self"`` over the token sequence itself, ``kind="cross"`` to a
+whole context such as text. What runs it travels in one frozen ``AttentionContext``: the
+sequence-parallel object and the ``Backend`` (the local kernel, from ``BACKENDS``). The context
+is set from outside around a forward (``attention_context``, ``sequence_parallel``), so model
+files hold neither distributed code nor a kernel choice. While a sequence-parallel object is
+active, ``shard_sequence`` / ``gather_sequence`` split and join the token sequence and
+self-attention runs through its exchange; with none they are identities.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import functools
 import math
+from typing import Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
-_SEQUENCE_PARALLEL: contextvars.ContextVar = contextvars.ContextVar("sequence_parallel", default=None)
+# The whole token sequence's grid, e.g. (frames, rows, columns) after patching, in token order.
+# Its product is the sequence's length before any sharding or padding.
+Layout = tuple[int, ...]
+
+# query rows per block of the log-sum-exp path: its float32 scores are (B, H, 1024, Lk)
+LSE_QUERY_CHUNK = 1024
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Full (non-causal) attention on this process. q: (B, Lq, H, D), k/v: (B, Lk, H, D);
-    ``bias``: None, (Lk,) float32 added to every query's scores, or (B, Lk) per row (rows of
-    several requests batched together, their keys padded with -inf)."""
-    mask = None
-    if bias is not None:
-        # float32 even for bf16 q on the CPU: the log-weights stay exact. CUDA's fused kernels take a
-        # mask only in q's dtype; there log m (< 7 for 512 keys) rounds by at most 1/64 in bf16, a
-        # weight within 1.6 % of m, the size of bf16's own rounding of the scores.
-        mask = bias.view(1, 1, 1, -1) if bias.ndim == 1 else bias[:, None, None, :]
-        if q.device.type != "cpu":
-            mask = mask.to(q.dtype)
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A local attention kernel and what it supports.
+
+    ``fn(q, k, v, *, bias=None, layout=None, return_lse=False)``: q (B, Lq, H, D), k/v (B, Lk, H, D)
+    -> out (B, Lq, H, D); with ``return_lse`` (only if ``returns_lse``) -> (out, lse (B, Lq, H)
+    float32), lse the log-sum-exp of each query's scaled scores. ``bias`` as for ``attention``;
+    ``layout`` the token grid of a self-attention (None elsewhere). ``exact``: the full softmax
+    attention up to rounding (not a sparse or quantised approximation).
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    supports_bias: bool
+    returns_lse: bool
+    exact: bool
+
+    def check(self, q: torch.Tensor) -> None:
+        """A clear error where the kernel cannot run q's device or dtype."""
+        if q.device.type not in self.devices:
+            raise ValueError(f"attention backend {self.name!r}: runs on {', '.join(sorted(self.devices))}, "
+                             f"not {q.device.type}")
+        if q.dtype not in self.dtypes:
+            names = ", ".join(sorted(_dtype_name(d) for d in self.dtypes))
+            raise ValueError(f"attention backend {self.name!r}: takes {names}, not {_dtype_name(q.dtype)}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _broadcast_bias(bias: torch.Tensor) -> torch.Tensor:
+    """A score bias (Lk,) or (B, Lk) -> a view broadcasting over the scores (B, H, Lq, Lk)."""
+    return bias.view(1, 1, 1, -1) if bias.ndim == 1 else bias[:, None, None, :]
+
+
+def _score_mask(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """SDPA's additive mask for ``bias``."""
+    if bias is None:
+        return None
+    # float32 even for bf16 q on the CPU: the log-weights stay exact. CUDA's fused kernels take a
+    # mask only in q's dtype; there log m (< 7 for 512 keys) rounds by at most 1/64 in bf16, a
+    # weight within 1.6 % of m, the size of bf16's own rounding of the scores.
+    mask = _broadcast_bias(bias)
+    return mask if q.device.type == "cpu" else mask.to(q.dtype)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
+                   layout: Layout | None = None, return_lse: bool = False):
+    """Full (non-causal) attention by ``F.scaled_dot_product_attention``; the ``sdpa`` backend's
+    kernel. With ``return_lse``, ``attention_with_lse`` (SDPA's public call returns no lse).
+    ``layout`` is not needed: every query sees every key."""
+    if return_lse:
+        return attention_with_lse(q, k, v, bias)
     # SDPA wants heads before tokens: (B, H, L, D)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=_score_mask(bias, q))
     return out.transpose(1, 2)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, self_attention: bool = False,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q: (B, Lq, H, D), k/v: (B, Lk, H, D) -> (B, Lq, H, D). ``self_attention``: the keys are the
-    (possibly sharded) token sequence itself, as opposed to a whole context such as text.
-    ``bias``: (Lk,) float32 added to the scores (a context's, see ``collapse_repeated_tail``)."""
-    sp = _SEQUENCE_PARALLEL.get()
-    if sp is not None and self_attention:
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention ``sdpa_attention`` computes, and its log-sum-exp: q (B, Lq, H, D), k/v
+    (B, Lk, H, D) -> (out (B, Lq, H, D) in q's dtype, lse (B, Lq, H) float32).
+
+    lse = log sum_j exp(q.k_j / sqrt(D) + bias_j), what a ring of key blocks needs to merge
+    partial outputs. Computed in float32 on blocks of ``LSE_QUERY_CHUNK`` queries, so the score
+    matrix never holds more than one block."""
+    scale = q.shape[-1] ** -0.5
+    kt = k.float().permute(0, 2, 3, 1)  # (B, H, D, Lk)
+    vh = v.float().transpose(1, 2)  # (B, H, Lk, D)
+    mask = None if bias is None else _broadcast_bias(bias.float())
+    outs, lses = [], []
+    for start in range(0, q.shape[1], LSE_QUERY_CHUNK):
+        qh = q[:, start:start + LSE_QUERY_CHUNK].float().transpose(1, 2)  # (B, H, c, D)
+        scores = (qh @ kt) * scale  # (B, H, c, Lk)
+        if mask is not None:
+            scores = scores + mask
+        lse = torch.logsumexp(scores, dim=-1)  # (B, H, c)
+        outs.append(torch.exp(scores - lse[..., None]) @ vh)  # (B, H, c, D)
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)  # (B, Lq, H, D)
+    return out, torch.cat(lses, dim=2).transpose(1, 2)  # (B, Lq, H)
+
+
+SDPA = Backend(
+    name="sdpa", fn=sdpa_attention,
+    devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
+    dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64}),
+    supports_bias=True, returns_lse=True, exact=True,
+)
+
+# name -> backend; the one a context selects by name (``select_backend``)
+BACKENDS: dict[str, Backend] = {SDPA.name: SDPA}
+
+
+def select_backend(name: str) -> Backend:
+    """The registered backend ``name``; an unknown name is an error naming the allowed ones."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"attention backend: unknown {name!r} (allowed: {', '.join(sorted(BACKENDS))})") from None
+
+
+class SequenceParallel(Protocol):
+    """A scheme splitting the token sequence over processes (``parallel.sequence``). It holds no
+    per-forward state: the sequence's length before padding is passed where it matters."""
+
+    def shard(self, x: torch.Tensor, phasors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def span(self, length: int) -> tuple[int, int]: ...
+    def shard_tokens(self, t: torch.Tensor) -> torch.Tensor: ...
+    def gather(self, x: torch.Tensor, length: int) -> torch.Tensor: ...
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+                  local: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
+    """What attention runs with; never per-request data. ``sequence``: the sequence-parallel
+    object (None: this process holds the whole sequence); ``backend``: the local kernel."""
+
+    sequence: SequenceParallel | None = None
+    backend: Backend = SDPA
+
+
+_CONTEXT: contextvars.ContextVar[AttentionContext] = contextvars.ContextVar("attention_context",
+                                                                            default=AttentionContext())
+
+
+def current_context() -> AttentionContext:
+    return _CONTEXT.get()
+
+
+@contextlib.contextmanager
+def attention_context(context: AttentionContext):
+    """Make ``context`` the one attention runs with inside the block."""
+    token = _CONTEXT.set(context)
+    try:
+        yield context
+    finally:
+        _CONTEXT.reset(token)
+
+
+@contextlib.contextmanager
+def sequence_parallel(sp: SequenceParallel | None):
+    """Make ``sp`` (e.g. ``parallel.sequence.UlyssesSequenceParallel``, or None) active inside the
+    block, with the backend of the context around it."""
+    with attention_context(dataclasses.replace(current_context(), sequence=sp)):
+        yield sp
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: Literal["self", "cross"],
+              bias: torch.Tensor | None = None, layout: Layout | None = None) -> torch.Tensor:
+    """q: (B, Lq, H, D), k/v: (B, Lk, H, D) -> (B, Lq, H, D), by the context's backend.
+
+    ``kind="self"``: the keys are the (possibly sharded) token sequence itself, laid out as
+    ``layout`` (the whole sequence's token grid; sequence-parallel self-attention needs it for
+    the length). ``kind="cross"``: the keys are a whole context. ``bias``: None, (Lk,) float32
+    added to every query's scores (a context's, see ``collapse_repeated_tail``), or (B, Lk) per
+    row. A backend that takes no bias hands a biased call to SDPA.
+    """
+    if kind not in ("self", "cross"):
+        raise ValueError(f"attention kind: expected 'self' or 'cross', got {kind!r}")
+    context = _CONTEXT.get()
+    backend = context.backend if bias is None or context.backend.supports_bias else SDPA
+    backend.check(q)
+    if kind == "self" and context.sequence is not None:
         if bias is not None:
             raise ValueError("a score bias is for a context's keys, not for sequence-parallel self-attention")
-        return sp.attention(q, k, v, local_attention)
-    return local_attention(q, k, v, bias)
+        if layout is None:
+            raise ValueError("sequence-parallel self-attention needs layout (the token grid) for the sequence length")
+        local = functools.partial(backend.fn, layout=layout)
+        return context.sequence.attention(q, k, v, math.prod(layout), local)
+    return backend.fn(q, k, v, bias=bias, layout=layout)
 
 
 def collapse_repeated_tail(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -70,36 +228,26 @@ def collapse_repeated_tail(context: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return context[:, : length - m + 1], bias
 
 
-def shard_sequence(x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shard_sequence(x: torch.Tensor, phasors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens (B, L, C) and their rotary phasors (L, D/2) -> this process's share."""
-    sp = _SEQUENCE_PARALLEL.get()
-    return (x, rope) if sp is None else sp.shard(x, rope)
+    sp = _CONTEXT.get().sequence
+    return (x, phasors) if sp is None else sp.shard(x, phasors)
 
 
 def shard_tokens(t: torch.Tensor) -> torch.Tensor:
     """Any per-token tensor (B, L, ...) -> this process's share, cut as ``shard_sequence`` cuts the tokens."""
-    sp = _SEQUENCE_PARALLEL.get()
+    sp = _CONTEXT.get().sequence
     return t if sp is None else sp.shard_tokens(t)
 
 
 def sequence_span(length: int) -> tuple[int, int]:
     """[start, stop) of this process's share of a ``length``-token sequence (stop may pass ``length``
     by the padding of the last share)."""
-    sp = _SEQUENCE_PARALLEL.get()
+    sp = _CONTEXT.get().sequence
     return (0, length) if sp is None else sp.span(length)
 
 
-def gather_sequence(x: torch.Tensor) -> torch.Tensor:
-    """This process's share of the tokens -> the whole sequence (B, L, C)."""
-    sp = _SEQUENCE_PARALLEL.get()
-    return x if sp is None else sp.gather(x)
-
-
-@contextlib.contextmanager
-def sequence_parallel(sp):
-    """Make ``sp`` (e.g. ``parallel.sequence.UlyssesSequenceParallel``, or None) active inside the block."""
-    token = _SEQUENCE_PARALLEL.set(sp)
-    try:
-        yield sp
-    finally:
-        _SEQUENCE_PARALLEL.reset(token)
+def gather_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
+    """This process's share of a ``length``-token sequence -> the whole sequence (B, length, C)."""
+    sp = _CONTEXT.get().sequence
+    return x if sp is None else sp.gather(x, length)

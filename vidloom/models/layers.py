@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,15 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, H, D/2) complex
     return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(-2).to(x.dtype)
+
+
+class Positions(typing.NamedTuple):
+    """Where the tokens sit: the rotary ``phasors`` (L, D/2) complex64 of this process's tokens (see
+    ``apply_rotary``) and the ``grid`` of the whole token sequence, e.g. (frames, rows, columns)
+    after patching, which self-attention receives as its layout."""
+
+    phasors: torch.Tensor
+    grid: tuple[int, ...]
 
 
 def layer_norm_fp32(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:

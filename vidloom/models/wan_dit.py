@@ -20,7 +20,8 @@ from torch import nn
 
 from .attention import attention, collapse_repeated_tail, gather_sequence, sequence_span, shard_sequence, shard_tokens
 from .base import ArchConfig, LoadableModel, require_range
-from .layers import apply_rotary, layer_norm_fp32, linear_gelu_tanh, rope_frequencies, sinusoidal_timestep_embedding
+from .layers import (Positions, apply_rotary, layer_norm_fp32, linear_gelu_tanh, rope_frequencies,
+                     sinusoidal_timestep_embedding)
 
 
 # Sane maxima of the architecture (the largest Wan models use 40 layers, 40 x 128 heads, ffn 13824):
@@ -195,12 +196,13 @@ class _Projections(nn.Module):
 class WanSelfAttention(_Projections):
     """Self-attention over the video tokens with 3-D rotary positions."""
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)  # (B, L, dim) each
-        q = apply_rotary(self.norm_q(q).unflatten(2, (self.heads, -1)), rope)  # (B, L, H, D)
-        k = apply_rotary(self.norm_k(k).unflatten(2, (self.heads, -1)), rope)
+        q = apply_rotary(self.norm_q(q).unflatten(2, (self.heads, -1)), positions.phasors)  # (B, L, H, D)
+        k = apply_rotary(self.norm_k(k).unflatten(2, (self.heads, -1)), positions.phasors)
         v = v.unflatten(2, (self.heads, -1))
-        return self.to_out(attention(q, k, v, self_attention=True).flatten(2).to(x.dtype))
+        out = attention(q, k, v, kind="self", layout=positions.grid)
+        return self.to_out(out.flatten(2).to(x.dtype))
 
 
 class TextKV(typing.NamedTuple):
@@ -270,9 +272,9 @@ class WanCrossAttention(_Projections):
 
     def forward(self, x: torch.Tensor, kv: TextKV) -> torch.Tensor:
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
-        out = attention(q, kv.k, kv.v, bias=kv.bias).flatten(2).to(x.dtype)
+        out = attention(q, kv.k, kv.v, kind="cross", bias=kv.bias).flatten(2).to(x.dtype)
         if kv.k_img is not None:
-            out = out + attention(q, kv.k_img, kv.v_img).flatten(2).to(x.dtype)
+            out = out + attention(q, kv.k_img, kv.v_img, kind="cross").flatten(2).to(x.dtype)
         return self.to_out(out)
 
 
@@ -343,7 +345,7 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, config.ffn_dim)
         self.scale_shift_table = _modulation_table(6, dim)
 
-    def forward(self, x: torch.Tensor, context_kv, modulation: torch.Tensor, rope,
+    def forward(self, x: torch.Tensor, context_kv, modulation: torch.Tensor, positions: Positions,
                 runs: TimestepRuns = TimestepRuns()) -> torch.Tensor:
         # six (B, U, dim) fp32 vectors: shift/scale/gate for attention, then for the feed-forward
         # (U = 1: one timestep for all tokens; see TimestepRuns)
@@ -353,7 +355,7 @@ class WanBlock(nn.Module):
 
         # modulate(x) = norm(x) * (1 + scale) + shift, in float32; residuals also added in float32
         h = runs.modulate(layer_norm_fp32(x, self.eps), shift_a, scale_a).to(dtype)
-        x = runs.gate(x.float(), self.attn1(h, rope), gate_a).to(dtype)
+        x = runs.gate(x.float(), self.attn1(h, positions), gate_a).to(dtype)
 
         if self.norm2 is None:
             h = x
@@ -369,12 +371,12 @@ class Tokens(typing.NamedTuple):
     """The embedded input of the blocks: tokens ``x`` (B, L, dim) (this process's share under
     sequence parallelism), the timestep embeddings ``temb`` (B, U, dim) and their six modulation
     vectors (B, U, 6, dim) with the tokens each serves (``runs``; U = 1 for one timestep), the
-    rotary phasors of the tokens, and the (f, h, w) token grid."""
+    tokens' positions (their rotary phasors and the grid), and the (f, h, w) token grid."""
 
     x: torch.Tensor
     temb: torch.Tensor
     modulation: torch.Tensor
-    rope: torch.Tensor
+    positions: Positions
     grid: tuple[int, int, int]
     runs: TimestepRuns = TimestepRuns()
 
@@ -457,20 +459,20 @@ class WanDiT(LoadableModel):
         else:
             timestep, spans = timestep_runs(timestep)
         temb, modulation = self.condition_embedder(timestep, dtype=x.dtype)
-        x, rope = shard_sequence(x, rope)  # identity unless sequence parallelism is active
+        x, phasors = shard_sequence(x, rope)  # identity unless sequence parallelism is active
         if spans is not None:  # this process's part of every run
             start, stop = sequence_span(length)
             spans = tuple((min(max(lo, start), stop) - start, min(max(hi, start), stop) - start) for lo, hi in spans)
             spans = (*spans[:-1], (spans[-1][0], stop - start))  # the padding joins the last run
         elif temb.shape[1] > 1:  # one embedding per token: cut like the tokens
             temb, modulation = shard_tokens(temb), shard_tokens(modulation)
-        return Tokens(x, temb, modulation, rope, grid, TimestepRuns(spans))
+        return Tokens(x, temb, modulation, Positions(phasors, grid), grid, TimestepRuns(spans))
 
     def run_blocks(self, tokens: Tokens, context_kv: list) -> torch.Tensor:
         """The transformer blocks over the embedded tokens -> (B, tokens, dim)."""
         x = tokens.x
         for block, kv in zip(self.blocks, context_kv):
-            x = block(x, kv, tokens.modulation, tokens.rope, tokens.runs)
+            x = block(x, kv, tokens.modulation, tokens.positions, tokens.runs)
         return x
 
     def head(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
@@ -480,7 +482,7 @@ class WanDiT(LoadableModel):
         # (B, U, dim) each; U = 1 for one timestep
         shift, scale = (self.scale_shift_table.unsqueeze(0) + tokens.temb.unsqueeze(2)).unbind(2)
         x = tokens.runs.modulate(layer_norm_fp32(x, self.config.eps), shift, scale).to(x.dtype)
-        x = gather_sequence(self.proj_out(x))  # (B, tokens, pt*ph*pw*C); the head is per token
+        x = gather_sequence(self.proj_out(x), math.prod(grid))  # (B, tokens, pt*ph*pw*C); the head is per token
         x = x.reshape(b, *grid, pt, ph, pw, -1)  # (B, f, h, w, pt, ph, pw, C)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return x.reshape(b, -1, grid[0] * pt, grid[1] * ph, grid[2] * pw)

@@ -19,20 +19,20 @@ class UlyssesSequenceParallel:
     """One forward's sharding over ``group`` (``size`` ranks, this one ``rank``)."""
 
     def __init__(self, group, size: int, rank: int):
+        # no per-forward state: the sequence's length before padding is an argument where it matters
         self.group, self.size, self.rank = group, size, rank
-        self.length: int | None = None  # tokens before padding, set by shard()
 
     # -- token sharding -------------------------------------------------------------------------
 
-    def shard(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, L, C) and rope (L, D/2) -> this rank's (B, L_pad/N, C) and (L_pad/N, D/2)."""
-        self.length = length = x.shape[1]
+    def shard(self, x: torch.Tensor, phasors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, L, C) and rotary phasors (L, D/2) -> this rank's (B, L_pad/N, C) and (L_pad/N, D/2)."""
+        length = x.shape[1]
         padded = -(-length // self.size) * self.size
         if padded != length:
             x = F.pad(x, (0, 0, 0, padded - length))  # zero tokens at the end
-            rope = torch.cat([rope, rope.new_ones(padded - length, rope.shape[1])])  # no rotation
+            phasors = torch.cat([phasors, phasors.new_ones(padded - length, phasors.shape[1])])  # no rotation
         n = padded // self.size
-        return x[:, self.rank * n:(self.rank + 1) * n].contiguous(), rope[self.rank * n:(self.rank + 1) * n]
+        return x[:, self.rank * n:(self.rank + 1) * n].contiguous(), phasors[self.rank * n:(self.rank + 1) * n]
 
     def span(self, length: int) -> tuple[int, int]:
         """[start, stop) of this rank's share of a ``length``-token sequence, padding included."""
@@ -47,18 +47,20 @@ class UlyssesSequenceParallel:
             t = torch.cat([t, t[:, -1:].expand(-1, stop - t.shape[1], *t.shape[2:])], dim=1)
         return t[:, start:stop]
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L_pad/N, C) shards of every rank -> (B, L, C), padding dropped."""
+    def gather(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, L_pad/N, C) shards of every rank of a ``length``-token sequence -> (B, length, C),
+        padding dropped."""
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=1)[:, : self.length]
+        return torch.cat(parts, dim=1)[:, :length]
 
     # -- attention ------------------------------------------------------------------------------
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local) -> torch.Tensor:
-        """Self-attention over the whole sequence from token shards q/k/v (B, n, H, D) -> (B, n, H, D)."""
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, local) -> torch.Tensor:
+        """Self-attention over a whole ``length``-token sequence from token shards q/k/v (B, n, H, D)
+        -> (B, n, H, D). ``local(q, k, v)`` attends on this rank, over every token and H/N heads."""
         q, k, v = (self._tokens_to_heads(t) for t in (q, k, v))  # (B, L_pad, H/N, D)
-        out = local(q, k[:, : self.length], v[:, : self.length])  # padding is never a key
+        out = local(q, k[:, :length], v[:, :length])  # padding is never a key
         return self._heads_to_tokens(out)
 
     def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
