@@ -18,11 +18,9 @@ from vidloom.default_model import (
 )
 from vidloom.demo import main as demo_main, world_first_frame
 
+from .numerics import rel_err
+
 FP32_RTOL = 1e-4  # fp32 parity bound: relative error on the whole video
-
-
-def rel_err(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("folder, expand, limit_mb",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
+
+from ..numerics import rel_err  # noqa: F401 - the CUDA tests import it from here
 
 # VIDLOOM_CUDA_TESTS_ON_CPU=1 runs these tests on the CPU instead: a dry run of the tests' own
 # logic (fixtures, calls, shapes) on a machine without a GPU. It says nothing about CUDA.
@@ -21,11 +22,6 @@ requires_cuda = pytest.mark.skipif(not (CUDA or DRY_RUN_ON_CPU), reason=NO_CUDA_
 FP32_RTOL = 1e-4  # the project's fp32 parity bound: relative error on the whole output
 
 
-def rel_err(a, b) -> float:
-    """||a - b|| / ||b|| in float64, for numpy arrays or torch tensors on any device."""
-    a = a.detach().double().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np.float64)
-    b = b.detach().double().cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

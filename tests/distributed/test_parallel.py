@@ -18,6 +18,8 @@ from vidloom import EngineConfig, VideoGenerator
 from vidloom.cli import main as cli_main
 from vidloom.parallel import check_layout
 
+from ..numerics import rel_err
+
 WORKER = Path(__file__).with_name("worker.py")
 LAUNCH_TIMEOUT_S = 240  # a hang would end here, far beyond a normal run's ~15 s
 
@@ -28,10 +30,6 @@ def launch(nproc: int, model_dir: Path, request: dict, tmp_path: Path) -> subpro
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(WORKER), str(model_dir), str(request_path), str(tmp_path / "out.npy")]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def assert_two_processes_equal_one(folder, request: dict, latents, engine: dict, tmp_path) -> None:

@@ -25,6 +25,7 @@ import torch
 from vidloom import cpu
 from vidloom.models.wan22_vae import patchify, unpatchify
 
+from ..numerics import rel_err
 from .test_wan_vae import seeded_pair
 
 torch.set_num_threads(1)
@@ -34,11 +35,6 @@ CONFIG = dict(base_dim=8, decoder_base_dim=12, z_dim=6, dim_mult=[1, 2, 4, 2], n
               patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, attn_scales=[], dropout=0.0,
               latents_mean=[0.1, -0.2, 0.05, 0.0, 0.3, -0.1], latents_std=[1.5, 0.8, 1.2, 1.0, 0.9, 1.1])
 LATENT_FRAMES, LATENT_HW = 3, 8
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    ours, ref = ours.float(), ref.float()
-    return ((ours - ref).norm() / ref.norm()).item()
 
 
 @functools.cache

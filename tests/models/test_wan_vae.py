@@ -38,6 +38,8 @@ from vidloom import cpu
 from vidloom.models import causal3d
 from vidloom.models.wan_vae import WanVAE, WanVAEConfig
 
+from ..numerics import rel_err
+
 torch.set_num_threads(1)
 
 VARIANTS = {
@@ -51,11 +53,6 @@ VARIANTS = {
 COMMON = dict(base_dim=8, z_dim=4, num_res_blocks=1, attn_scales=[], dropout=0.0,
               latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
 LATENT_FRAMES, LATENT_HW = 3, 8
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    ours, ref = ours.float(), ref.float()
-    return ((ours - ref).norm() / ref.norm()).item()
 
 
 def seeded_pair(config: dict, seed: int, gammas: bool = True):

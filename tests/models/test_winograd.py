@@ -11,11 +11,9 @@ import torch.nn.functional as F
 
 from vidloom.models import winograd
 
+from ..numerics import rel_err
+
 torch.set_num_threads(1)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def padded_frames(x: torch.Tensor) -> torch.Tensor:

@@ -8,15 +8,12 @@ import torch
 
 from vidloom import VideoGenerator
 
+from ..numerics import rel_err
+
 FP32_RTOL = 1e-4  # relative error on the whole output, fp32
 BF16_RTOL = 5e-2  # bf16 DiT/text encoder vs the reference's bf16, compounded over steps
 
 SIZE = dict(height=32, width=48, num_frames=9)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def initial_latents(seed=3):
