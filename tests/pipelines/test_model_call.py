@@ -1,0 +1,159 @@
+"""The one model call: every transformer evaluation of the denoising loop goes through the stage's
+``ModelCall``, told whose rows it computes, on every path (batched or split CFG, no guidance,
+several requests in one forward, two experts); a call may refuse to share forwards; the
+per-request policy state is made when a request's denoising begins, one per request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidloom import VideoGenerator
+from vidloom.pipelines.stages.model_call import COND, UNCOND, Rows
+
+SIZE = dict(height=32, width=48, num_frames=5)
+
+
+class CountingCall:
+    """A plain forward that records the rows of every call (owners by identity)."""
+
+    def __init__(self, inner, refuse: bool = False):
+        self.inner, self.refuse = inner, refuse
+        self.calls: list[tuple[Rows, int, torch.nn.Module]] = []
+
+    def __call__(self, expert, x, t, context_kv, rows):
+        assert x.shape[0] == sum(rows.sizes)  # the rows are the forward's rows
+        self.calls.append((rows, x.shape[0], expert.transformer))
+        return self.inner(expert, x, t, context_kv, rows)
+
+    def batch_key(self, batch, expert):
+        return None if self.refuse else self.inner.batch_key(batch, expert)
+
+
+@pytest.fixture
+def counting(tiny_generator, monkeypatch):
+    """The tiny generator's denoising stage with a counting call (restored after the test)."""
+    stage = tiny_generator.pipeline.denoising
+    call = CountingCall(stage.call)
+    monkeypatch.setattr(stage, "call", call)
+    return call
+
+
+def run(gen, prompt="a cat", **kwargs):
+    """A generation as a task, with the policy state its denoising phase had."""
+    task = gen.submit(prompt, **{"seed": 3, "num_inference_steps": 3, **SIZE, **kwargs})
+    gen.run(task)
+    return task.result.frames, task.batch.policy_state
+
+
+@pytest.mark.parametrize("batch_cfg,guidance,per_step", [
+    (True, 5.0, [((COND, UNCOND), 2)]),
+    (False, 5.0, [((COND,), 1), ((UNCOND,), 1)]),
+    (True, 1.0, [((COND,), 1)]),  # guidance 1: no unconditional rows
+])
+def test_every_forward_of_one_request_goes_through_the_call(tiny_generator, counting, monkeypatch,
+                                                            batch_cfg, guidance, per_step):
+    stage = tiny_generator.pipeline.denoising
+    monkeypatch.setattr(stage, "batch_cfg", batch_cfg)
+    with monkeypatch.context() as m:
+        m.setattr(stage, "call", counting.inner)
+        plain, _ = run(tiny_generator, guidance_scale=guidance)
+    frames, state = run(tiny_generator, guidance_scale=guidance)
+    assert len(counting.calls) == 3 * len(per_step)
+    for (rows, n, _), (branches, expected_rows) in zip(counting.calls, per_step * 3):
+        assert rows.branches == branches and n == expected_rows
+        assert all(owner is state for owner in rows.owners)
+    assert torch.equal(torch.as_tensor(frames), torch.as_tensor(plain))
+
+
+def run_together(gen, requests):
+    tasks = [gen.submit(prompt, **{**SIZE, **kwargs}) for prompt, kwargs in requests]
+    shared = []
+    while not all(t.is_finished for t in tasks):
+        shared += gen.step_many([t for t in tasks if not t.is_finished])
+    assert all(t.state.value == "done" for t in tasks), [t.error for t in tasks]
+    return tasks, shared
+
+
+REQUESTS = [  # the first two share forwards; the third's latent shape differs
+    ("a red circle", dict(seed=1, num_inference_steps=3, guidance_scale=4.0)),
+    ("a blue square", dict(seed=2, num_inference_steps=3, guidance_scale=6.0, negative_prompt="blurry")),
+    ("a cat", dict(seed=3, num_inference_steps=3, guidance_scale=3.0, height=48)),
+]
+
+
+def rel_err(a, b) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).norm() / b.norm())
+
+
+def alone(gen, requests):
+    return [gen.generate(prompt, **{**SIZE, **kwargs}).frames for prompt, kwargs in requests]
+
+
+def test_step_many_goes_through_the_call_with_each_requests_rows(tiny_generator, counting):
+    expected = alone(tiny_generator, REQUESTS)
+    counting.calls.clear()
+    tasks, shared = run_together(tiny_generator, REQUESTS)
+    states = [t.batch.policy_state for t in tasks]
+    assert len({id(s) for s in states}) == 3  # one state per request
+    assert shared == [2, 2]  # steps 2 and 3 of the first two requests: one forward each
+    joint = [rows for rows, _, _ in counting.calls if len(set(map(id, rows.owners))) > 1]
+    assert len(joint) == 2
+    for rows in joint:
+        assert [id(o) for o in rows.owners] == [id(states[0])] * 2 + [id(states[1])] * 2
+        assert rows.branches == (COND, UNCOND, COND, UNCOND)
+    # every forward: 3 steps of each request, the shared ones once for two requests
+    assert len(counting.calls) == 3 * 3 - 2
+    for task, frames in zip(tasks, expected):  # the tolerance of test_step_many (summation order)
+        assert rel_err(task.result.frames, frames) <= 1e-4
+
+
+def test_a_call_that_refuses_to_share_runs_each_request_alone(tiny_generator, counting, monkeypatch):
+    requests = REQUESTS[:2]
+    expected = alone(tiny_generator, requests)
+    monkeypatch.setattr(counting, "refuse", True)
+    counting.calls.clear()
+    tasks, shared = run_together(tiny_generator, requests)
+    assert shared == []
+    assert len(counting.calls) == 6
+    assert all(len(set(map(id, rows.owners))) == 1 for rows, _, _ in counting.calls)
+    for task, frames in zip(tasks, expected):
+        assert torch.equal(torch.as_tensor(task.result.frames), torch.as_tensor(frames))
+
+
+def test_policy_state_is_made_when_denoising_begins(tiny_generator):
+    tasks = [tiny_generator.submit(p, seed=1, num_inference_steps=2, **SIZE) for p in ("a cat", "a dog")]
+    assert all(t.batch.policy_state is None for t in tasks)
+    while all(t.batch.policy_state is None for t in tasks):
+        for t in tasks:
+            tiny_generator.step(t)
+    first, second = (t.batch.policy_state for t in tasks)
+    assert first is not None and second is not None and first is not second
+    assert first.values == {} and second.values == {}
+    for t in tasks:
+        tiny_generator.run(t)
+    assert tasks[0].batch.policy_state is first  # the same one for the whole phase
+
+
+def test_two_experts_each_go_through_the_call(tiny_wan_dir, tiny_wan_pipe, tmp_path_factory, monkeypatch):
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from vidloom import tiny
+
+    folder = tmp_path_factory.mktemp("two_expert_call")
+    torch.manual_seed(1)
+    parts = {k: getattr(tiny_wan_pipe, k) for k in ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")}
+    WanPipeline(**parts, transformer_2=WanTransformer3DModel(**tiny.TINY_TRANSFORMER),
+                boundary_ratio=0.6).save_pretrained(str(folder))
+    gen = VideoGenerator.from_pretrained(folder, dtype="fp32")
+    stage = gen.pipeline.denoising
+    plain, _ = run(gen, num_inference_steps=4)
+    call = CountingCall(stage.call)
+    monkeypatch.setattr(stage, "call", call)
+    frames, state = run(gen, num_inference_steps=4)
+    experts = [m for _, _, m in call.calls]
+    assert len(experts) == 4
+    assert experts[0] is stage.experts[0].transformer and experts[-1] is stage.experts[1].transformer
+    assert all(owner is state for rows, _, _ in call.calls for owner in rows.owners)
+    assert torch.equal(torch.as_tensor(frames), torch.as_tensor(plain))
