@@ -157,3 +157,43 @@ def test_two_experts_each_go_through_the_call(tiny_wan_dir, tiny_wan_pipe, tmp_p
     assert experts[0] is stage.experts[0].transformer and experts[-1] is stage.experts[1].transformer
     assert all(owner is state for rows, _, _ in call.calls for owner in rows.owners)
     assert torch.equal(torch.as_tensor(frames), torch.as_tensor(plain))
+
+
+class FailsOnce:
+    """A call that fails once, on its ``at``-th forward, as an out-of-memory error would."""
+
+    def __init__(self, inner, at: int):
+        self.inner, self.at, self.count = inner, at, 0
+
+    def __call__(self, expert, x, t, context_kv, rows):
+        self.count += 1
+        if self.count == self.at:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return self.inner(expert, x, t, context_kv, rows)
+
+    def batch_key(self, batch, expert):
+        return self.inner.batch_key(batch, expert)
+
+
+def test_a_denoising_step_that_fails_can_be_run_again(tiny_generator, monkeypatch):
+    """The unit runner assigns a batch's fields only when its unit succeeds: after a failed step the
+    batch is as before, and running the step again gives the video of an uninterrupted run."""
+    from vidloom.pipelines.base import run_units
+
+    kwargs = dict(seed=5, num_inference_steps=3, **SIZE)
+    expected = tiny_generator.generate("a cat", **kwargs).frames
+    stage, pipe = tiny_generator.pipeline.denoising, tiny_generator.pipeline
+    monkeypatch.setattr(stage, "call", FailsOnce(stage.call, at=2))
+    batch, cursor, failures = tiny_generator.submit("a cat", **kwargs).batch, (0, 0), 0
+    while (unit := pipe.unit_at(batch, cursor)) is not None:
+        before = {name: getattr(batch, name) for name in ("latents", "scheduler_state", "step_index", "context_kv")}
+        [result] = run_units([unit], [batch])
+        if isinstance(result, Exception):
+            assert isinstance(result, torch.OutOfMemoryError) and unit.stage is stage and unit.index == 1
+            assert all(getattr(batch, name) is value for name, value in before.items())
+            failures += 1
+            continue  # the same unit again
+        batch, cursor = result, unit.next_cursor
+    assert failures == 1
+    frames = batch.video[0].permute(1, 2, 3, 0).numpy()  # (T, H, W, 3), as VideoOutput.frames
+    assert torch.equal(torch.as_tensor(frames), torch.as_tensor(expected))
