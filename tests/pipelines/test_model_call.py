@@ -197,3 +197,24 @@ def test_a_denoising_step_that_fails_can_be_run_again(tiny_generator, monkeypatc
     assert failures == 1
     frames = batch.video[0].permute(1, 2, 3, 0).numpy()  # (T, H, W, 3), as VideoOutput.frames
     assert torch.equal(torch.as_tensor(frames), torch.as_tensor(expected))
+
+
+@pytest.mark.parametrize("rank,branch", [(0, COND), (1, UNCOND)])
+def test_cfg_parallel_rank_calls_with_its_own_branch(tiny_generator, counting, monkeypatch, rank, branch):
+    """Under CFG parallelism a rank's one forward is its branch's rows (the exchange with the
+    partner is stood in for here; tests/distributed compares the videos across processes)."""
+    from vidloom.parallel.cfg import CFGParallel
+
+    class Alone(CFGParallel):
+        def exchange(self, mine):
+            return mine, mine
+
+    stage = tiny_generator.pipeline.denoising
+    task = tiny_generator.submit("a cat", seed=1, num_inference_steps=2, **SIZE)
+    while task.batch.policy_state is None:
+        tiny_generator.step(task)
+    monkeypatch.setattr(stage, "cfg", Alone(None, rank))
+    counting.calls.clear()
+    stage.predict(task.batch, task.batch.timestep(task.batch.step_index))
+    [(rows, n, _)] = counting.calls
+    assert rows.branches == (branch,) and n == 1 and rows.owners == (task.batch.policy_state,)
