@@ -192,14 +192,15 @@ class DenoisingStage(IterativeStage):
         elif self.cfg is not None:  # one branch here, the other on the CFG partner
             mine = self.call(expert, x, timestep, _rows(kv, self.cfg.rows(b)), Rows.of(batch, (self.cfg.branch,)))
             prediction = dict(zip((COND, UNCOND), self.cfg.exchange(mine)))
-        elif self.batch_cfg:
+        elif self.batch_cfg:  # both branches in one forward: x (2B, C, F, H, W), rows [cond; uncond] as kv's
             rows = Rows.of(batch, (COND, UNCOND))
             both = self.call(expert, torch.cat([x, x]), torch.cat([timestep, timestep]), kv, rows)
             prediction = dict(zip(rows.branches, split_rows(both, rows)))
-        else:
-            prediction = {branch: self.call(expert, x, timestep, _rows(kv, slice(k * b, (k + 1) * b)),
-                                            Rows.of(batch, (branch,)))
-                          for k, branch in enumerate((COND, UNCOND))}
+        else:  # one forward per branch, each with its rows of the text keys/values
+            prediction = {}
+            for k, branch in enumerate((COND, UNCOND)):
+                branch_kv = _rows(kv, slice(k * b, (k + 1) * b))
+                prediction[branch] = self.call(expert, x, timestep, branch_kv, Rows.of(batch, (branch,)))
         return guided(prediction, expert.guidance_scale(batch.params))
 
     def step(self, batch: ForwardBatch, index: int) -> ForwardBatch:
