@@ -140,8 +140,8 @@ class DenoisingStage(IterativeStage):
     @torch.no_grad()
     def context(self, batch: ForwardBatch, index: int):
         """Expert ``index``'s text keys/values of every block, rows [cond; uncond], computed once
-        per request and expert (only the current expert's are kept)."""
-        self.activate(index)
+        per request and expert (only the current expert's are kept). The expert must be where it
+        runs (``activate``)."""
         if batch.context_expert != index:
             embeds = batch.prompt_embeds
             if batch.params.do_cfg:
@@ -183,6 +183,7 @@ class DenoisingStage(IterativeStage):
     def predict(self, batch: ForwardBatch, t: torch.Tensor) -> torch.Tensor:
         """The guided model prediction at timestep ``t``."""
         index = self.expert_index(t)
+        self.activate(index)
         expert, kv = self.experts[index], self.context(batch, index)
         x, timestep = self.model_input.prepare(batch, t)
         x = x.to(self.dtype)
@@ -245,6 +246,7 @@ class DenoisingStage(IterativeStage):
         batch, or the error that request alone met (e.g. NaN latents)."""
         ts = [b.timestep(i) for b, i in zip(batches, indices)]
         index = self.expert_index(ts[0])
+        self.activate(index)
         expert = self.experts[index]
         xs, steps, kvs, owned = [], [], [], []
         for batch, t in zip(batches, ts):
