@@ -2,30 +2,41 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
+from ...config import SamplingParams
 from ...errors import NumericalError
 from ..base import IterativeStage, Phase, VerificationResult, is_tensor
 from ..batch import ForwardBatch, PolicyState
 from .model_call import COND, UNCOND, ModelCall, PlainCall, Rows, guided, split_rows
 
 
+def request_guidance(params: SamplingParams) -> float:
+    """The guidance of a request's (first) expert: ``guidance_scale``."""
+    return params.guidance_scale
+
+
+def low_noise_guidance(params: SamplingParams) -> float:
+    """The guidance of Wan2.2's low-noise expert: ``guidance_scale_2``, defaulting to
+    ``guidance_scale`` as diffusers does."""
+    return params.guidance_scale if params.guidance_scale_2 is None else params.guidance_scale_2
+
+
 @dataclasses.dataclass(frozen=True)
 class Expert:
     """A transformer and the timesteps it serves, ``t >= min_timestep`` (experts are tried in
-    order, so the last one takes all the rest), with the request field of its guidance scale.
-    Wan2.1 has one expert; Wan2.2's A14B models a high-noise one above ``boundary_ratio x
-    num_train_timesteps`` (``guidance_scale``) and a low-noise one below (``guidance_scale_2``,
-    defaulting to ``guidance_scale`` as diffusers does)."""
+    order, so the last one takes all the rest), with how its guidance scale is read from a
+    request. Wan2.1 has one expert; Wan2.2's A14B models a high-noise one above ``boundary_ratio x
+    num_train_timesteps`` (``guidance_scale``) and a low-noise one below (``guidance_scale_2``)."""
 
     transformer: torch.nn.Module
     min_timestep: float = -math.inf
-    guidance_field: str = "guidance_scale"
+    guidance: Callable[[SamplingParams], float] = request_guidance
 
-    def guidance_scale(self, params) -> float:
-        value = getattr(params, self.guidance_field)
-        return params.guidance_scale if value is None else value
+    def guidance_scale(self, params: SamplingParams) -> float:
+        return self.guidance(params)
 
 
 class ModelInput:
