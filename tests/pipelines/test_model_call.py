@@ -91,8 +91,11 @@ def alone(gen, requests):
     return [gen.generate(prompt, **{**SIZE, **kwargs}).frames for prompt, kwargs in requests]
 
 
-def test_step_many_goes_through_the_call_with_each_requests_rows(tiny_generator, counting):
+def test_step_many_goes_through_the_call_with_each_requests_rows(tiny_generator, counting, monkeypatch):
     expected = alone(tiny_generator, REQUESTS)
+    with monkeypatch.context() as m:
+        m.setattr(tiny_generator.pipeline.denoising, "call", counting.inner)
+        plain, _ = run_together(tiny_generator, REQUESTS)
     counting.calls.clear()
     tasks, shared = run_together(tiny_generator, REQUESTS)
     states = [t.batch.policy_state for t in tasks]
@@ -105,8 +108,9 @@ def test_step_many_goes_through_the_call_with_each_requests_rows(tiny_generator,
         assert rows.branches == (COND, UNCOND, COND, UNCOND)
     # every forward: 3 steps of each request, the shared ones once for two requests
     assert len(counting.calls) == 3 * 3 - 2
-    for task, frames in zip(tasks, expected):  # the tolerance of test_step_many (summation order)
-        assert rel_err(task.result.frames, frames) <= 1e-4
+    for task, plain_task, frames in zip(tasks, plain, expected):
+        assert torch.equal(torch.as_tensor(task.result.frames), torch.as_tensor(plain_task.result.frames))
+        assert rel_err(task.result.frames, frames) <= 1e-4  # alone: test_step_many's tolerance (summation order)
 
 
 def test_a_call_that_refuses_to_share_runs_each_request_alone(tiny_generator, counting, monkeypatch):
@@ -136,7 +140,9 @@ def test_policy_state_is_made_when_denoising_begins(tiny_generator):
     assert tasks[0].batch.policy_state is first  # the same one for the whole phase
 
 
-def test_two_experts_each_go_through_the_call(tiny_wan_dir, tiny_wan_pipe, tmp_path_factory, monkeypatch):
+@pytest.fixture(scope="module")
+def two_experts(tiny_wan_pipe, tmp_path_factory):
+    """A Wan2.2-style folder: the tiny transformer for high noise, a second one below 0.6."""
     from diffusers import WanPipeline, WanTransformer3DModel
 
     from vidloom import tiny
@@ -146,7 +152,11 @@ def test_two_experts_each_go_through_the_call(tiny_wan_dir, tiny_wan_pipe, tmp_p
     parts = {k: getattr(tiny_wan_pipe, k) for k in ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")}
     WanPipeline(**parts, transformer_2=WanTransformer3DModel(**tiny.TINY_TRANSFORMER),
                 boundary_ratio=0.6).save_pretrained(str(folder))
-    gen = VideoGenerator.from_pretrained(folder, dtype="fp32")
+    return VideoGenerator.from_pretrained(folder, dtype="fp32")
+
+
+def test_two_experts_each_go_through_the_call(two_experts, monkeypatch):
+    gen = two_experts
     stage = gen.pipeline.denoising
     plain, _ = run(gen, num_inference_steps=4)
     call = CountingCall(stage.call)
@@ -157,6 +167,27 @@ def test_two_experts_each_go_through_the_call(tiny_wan_dir, tiny_wan_pipe, tmp_p
     assert experts[0] is stage.experts[0].transformer and experts[-1] is stage.experts[1].transformer
     assert all(owner is state for rows, _, _ in call.calls for owner in rows.owners)
     assert torch.equal(torch.as_tensor(frames), torch.as_tensor(plain))
+
+
+def test_two_experts_step_many_shares_forwards_per_expert(two_experts, monkeypatch):
+    gen = two_experts
+    stage = gen.pipeline.denoising
+    requests = [("a cat", dict(seed=1, num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.0)),
+                ("a dog", dict(seed=2, num_inference_steps=4, guidance_scale=5.0))]
+    call = CountingCall(stage.call)
+    monkeypatch.setattr(stage, "call", call)
+    expected = alone(gen, requests)
+    per_step = [m for _, _, m in call.calls[:4]]  # the expert of each of the four steps
+    assert per_step[0] is not per_step[-1]
+    call.calls.clear()
+    tasks, shared = run_together(gen, requests)
+    assert shared == [2, 2, 2]  # steps 2 to 4 of both requests, each on that step's expert
+    joint = [(rows, m) for rows, _, m in call.calls if len(set(map(id, rows.owners))) > 1]
+    assert [m for _, m in joint] == per_step[1:]
+    assert all(rows.owners == (tasks[0].batch.policy_state,) * 2 + (tasks[1].batch.policy_state,) * 2
+               for rows, _ in joint)
+    for task, frames in zip(tasks, expected):
+        assert rel_err(task.result.frames, frames) <= 1e-4
 
 
 class FailsOnce:
