@@ -7,7 +7,7 @@ import enum
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from .errors import ModelLoadError, TaskCancelled, VidloomError
 from .loader.components import ComponentPlan, component_spec, plan_component, read_model_index
 from .loader.weights import changed_mapped_files
 from .pipelines import pipeline_class, registered_pipelines
-from .pipelines.base import ComposedPipeline, Phase, WorkUnit
+from .pipelines.base import ComposedPipeline, Cursor, Phase, WorkUnit, run_units
 from .pipelines.batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,7 @@ class Task:
     error: BaseException | None = None
     result: VideoOutput | None = None
     created: float = field(default_factory=time.time)
-    _units: Iterator[WorkUnit] | None = field(default=None, repr=False)
-    _peeked: WorkUnit | None = field(default=None, repr=False)  # the next unit, taken out by step_many
+    cursor: Cursor = (0, 0)  # where the next unit of work is (``ComposedPipeline.unit_at``)
     _cancel_requested: bool = False
 
     @property
@@ -175,7 +174,6 @@ class VideoGenerator:
         batch = ForwardBatch.for_request(params)
         task = Task(id=f"task-{next(self._ids)}", params=params, batch=batch,
                     total_units=self.pipeline.total_units(batch), callback=callback)
-        task._units = self.pipeline.units(batch)
         return task
 
     def step(self, task: Task) -> Task:
@@ -184,23 +182,20 @@ class VideoGenerator:
             return task
         if task._cancel_requested:
             task.state, task.error = TaskState.CANCELLED, TaskCancelled(f"{task.id} was cancelled")
-            task._units = None
             return task
-        unit, task._peeked = (task._peeked, None) if task._peeked is not None else (next(task._units, None), None)
+        unit = self.pipeline.unit_at(task.batch, task.cursor)
         try:
             if unit is None:
                 task.result = self._finish(task)
                 task.state = TaskState.DONE
+                task.units_done += 1
             else:
-                task.state = _PHASE_STATES[unit.stage.phase]
-                task.batch = unit.run(task.batch)
-                if unit.stage.phase == Phase.DENOISING and unit.stage.iterative and task.callback is not None:
-                    b = task.batch
-                    task.callback(b.step_index, b.num_steps, float(b.timesteps[b.begin_index + unit.index]), b.latents)
-            task.units_done += 1
+                self._run([(task, unit)])
         except BaseException as exc:
-            task.state, task.error, task._units = TaskState.FAILED, exc, None
+            task.state, task.error = TaskState.FAILED, exc
             raise
+        if task.state == TaskState.FAILED:
+            raise task.error
         return task
 
     def step_many(self, tasks: list[Task]) -> list[int]:
@@ -212,10 +207,10 @@ class VideoGenerator:
         forwards run."""
         groups: dict = {}
         for task in tasks:
-            unit = self._peek(task)
+            unit = self._next_unit(task)
             key = None
-            if unit is not None and unit.stage.iterative and hasattr(unit.stage, "batch_key"):
-                stage_key = unit.stage.batch_key(task.batch, unit.index) if unit.index > 0 else None
+            if unit is not None and unit.stage.iterative and unit.index > 0:
+                stage_key = unit.stage.batch_key(task.batch, unit.index)
                 key = None if stage_key is None else (id(unit.stage), stage_key)
             if key is None:
                 self.step_quietly(task)
@@ -226,16 +221,14 @@ class VideoGenerator:
             if len(group) == 1:
                 self.step_quietly(group[0][0])
             else:
-                self._step_group(group)
+                self._run(group)
                 shared.append(len(group))
         return shared
 
-    def _peek(self, task: Task) -> WorkUnit | None:
+    def _next_unit(self, task: Task) -> WorkUnit | None:
         if task.is_finished or task._cancel_requested:
             return None
-        if task._peeked is None:
-            task._peeked = next(task._units, None)
-        return task._peeked
+        return self.pipeline.unit_at(task.batch, task.cursor)
 
     def step_quietly(self, task: Task) -> None:
         """``step``, its failure left on the task (state FAILED, error) instead of raised."""
@@ -244,34 +237,25 @@ class VideoGenerator:
         except Exception:  # noqa: BLE001 - recorded on the task (state FAILED, error)
             pass
 
-    def _step_group(self, group: list[tuple[Task, WorkUnit]]) -> None:
-        stage = group[0][1].stage
-        for task, _ in group:
-            task._peeked = None
-            task.state = TaskState.DENOISING
-        start = time.perf_counter()
-        try:
-            results = stage.step_many([t.batch for t, _ in group], [u.index for _, u in group])
-        except Exception as exc:  # noqa: BLE001 - the shared forward failed: every task of it fails
-            for task, _ in group:
-                task.state, task.error, task._units = TaskState.FAILED, exc, None
-            return
-        share = (time.perf_counter() - start) / len(group)
-        for (task, unit), result in zip(group, results):
-            if isinstance(result, BaseException):
-                task.state, task.error, task._units = TaskState.FAILED, result, None
+    def _run(self, pairs: list[tuple[Task, WorkUnit]]) -> None:
+        """One unit of each task (units of one stage) by the pipeline's runner. A task whose unit
+        succeeds takes the new batch, moves its cursor past the unit and hears its callback; one
+        whose unit fails is FAILED with the error, its batch as it was before the unit."""
+        for task, unit in pairs:
+            task.state = _PHASE_STATES[unit.stage.phase]
+        results = run_units([unit for _, unit in pairs], [task.batch for task, _ in pairs])
+        for (task, unit), result in zip(pairs, results):
+            if isinstance(result, Exception):
+                task.state, task.error = TaskState.FAILED, result
                 continue
-            b = task.batch = result
-            b.timings[stage.name] = b.timings.get(stage.name, 0.0) + share
             try:
-                if unit.index == unit.total - 1:
-                    task.batch = stage.end(b)
-                if task.callback is not None:
-                    task.callback(b.step_index, b.num_steps, float(b.timesteps[b.begin_index + unit.index]), b.latents)
-            except Exception as exc:  # noqa: BLE001
-                task.state, task.error, task._units = TaskState.FAILED, exc, None
-                continue
-            task.units_done += 1
+                task.batch, task.cursor = result, unit.next_cursor
+                if unit.stage.phase == Phase.DENOISING and unit.stage.iterative and task.callback is not None:
+                    task.callback(result.step_index, result.num_steps, float(result.timestep(unit.index)),
+                                  result.latents)
+                task.units_done += 1
+            except Exception as exc:  # noqa: BLE001 - this task's failure, not the others'
+                task.state, task.error = TaskState.FAILED, exc
 
     def run(self, task: Task) -> VideoOutput:
         while not task.is_finished:

@@ -12,6 +12,11 @@ class CFGParallel:
     def __init__(self, group, rank: int):
         self.group, self.rank = group, rank
 
+    @property
+    def branch(self) -> str:
+        """The CFG branch this rank computes ("cond" / "uncond", as ``rows`` takes them)."""
+        return "cond" if self.rank == 0 else "uncond"
+
     def rows(self, batch_size: int) -> slice:
         """This rank's rows of the [conditional; unconditional] text batch."""
         return slice(self.rank * batch_size, (self.rank + 1) * batch_size)

@@ -3,14 +3,17 @@
 A stage is built with the modules it needs and turns a batch into a batch. It checks what
 it receives and what it produces (``verify_input`` / ``verify_output``), so a wiring or
 shape mistake surfaces as an error naming the stage and the field, not as a wrong video.
-An iterative stage (denoising) also exposes ``step`` so a task can advance one unit at a time.
+An iterative stage (denoising) is run one unit (step) at a time, so a task can advance one unit
+at a time: a task's place is a cursor (stage position, unit index), ``ComposedPipeline.unit_at``
+names the unit there, and ``run_units`` runs it (or several requests' units of one stage).
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 import torch
 
@@ -83,7 +86,8 @@ class PipelineStage:
 
 
 class IterativeStage(PipelineStage):
-    """A stage made of ``num_units`` steps; ``step(batch, i)`` runs step i."""
+    """A stage made of ``num_units`` steps; ``step(batch, i)`` runs step i, between ``begin`` and
+    ``end``. Steps of several requests with equal ``batch_key`` may run as one ``step_many``."""
 
     iterative = True
 
@@ -100,28 +104,75 @@ class IterativeStage(PipelineStage):
         self.verify_output(batch).raise_if_failed()
         return batch
 
-    def forward(self, batch: ForwardBatch) -> ForwardBatch:
-        for i in range(self.num_units(batch)):
-            batch = self.step(batch, i)
-        return batch
+    def batch_key(self, batch: ForwardBatch, index: int) -> Hashable | None:
+        """Requests whose step ``index`` may run together in ``step_many`` have equal keys
+        (default None: never)."""
+        return None
 
-    def __call__(self, batch: ForwardBatch) -> ForwardBatch:
-        batch = self.begin(batch)
-        start = time.perf_counter()
-        batch = self.forward(batch)
-        batch.timings[self.name] = batch.timings.get(self.name, 0.0) + time.perf_counter() - start
-        return self.end(batch)
+    def step_many(self, batches: list[ForwardBatch], indices: list[int]) -> list[ForwardBatch | Exception]:
+        """One step of each request (equal ``batch_key``): each one's batch, or its own error."""
+        raise NotImplementedError
 
 
+Cursor = tuple[int, int]  # (position of the stage in the pipeline, unit index within it)
+
+
+@dataclass(frozen=True)
 class WorkUnit:
-    """One schedulable unit: a stage (or one step of an iterative stage) applied to a batch."""
+    """One schedulable unit: unit ``index`` of the ``total`` of the stage at ``position`` (a plain
+    stage has one, an iterative stage one per step)."""
 
-    def __init__(self, stage: PipelineStage, index: int, total: int, run: Callable[[ForwardBatch], ForwardBatch]):
-        self.stage, self.index, self.total, self.run = stage, index, total, run
+    stage: PipelineStage
+    position: int
+    index: int
+    total: int
 
     @property
-    def label(self) -> str:
-        return self.stage.name if self.total == 1 else f"{self.stage.name} {self.index + 1}/{self.total}"
+    def next_cursor(self) -> Cursor:
+        return (self.position, self.index + 1) if self.index + 1 < self.total else (self.position + 1, 0)
+
+
+def run_units(units: list[WorkUnit], batches: list[ForwardBatch]) -> list[ForwardBatch | Exception]:
+    """Run ``units[k]`` on ``batches[k]`` (all units of one stage; a plain stage's unit runs alone).
+
+    Each unit works on a copy of its batch, so a unit that fails leaves its batch as it was and can
+    be run again. An iterative stage's first unit begins it and its last ends it; one request's
+    step is ``step``, several requests' steps one ``step_many`` whose time each request is charged
+    an equal share of. Returns each request's new batch, or the exception its unit met (a shared
+    step that fails is every request's failure)."""
+    stage, work = units[0].stage, [batch.copy() for batch in batches]
+    if not stage.iterative:
+        return [_attempt(stage, work[0])]
+    work = [_attempt(stage.begin, b) if u.index == 0 else b for u, b in zip(units, work)]
+    ready = [k for k, b in enumerate(work) if not isinstance(b, Exception)]
+    if not ready:
+        return work
+    start = time.perf_counter()
+    stepped = _steps(stage, [units[k].index for k in ready], [work[k] for k in ready])
+    share = (time.perf_counter() - start) / len(ready)
+    for k, result in zip(ready, stepped):
+        if not isinstance(result, Exception):
+            result.timings[stage.name] = result.timings.get(stage.name, 0.0) + share
+            if units[k].index == units[k].total - 1:
+                result = _attempt(stage.end, result)
+        work[k] = result
+    return work
+
+
+def _steps(stage: IterativeStage, indices: list[int], batches: list[ForwardBatch]) -> list[ForwardBatch | Exception]:
+    if len(batches) == 1:
+        return [_attempt(lambda b: stage.step(b, indices[0]), batches[0])]
+    try:
+        return stage.step_many(batches, indices)
+    except Exception as exc:  # noqa: BLE001 - the shared forward failed: it is every request's failure
+        return [exc] * len(batches)
+
+
+def _attempt(run: Callable[[ForwardBatch], ForwardBatch], batch: ForwardBatch) -> ForwardBatch | Exception:
+    try:
+        return run(batch)
+    except Exception as exc:  # noqa: BLE001 - the caller decides whose failure it is
+        return exc
 
 
 def parallel_parts(parallel) -> tuple[object | None, object | None]:
@@ -162,36 +213,17 @@ class ComposedPipeline:
         """Check a request cheaply, before any work (subclasses with an input stage override)."""
         params.validate(self.limits)
 
-    def run(self, batch: ForwardBatch) -> ForwardBatch:
-        for stage in self.stages:
-            if stage.num_units(batch):  # an iterative stage with no steps for this request is skipped
-                batch = stage(batch)
-        return batch
-
-    def units(self, batch: ForwardBatch) -> Iterator[WorkUnit]:
-        """The units of work of ``batch``, in order; each is timed and verified like ``run``."""
-        for stage in self.stages:
-            total = stage.num_units(batch)  # 0: nothing to do for this request (a refine pass without refine)
-            if not stage.iterative:
-                if total:
-                    yield WorkUnit(stage, 0, 1, stage)
-                continue
-            for i in range(total):
-                yield WorkUnit(stage, i, total, _iterative_unit(stage, i, total))
+    def unit_at(self, batch: ForwardBatch, cursor: Cursor) -> WorkUnit | None:
+        """The unit of work of ``batch`` at ``cursor``, or the first one after it (a stage without
+        units for this request, such as a refine pass without refine, is passed over); None: all done."""
+        position, index = cursor
+        while position < len(self.stages):
+            total = self.stages[position].num_units(batch)
+            if index < total:
+                return WorkUnit(self.stages[position], position, index, total)
+            position, index = position + 1, 0
+        return None
 
     def total_units(self, batch: ForwardBatch) -> int:
         return sum(stage.num_units(batch) for stage in self.stages)
 
-
-def _iterative_unit(stage: IterativeStage, index: int, total: int):
-    def run(batch: ForwardBatch) -> ForwardBatch:
-        if index == 0:
-            batch = stage.begin(batch)
-        start = time.perf_counter()
-        batch = stage.step(batch, index)
-        batch.timings[stage.name] = batch.timings.get(stage.name, 0.0) + time.perf_counter() - start
-        if index == total - 1:
-            batch = stage.end(batch)
-        return batch
-
-    return run

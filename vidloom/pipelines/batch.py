@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,16 @@ class Conditioning:
     frame_mask: torch.Tensor | None = None
 
 
+@dataclass(eq=False)
+class PolicyState:
+    """What the denoising stage's model-call policy keeps for one request (a feature cache's
+    residuals per expert and branch, say), in ``values`` as the policy keys them. The stage's
+    ``begin`` makes a new one for each request's denoising phase, and it goes with the batch;
+    compared by identity, so it names its request in ``Rows.owners``."""
+
+    values: dict[Any, Any] = field(default_factory=dict)
+
+
 @dataclass
 class ForwardBatch:
     """``params`` is what the current phase runs: the request itself, or in a two-stage
@@ -52,6 +63,7 @@ class ForwardBatch:
     step_index: int = 0  # steps done in the current denoising phase
     begin_index: int = 0  # where in ``schedule`` the current denoising phase starts
     num_steps: int = 0  # the current denoising phase's steps
+    policy_state: PolicyState | None = None  # the model-call policy's, for this request's denoising phase
     # outputs
     video: torch.Tensor | None = None  # (B, 3, T, H, W) in [0, 1], float32
     trajectory: list[torch.Tensor] = field(default_factory=list)  # latents after each step
@@ -62,3 +74,14 @@ class ForwardBatch:
     def for_request(cls, params: SamplingParams) -> "ForwardBatch":
         """The batch a request starts with (a two-stage request starts with its base pass)."""
         return cls(params=params.base_pass(), request=params)
+
+    def copy(self) -> "ForwardBatch":
+        """A copy to run a unit of work on: fields are assigned on it, so the original is left as it
+        was if the unit fails. Tensors are shared (stages replace them, never write into them);
+        the lists and the timings are new, so appending to them leaves the original's alone."""
+        return dataclasses.replace(self, trajectory=list(self.trajectory),
+                                   trajectory_video=list(self.trajectory_video), timings=dict(self.timings))
+
+    def timestep(self, index: int) -> torch.Tensor:
+        """The timestep of step ``index`` of the current denoising phase."""
+        return self.timesteps[self.begin_index + index]

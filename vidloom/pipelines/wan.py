@@ -13,6 +13,7 @@ from ..jsonfile import short_repr
 from ..models.encoders import WanImageEncoder, WanTextEncoder
 from . import register_pipeline
 from .base import ComposedPipeline, parallel_parts, tile_spreader
+from .stages.denoising import low_noise_guidance
 from .stages import (
     ConcatCondition, DecodingStage, DenoisingStage, Expert, FirstFrameStage, GivenFrames, ImageEncodingStage,
     InputValidationStage, LatentPreparationStage, ModelInput, RefineStage, TextEncodingStage, TimestepPreparationStage,
@@ -230,7 +231,7 @@ class WanT2VPipeline(ComposedPipeline):
         if boundary is None:
             return [Expert(components["transformer"])]
         boundary_timestep = boundary * components["scheduler"].config.num_train_timesteps
-        low = Expert(components["transformer_2"], guidance_field="guidance_scale_2")
+        low = Expert(components["transformer_2"], guidance=low_noise_guidance)
         if not settings["high_noise"]:
             return [low]
         return [Expert(components["transformer"], min_timestep=boundary_timestep), low]

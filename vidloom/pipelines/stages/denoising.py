@@ -2,30 +2,41 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
+from ...config import SamplingParams
 from ...errors import NumericalError
-from ...models.attention import sequence_parallel
 from ..base import IterativeStage, Phase, VerificationResult, is_tensor
-from ..batch import ForwardBatch
+from ..batch import ForwardBatch, PolicyState
+from .model_call import COND, UNCOND, ModelCall, PlainCall, Rows, guided, split_rows
+
+
+def request_guidance(params: SamplingParams) -> float:
+    """The guidance of a request's (first) expert: ``guidance_scale``."""
+    return params.guidance_scale
+
+
+def low_noise_guidance(params: SamplingParams) -> float:
+    """The guidance of Wan2.2's low-noise expert: ``guidance_scale_2``, defaulting to
+    ``guidance_scale`` as diffusers does."""
+    return params.guidance_scale if params.guidance_scale_2 is None else params.guidance_scale_2
 
 
 @dataclasses.dataclass(frozen=True)
 class Expert:
     """A transformer and the timesteps it serves, ``t >= min_timestep`` (experts are tried in
-    order, so the last one takes all the rest), with the request field of its guidance scale.
-    Wan2.1 has one expert; Wan2.2's A14B models a high-noise one above ``boundary_ratio x
-    num_train_timesteps`` (``guidance_scale``) and a low-noise one below (``guidance_scale_2``,
-    defaulting to ``guidance_scale`` as diffusers does)."""
+    order, so the last one takes all the rest), with how its guidance scale is read from a
+    request. Wan2.1 has one expert; Wan2.2's A14B models a high-noise one above ``boundary_ratio x
+    num_train_timesteps`` (``guidance_scale``) and a low-noise one below (``guidance_scale_2``)."""
 
     transformer: torch.nn.Module
     min_timestep: float = -math.inf
-    guidance_field: str = "guidance_scale"
+    guidance: Callable[[SamplingParams], float] = request_guidance
 
-    def guidance_scale(self, params) -> float:
-        value = getattr(params, self.guidance_field)
-        return params.guidance_scale if value is None else value
+    def guidance_scale(self, params: SamplingParams) -> float:
+        return self.guidance(params)
 
 
 class ModelInput:
@@ -94,9 +105,10 @@ class DenoisingStage(IterativeStage):
 
     def __init__(self, transformer: torch.nn.Module | list[Expert], scheduler, batch_cfg: bool = True,
                  check_finite: bool = True, sequence=None, cfg=None, model_input: ModelInput | None = None,
-                 steps=None, expert_device: torch.device | None = None):
+                 steps=None, expert_device: torch.device | None = None, call: ModelCall | None = None):
         """``transformer``: one transformer, or the experts in order; ``sequence``: a
-        sequence-parallel object made active around every forward (``parallel.sequence``);
+        sequence-parallel object made active around every forward (``parallel.sequence``) by the
+        default ``call``; ``call``: what runs every transformer forward (default ``PlainCall``);
         ``cfg``: a CFG-parallel object (``parallel.cfg``) when the two branches run on different
         processes. Both None in one process. ``model_input``: how the latents (and the request's
         conditioning) become the transformer's input (default: as they are). ``steps(request)``:
@@ -113,6 +125,7 @@ class DenoisingStage(IterativeStage):
         self.check_finite = check_finite
         self.sequence = sequence
         self.cfg = cfg
+        self.call = call or PlainCall(sequence)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,8 +151,8 @@ class DenoisingStage(IterativeStage):
     @torch.no_grad()
     def context(self, batch: ForwardBatch, index: int):
         """Expert ``index``'s text keys/values of every block, rows [cond; uncond], computed once
-        per request and expert (only the current expert's are kept)."""
-        self.activate(index)
+        per request and expert (only the current expert's are kept). The expert must be where it
+        runs (``activate``)."""
         if batch.context_expert != index:
             embeds = batch.prompt_embeds
             if batch.params.do_cfg:
@@ -169,6 +182,7 @@ class DenoisingStage(IterativeStage):
     def begin(self, batch: ForwardBatch) -> ForwardBatch:
         batch = super().begin(batch)
         batch.context_expert = None
+        batch.policy_state = PolicyState()  # the call's memory of this request, new for each phase
         batch.num_steps = self.num_units(batch)
         return batch
 
@@ -180,33 +194,35 @@ class DenoisingStage(IterativeStage):
     def predict(self, batch: ForwardBatch, t: torch.Tensor) -> torch.Tensor:
         """The guided model prediction at timestep ``t``."""
         index = self.expert_index(t)
-        model, kv = self.experts[index].transformer, self.context(batch, index)
+        self.activate(index)
+        expert, kv = self.experts[index], self.context(batch, index)
         x, timestep = self.model_input.prepare(batch, t)
         x = x.to(self.dtype)
         b = x.shape[0]
         if not batch.params.do_cfg:
-            return self._forward(model, x, timestep, kv)
-        if self.cfg is not None:  # one branch here, the other on the CFG partner
-            cond, uncond = self.cfg.exchange(self._forward(model, x, timestep, _rows(kv, self.cfg.rows(b))))
-        elif self.batch_cfg:
-            both = self._forward(model, torch.cat([x, x]), torch.cat([timestep, timestep]), kv)
-            cond, uncond = both.chunk(2)
-        else:
-            cond = self._forward(model, x, timestep, _rows(kv, slice(0, b)))
-            uncond = self._forward(model, x, timestep, _rows(kv, slice(b, 2 * b)))
-        return uncond + self.experts[index].guidance_scale(batch.params) * (cond - uncond)
-
-    def _forward(self, model, x: torch.Tensor, t: torch.Tensor, context_kv) -> torch.Tensor:
-        with sequence_parallel(self.sequence):
-            return model(x, t, context_kv=context_kv)
+            prediction = {COND: self.call(expert, x, timestep, kv, Rows.of(batch, (COND,)))}
+        elif self.cfg is not None:  # one branch here, the other on the CFG partner
+            mine = self.call(expert, x, timestep, _rows(kv, self.cfg.rows(b)), Rows.of(batch, (self.cfg.branch,)))
+            prediction = dict(zip((COND, UNCOND), self.cfg.exchange(mine)))
+        elif self.batch_cfg:  # both branches in one forward: x (2B, C, F, H, W), rows [cond; uncond] as kv's
+            rows = Rows.of(batch, (COND, UNCOND))
+            both = self.call(expert, torch.cat([x, x]), torch.cat([timestep, timestep]), kv, rows)
+            prediction = dict(zip(rows.branches, split_rows(both, rows)))
+        else:  # one forward per branch, each with its rows of the text keys/values
+            prediction = {}
+            for k, branch in enumerate((COND, UNCOND)):
+                branch_kv = _rows(kv, slice(k * b, (k + 1) * b))
+                prediction[branch] = self.call(expert, x, timestep, branch_kv, Rows.of(batch, (branch,)))
+        return guided(prediction, expert.guidance_scale(batch.params))
 
     def step(self, batch: ForwardBatch, index: int) -> ForwardBatch:
-        t = batch.timesteps[batch.begin_index + index]
+        t = batch.timestep(index)
         return self._apply(batch, index, t, self.predict(batch, t))
 
     def _apply(self, batch: ForwardBatch, index: int, t: torch.Tensor, noise_pred: torch.Tensor) -> ForwardBatch:
-        """The scheduler step from a guided prediction, checked."""
-        latents, batch.scheduler_state = self.scheduler.step(
+        """The scheduler step from a guided prediction, checked; the batch's fields are assigned
+        only once the new latents are known to be finite."""
+        latents, scheduler_state = self.scheduler.step(
             batch.schedule, batch.scheduler_state, noise_pred, batch.latents
         )
         if self.check_finite and not torch.isfinite(latents).all():
@@ -214,7 +230,7 @@ class DenoisingStage(IterativeStage):
             hint = ("try fp32 or bf16 instead of fp16" if self.dtype == torch.float16
                     else f"the transformer runs in {str(self.dtype).removeprefix('torch.')}: check the weights and inputs")
             raise NumericalError(f"latents became NaN/Inf at timestep {float(t):g} ({hint})", step=index + 1)
-        batch.latents = latents
+        batch.latents, batch.scheduler_state = latents, scheduler_state
         batch.step_index = index + 1
         if batch.params.return_trajectory:
             batch.trajectory.append(latents.detach().clone())
@@ -224,42 +240,42 @@ class DenoisingStage(IterativeStage):
 
     def batch_key(self, batch: ForwardBatch, index: int):
         """Requests whose steps may share one transformer forward have equal keys (None: never):
-        the same expert, model-input shape and timestep kind, guided or not. Prompts, seeds,
-        guidance scales, step counts and schedules may differ."""
+        the same expert, model-input shape and timestep kind, guided or not, and what the model
+        call asks to be equal. Prompts, seeds, guidance scales, step counts and schedules may differ."""
         if self.cfg is not None or not self.batch_cfg or batch.conditioning is not None:
             return None
-        t = batch.timesteps[batch.begin_index + index]
-        return (self.expert_index(t), tuple(batch.latents.shape[1:]), batch.latents.dtype, batch.params.do_cfg)
+        expert = self.expert_index(batch.timestep(index))
+        call_key = self.call.batch_key(batch, self.experts[expert])
+        if call_key is None:
+            return None
+        return (expert, tuple(batch.latents.shape[1:]), batch.latents.dtype, batch.params.do_cfg, call_key)
 
     @torch.no_grad()
     def step_many(self, batches: list[ForwardBatch], indices: list[int]) -> list[ForwardBatch | BaseException]:
         """One step of each request (equal ``batch_key``), the transformer run once over all their
         rows; each request's guidance and scheduler step as in ``step``. Returns each request's
         batch, or the error that request alone met (e.g. NaN latents)."""
-        ts = [b.timesteps[b.begin_index + i] for b, i in zip(batches, indices)]
+        ts = [b.timestep(i) for b, i in zip(batches, indices)]
         index = self.expert_index(ts[0])
-        model = self.experts[index].transformer
-        xs, steps, kvs = [], [], []
+        self.activate(index)
+        expert = self.experts[index]
+        xs, steps, kvs, owned = [], [], [], []
         for batch, t in zip(batches, ts):
             x, timestep = self.model_input.prepare(batch, t)
-            copies = 2 if batch.params.do_cfg else 1  # the rows [cond; uncond], as context() orders them
-            xs += [x.to(self.dtype)] * copies
-            steps += [timestep] * copies
+            branches = (COND, UNCOND) if batch.params.do_cfg else (COND,)  # as context() orders its rows
+            xs += [x.to(self.dtype)] * len(branches)
+            steps += [timestep] * len(branches)
             kvs.append(self.context(batch, index))
+            owned.append(Rows.of(batch, branches))
         # each block's keys/values of all requests as one batch (the model's own record knows how)
         stacked = [type(parts[0]).stack(list(parts)) for parts in zip(*kvs)]
-        out = self._forward(model, torch.cat(xs), torch.cat(steps), stacked)
-        results, row = [], 0
-        for batch, i, t in zip(batches, indices, ts):
-            b = batch.latents.shape[0]
-            if batch.params.do_cfg:
-                cond, uncond = out[row : row + b], out[row + b : row + 2 * b]
-                pred = uncond + self.experts[index].guidance_scale(batch.params) * (cond - uncond)
-                row += 2 * b
-            else:
-                pred, row = out[row : row + b], row + b
+        rows = Rows.joined(owned)
+        blocks = iter(split_rows(self.call(expert, torch.cat(xs), torch.cat(steps), stacked, rows), rows))
+        results = []
+        for batch, i, t, own in zip(batches, indices, ts, owned):
+            prediction = {branch: next(blocks) for branch in own.branches}
             try:
-                results.append(self._apply(batch, i, t, pred))
+                results.append(self._apply(batch, i, t, guided(prediction, expert.guidance_scale(batch.params))))
             except Exception as exc:  # noqa: BLE001 - this request's failure, not the others'
                 results.append(exc)
         return results
