@@ -59,3 +59,28 @@ def test_the_server_names_a_failure_by_its_type(tmp_path, error, code):
     job = store.get("video_x")
     store.close()
     assert job.status == FAILED and job.error_code == code, job
+
+
+def test_a_task_that_runs_out_of_memory_fails_with_resource_exhausted(tiny_generator, monkeypatch):
+    """Raised at the source: a unit whose model call runs out of memory leaves ResourceExhausted on
+    the task (the torch error as its cause), through step and through step_many alike."""
+    from vidloom.generator import TaskState
+
+    stage = tiny_generator.pipeline.denoising
+    inner = stage.call
+
+    def out_of_memory(expert, x, t, context_kv, rows):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (injected)")
+
+    monkeypatch.setattr(stage, "call", type("OOM", (), {"__call__": staticmethod(out_of_memory),
+                                                        "batch_key": staticmethod(inner.batch_key)})())
+    kwargs = dict(height=32, width=48, num_frames=5, num_inference_steps=2)
+    with pytest.raises(ResourceExhausted) as info:
+        tiny_generator.generate("a cat", **kwargs)
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    tasks = [tiny_generator.submit(f"a cat {i}", seed=i, **kwargs) for i in range(2)]
+    while not all(t.is_finished for t in tasks):
+        tiny_generator.step_many(tasks)
+    assert all(t.state == TaskState.FAILED and isinstance(t.error, ResourceExhausted) for t in tasks)
+    monkeypatch.undo()
+    assert tiny_generator.generate("a cat", **kwargs).frames.shape == (5, 32, 48, 3)  # the engine is still usable

@@ -17,7 +17,7 @@ import torch
 
 from .config import EngineConfig, RequestLimits, SamplingParams
 from .parallel.state import check_layout, world_size_from_env
-from .errors import ModelLoadError, TaskCancelled, VidloomError
+from .errors import ModelLoadError, TaskCancelled, VidloomError, engine_error
 from .loader.components import ComponentPlan, component_spec, plan_component, read_model_index
 from .loader.weights import changed_mapped_files
 from .pipelines import pipeline_class, registered_pipelines
@@ -168,8 +168,7 @@ class VideoGenerator:
     # --- task API -------------------------------------------------------------------------------
     def submit(self, prompt: str = "", callback: StepCallback | None = None, **sampling) -> Task:
         """Validate a request (raising InvalidRequestError before any work) and queue it as a task."""
-        params = SamplingParams.from_kwargs(prompt, **sampling)
-        self.pipeline.validate_request(params)
+        params = self.check(prompt, **sampling)
         self.check_weight_files()
         batch = ForwardBatch.for_request(params)
         task = Task(id=f"task-{next(self._ids)}", params=params, batch=batch,
@@ -192,8 +191,10 @@ class VideoGenerator:
             else:
                 self._run([(task, unit)])
         except BaseException as exc:
-            task.state, task.error = TaskState.FAILED, exc
-            raise
+            task.state, task.error = TaskState.FAILED, engine_error(exc)
+            if task.error is exc:
+                raise
+            raise task.error from exc
         if task.state == TaskState.FAILED:
             raise task.error
         return task
@@ -245,8 +246,8 @@ class VideoGenerator:
             task.state = _PHASE_STATES[unit.stage.phase]
         results = run_units([unit for _, unit in pairs], [task.batch for task, _ in pairs])
         for (task, unit), result in zip(pairs, results):
-            if isinstance(result, Exception):
-                task.state, task.error = TaskState.FAILED, result
+            if isinstance(result, Exception):  # out of memory as ResourceExhausted: callers tell errors by type
+                task.state, task.error = TaskState.FAILED, engine_error(result)
                 continue
             try:
                 task.batch, task.cursor = result, unit.next_cursor

@@ -11,6 +11,8 @@ import torch
 from vidloom import VideoGenerator
 from vidloom.pipelines.stages.model_call import COND, UNCOND, Rows
 
+from ..numerics import rel_err
+
 SIZE = dict(height=32, width=48, num_frames=5)
 
 
@@ -80,11 +82,6 @@ REQUESTS = [  # the first two share forwards; the third's latent shape differs
     ("a blue square", dict(seed=2, num_inference_steps=3, guidance_scale=6.0, negative_prompt="blurry")),
     ("a cat", dict(seed=3, num_inference_steps=3, guidance_scale=3.0, height=48)),
 ]
-
-
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).norm() / b.norm())
 
 
 def alone(gen, requests):

@@ -9,12 +9,9 @@ import torch
 
 from vidloom.pipelines.stages import DenoisingStage
 
+from ..numerics import rel_err
+
 SIZE = dict(height=32, width=48, num_frames=9)
-
-
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).norm() / b.norm())
 
 
 def run_together(gen, requests):
