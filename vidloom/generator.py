@@ -291,20 +291,12 @@ class VideoGenerator:
             frames=frames, latents=b.latents, params=p, trajectory_latents=list(b.trajectory),
             trajectory_frames=[v[0].permute(1, 2, 3, 0).cpu().numpy() for v in b.trajectory_video],
         )
-        path = p.output_path
-        if (path is not None or p.output_type == "mp4") and frames is not None and self.is_main_process:
-            from .io import export_video, reserve_output_path
+        if (p.output_path is not None or p.output_type == "mp4") and frames is not None and self.is_main_process:
+            from .io import save_video
 
-            reserved = path is None
-            if reserved:  # a new file of its own, never another request's
-                path = reserve_output_path(DEFAULT_OUTPUT_DIR, task.id)
             start = time.perf_counter()
-            try:
-                out.path = export_video(frames_pt.cpu().numpy(), path, fps=p.fps)
-            except BaseException:
-                if reserved:
-                    path.unlink(missing_ok=True)
-                raise
+            out.path = save_video(frames_pt.cpu().numpy(), p.output_path, fps=p.fps, folder=DEFAULT_OUTPUT_DIR,
+                                  stem=task.id)
             b.timings["export"] = time.perf_counter() - start
         out.timings = dict(b.timings)
         return out

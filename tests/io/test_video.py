@@ -28,6 +28,7 @@ from vidloom.io import (
     export_video,
     read_video,
     reserve_output_path,
+    save_video,
 )
 from vidloom.io import video as video_module
 
@@ -354,6 +355,23 @@ def test_export_onto_a_reserved_file(tmp_path):
     assert export_video(gradient_clip(3, 16, 16), path) == path
     assert decode_with_pyav(path)[0].shape == (3, 16, 16, 3)
     assert hidden_files(tmp_path) == []
+
+
+def test_save_video_writes_the_given_path_or_a_new_file_of_its_own(tmp_path):
+    given = tmp_path / "given.mp4"
+    assert save_video(gradient_clip(3, 16, 16), given, fps=8) == given
+    made = save_video(gradient_clip(3, 16, 16), None, fps=8, folder=tmp_path / "out", stem="task-1")
+    assert made.parent == tmp_path / "out" and made.name.startswith("task-1-") and made.suffix == ".mp4"
+    for path in (given, made):
+        assert decode_with_pyav(path)[0].shape == (3, 16, 16, 3)
+    assert hidden_files(tmp_path) == [] and hidden_files(tmp_path / "out") == []
+
+
+def test_save_video_removes_its_own_file_when_the_export_fails(tmp_path):
+    bad = np.full((2, 16, 16, 3), np.nan, np.float32)  # non-finite frames are an error
+    with pytest.raises(InvalidRequestError):
+        save_video(bad, None, folder=tmp_path, stem="task")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from vidloom.io.video import (
     export_video,
     read_video,
     reserve_output_path,
+    save_video,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "export_video",
     "read_video",
     "reserve_output_path",
+    "save_video",
 ]

@@ -16,7 +16,8 @@ is not a multiple of 16 by default and never reports ffmpeg's exit status, so a 
 encode would go unnoticed. Every path reaches ffmpeg as an absolute ``file:`` URL.
 
 ``check_output_path`` tells before any generation whether a path can be written;
-``reserve_output_path`` creates a unique default output file.
+``reserve_output_path`` creates a unique default output file; ``save_video`` is the one
+export step of the Python API, the CLI and the server.
 """
 
 from __future__ import annotations
@@ -134,6 +135,33 @@ def export_video(
     t, h, w, _ = array.shape
     logger.info("exported %d frames %dx%d to %s in %.2fs", t, w, h, path, time.perf_counter() - start)
     return path
+
+
+def save_video(
+    frames: Any,
+    path: str | os.PathLike[str] | None,
+    fps: float | Fraction = 16,
+    *,
+    folder: str | os.PathLike[str] = "outputs",
+    stem: str = "video",
+) -> Path:
+    """Write a finished video where the caller chose, or to a new file of its own: the one
+    export step of the Python API, the CLI and the server. Return the path written.
+
+    With ``path``, ``export_video(frames, path, fps)``: a hidden temporary file next to
+    ``path`` renamed onto it, so a failed export leaves no partial file (the caller picks
+    the name, e.g. the server's attempt-numbered ones). Without it, an MP4 under a name
+    that no other request gets (``reserve_output_path(folder, stem)``), removed again if
+    the export fails. Raises as ``export_video`` does.
+    """
+    if path is not None:
+        return export_video(frames, path, fps=fps)
+    reserved = reserve_output_path(folder, stem)
+    try:
+        return export_video(frames, reserved, fps=fps)
+    except BaseException:
+        reserved.unlink(missing_ok=True)
+        raise
 
 
 def read_video(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:

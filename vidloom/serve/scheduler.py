@@ -294,18 +294,15 @@ class EngineLoop:
         self._settle(job, lambda: self._export_and_complete(job, frames))
 
     def _export_and_complete(self, job: Job, frames) -> None:
-        from ..io import export_video
+        from ..io import save_video
 
         # the id is the server's own (no user input in a path); the attempt keeps the file of a
         # replica that lost the job (its lease expired) from replacing the one that finished it
         path = self.output_dir / f"{job.id}.{job.attempts}.mp4"
         if not path.exists():
-            tmp = path.with_name(f".{job.id}.{job.attempts}.{self.owner}.mp4")
-            try:
-                export_video(frames, tmp, fps=job.request.get("fps", 16))
-                os.replace(tmp, path)
+            try:  # a temporary file renamed onto the path: a failed export leaves no partial file
+                save_video(frames, path, fps=job.request.get("fps", 16))
             except Exception as exc:  # noqa: BLE001 - a full disk waits; anything else fails this job alone
-                tmp.unlink(missing_ok=True)
                 if _is_disk_full(exc):
                     raise DiskFull(f"the video cannot be written yet ({exc}); trying again") from exc
                 self._fail(job, exc)
