@@ -104,6 +104,56 @@ class Task:
             self._cancel_requested = True
 
 
+# videos one call may ask for (prompts x num_videos_per_prompt): one step-batched group
+MAX_VIDEOS_PER_CALL = 64
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """One video of a several-video call: its prompt, seed and output path."""
+
+    prompt: Any
+    seed: Any
+    output_path: Any
+
+
+def video_requests(prompt, num_videos_per_prompt: int = 1, seed: Any = 0,
+                   output_path: Any = None) -> list[VideoRequest]:
+    """The videos a call asks for, as diffusers' pipelines count them: ``prompt`` a str or a
+    list of them, ``num_videos_per_prompt`` videos each, in order (a prompt's videos
+    together), with seeds ``seed, seed + 1, ...`` (the same for every prompt). With several
+    videos, video ``k`` (from 0) goes to ``output_path`` with ``-k`` after its name:
+    ``clip.mp4`` gives ``clip-0.mp4, clip-1.mp4, ...``, a PNG folder ``frames`` gives
+    ``frames-0, ...``. The count is checked here (InvalidRequestError naming the field);
+    each video's own fields are checked as its request."""
+    from .errors import InvalidRequestError
+
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+    n = num_videos_per_prompt
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InvalidRequestError("num_videos_per_prompt", f"got {n!r}", "an integer >= 1")
+    if not prompts:
+        raise InvalidRequestError("prompt", "an empty list", "a string or a non-empty list of strings")
+    if len(prompts) * n > MAX_VIDEOS_PER_CALL:
+        raise InvalidRequestError("num_videos_per_prompt", f"{len(prompts)} prompt(s) x {n} = {len(prompts) * n} "
+                                  "videos", f"at most {MAX_VIDEOS_PER_CALL} videos in one call")
+    if n > 1 and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InvalidRequestError("seed", f"got {type(seed).__name__}", "an integer (video j of a prompt takes seed + j)")
+    count = len(prompts) * n
+    return [VideoRequest(text, seed + j if n > 1 else seed, _numbered_path(output_path, i * n + j, count))
+            for i, text in enumerate(prompts) for j in range(n)]
+
+
+def _numbered_path(path: Any, k: int, count: int) -> Any:
+    """``path`` for video ``k`` of ``count``: itself for one video, else ``-k`` after its name."""
+    if count == 1 or not isinstance(path, (str, Path)):
+        return path  # one video keeps its name; a bad value is left for the request check to name
+    path = Path(path)
+    if path.is_dir():
+        return str(path.with_name(f"{path.name}-{k}"))
+    return str(path.with_name(f"{path.stem}-{k}{path.suffix}"))
+
+
 class VideoGenerator:
     """Python API: ``from_pretrained`` then ``generate`` or ``submit``/``step``."""
 
@@ -265,9 +315,49 @@ class VideoGenerator:
             raise task.error
         return task.result
 
-    def generate(self, prompt: str = "", callback: StepCallback | None = None, **sampling) -> VideoOutput:
-        """Generate one video; see ``SamplingParams`` for the options."""
-        return self.run(self.submit(prompt, callback=callback, **sampling))
+    def submit_many(self, prompt: str | list[str] = "", num_videos_per_prompt: int = 1,
+                    callback: StepCallback | None = None, **sampling) -> list[Task]:
+        """A task for each video of ``video_requests`` (each prompt's ``num_videos_per_prompt``
+        videos, seeds ``seed, seed + 1, ...``); every request is checked before any is queued."""
+        requests = video_requests(prompt, num_videos_per_prompt, sampling.pop("seed", SamplingParams.seed),
+                                  sampling.pop("output_path", None))
+        for r in requests:
+            self.check(r.prompt, seed=r.seed, output_path=r.output_path, **sampling)
+        return [self.submit(r.prompt, callback, seed=r.seed, output_path=r.output_path, **sampling)
+                for r in requests]
+
+    def run_many(self, tasks: list[Task]) -> list[VideoOutput]:
+        """Run ``tasks`` to the end together: each round one unit of each, compatible denoising
+        steps as one transformer forward (``step_many``). The first task that fails or is
+        cancelled stops the others and its error is raised."""
+        while True:
+            stopped = next((t for t in tasks if t.state in (TaskState.FAILED, TaskState.CANCELLED)), None)
+            pending = [t for t in tasks if not t.is_finished]
+            if stopped is not None:
+                for task in pending:
+                    task.cancel()
+                raise stopped.error
+            if not pending:
+                return [task.result for task in tasks]
+            self.step_many(pending)
+
+    def generate(self, prompt: str | list[str] = "", callback: StepCallback | None = None, *,
+                 num_videos_per_prompt: int = 1, **sampling) -> VideoOutput | list[VideoOutput]:
+        """Generate videos; see ``SamplingParams`` for the options.
+
+        A str prompt with ``num_videos_per_prompt=1`` gives one VideoOutput. A list of prompts,
+        or ``num_videos_per_prompt=N > 1``, gives a list: each prompt's N videos in turn, with
+        seeds ``seed, seed + 1, ..., seed + N - 1`` (the same seeds for every prompt), at most
+        ``MAX_VIDEOS_PER_CALL`` in all, run together as one step-batched group (``run_many``);
+        each video equals its own ``generate`` call up to summation order. With several videos
+        and ``output_path``, video k (from 0) is written to ``name-k.ext`` (``clip.mp4`` gives
+        ``clip-0.mp4``, ``clip-1.mp4``, ...). Every request is checked before any work; the
+        callback hears every video's steps."""
+        many = isinstance(prompt, (list, tuple)) or not (type(num_videos_per_prompt) is int
+                                                         and num_videos_per_prompt == 1)
+        if not many:
+            return self.run(self.submit(prompt, callback=callback, **sampling))
+        return self.run_many(self.submit_many(prompt, num_videos_per_prompt, callback=callback, **sampling))
 
     def check_weight_files(self) -> None:
         """ModelLoadError when a weight file whose pages parameters map changed on disk since
