@@ -134,3 +134,60 @@ def test_malformed_folder_is_one_line_error_in_every_command(tmp_path, index, ca
         assert main(argv) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "model_index.json" in errors[0]
+
+
+def test_prompts_file_writes_one_file_per_prompt(tiny_wan_dir, tiny_generator, tmp_path, capsys):
+    from .numerics import rel_err
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n  a blue square  \r\n\na cat\n")  # blank lines skipped, blanks stripped
+    out = tmp_path / "clip.npy"
+    assert main(["generate", "--model", str(tiny_wan_dir), "--prompts-file", str(prompts), "--output", str(out),
+                 "--seed", "3", *ARGS]) == 0
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert [line.split()[1] for line in wrote] == [str(tmp_path / f"clip-{k}.npy") for k in range(3)]
+    for k, prompt in enumerate(["a red circle", "a blue square", "a cat"]):
+        ref = tiny_generator.generate(prompt, seed=3, height=32, width=48, num_frames=9, num_inference_steps=3)
+        assert rel_err(np.load(tmp_path / f"clip-{k}.npy"), ref.frames) <= 1e-4
+
+
+def test_num_videos_per_prompt_flag(tiny_wan_dir, tiny_generator, tmp_path):
+    from .numerics import rel_err
+
+    out = tmp_path / "clip.npy"
+    assert main(["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat", "--num-videos-per-prompt", "2",
+                 "--output", str(out), "--seed", "5", *ARGS]) == 0
+    a, b = np.load(tmp_path / "clip-0.npy"), np.load(tmp_path / "clip-1.npy")
+    assert not np.allclose(a, b) and not out.exists()
+    ref = tiny_generator.generate("a cat", seed=6, height=32, width=48, num_frames=9, num_inference_steps=3).frames
+    assert rel_err(b, ref) <= 1e-4  # the second video has seed 5 + 1
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "--prompts-file: no such file"),
+    ("\n  \n\n", "--prompts-file: " + "{path} holds no prompt"),
+    ("".join(f"prompt {i}\n" for i in range(65)), "--prompts-file: more than 64 prompts (line 65)"),
+    ("a cat\na\0dog\n", "--prompts-file line 2: contains a NUL character"),
+    (b"a cat\n\xff\xfe\n", "--prompts-file: {path} is not UTF-8 text"),
+])
+def test_bad_prompts_file_is_one_line_error(tiny_wan_dir, tmp_path, capsys, content, needle):
+    path = tmp_path / "prompts.txt"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        path.write_bytes(content)
+    assert main(["generate", "--model", str(tiny_wan_dir), "--prompts-file", str(path), "--output",
+                 str(tmp_path / "o.npy"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: " + needle.format(path=path)), err
+    assert list(tmp_path.iterdir()) == ([path] if content is not None else [])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--prompt", "a cat", "--num-videos-per-prompt", "0"], "error: num_videos_per_prompt: got 0"),
+    (["--prompt", "a cat", "--num-videos-per-prompt", "65"], "error: num_videos_per_prompt: 1 prompt(s) x 65"),
+])
+def test_bad_num_videos_per_prompt_is_one_line_error(tiny_wan_dir, tmp_path, capsys, argv, needle):
+    assert main(["generate", "--model", str(tiny_wan_dir), *argv, "--output", str(tmp_path / "o.npy"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(needle), err

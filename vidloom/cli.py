@@ -18,7 +18,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import EngineConfig, RefineParams, SamplingParams
+from .config import EngineConfig, RefineParams, SamplingParams, check_text
 from .default_model import DEFAULT_I2V_MODEL_DIR, DEFAULT_MODEL_DIR, sampling_defaults
 from .errors import VidloomError
 from .parallel.state import check_layout
@@ -28,6 +28,8 @@ SAMPLING_SKIP = {"prompt", "latents", "output_type", "output_path", "return_traj
 SHORT_FLAGS = {"num_inference_steps": "--steps"}
 ENGINE_DTYPE_FIELDS = {"dtype", "dit_dtype", "vae_dtype", "text_encoder_dtype"}
 MAX_NPROC = 64  # processes one --nproc starts on this machine
+MAX_PROMPTS = 64  # prompts one --prompts-file holds (they run as one step-batched group)
+MAX_PROMPTS_FILE_BYTES = 4 << 20  # read no further: 64 prompts of any allowed length fit well within
 DEVICE_HELP = "auto (default: cuda where torch sees a CUDA device, else cpu), cpu, cuda or cuda:N"
 
 
@@ -79,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", type=Path, default=None,
                      help="Diffusers-format model folder (with model_index.json); default: the shipped model, "
                           "a small Wan2.1 trained on moving shapes, with its own default size and steps")
-    gen.add_argument("--prompt", required=True)
+    prompts = gen.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt")
+    prompts.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
+                         help=f"one prompt a line (blank lines skipped, at most {MAX_PROMPTS}), all run together as "
+                              "one step-batched group; --output is numbered: out-0.mp4, out-1.mp4, ...")
+    gen.add_argument("--num-videos-per-prompt", type=int, default=1, metavar="N",
+                     help="N videos of each prompt, with seeds seed, seed+1, ..., seed+N-1")
     gen.add_argument("--output", default="outputs/video.mp4",
                      help="output file: .mp4, .gif, .npy (float32 frames) or a folder for PNG frames")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -200,12 +208,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .generator import VideoGenerator
+    from .generator import VideoGenerator, video_requests
 
     from transformers.utils import logging as hf_logging
 
     if not 1 <= args.nproc <= MAX_NPROC:
         raise ValueError(f"--nproc: expected an integer in 1..{MAX_NPROC}, got {args.nproc}")
+    prompt = read_prompts_file(args.prompts_file) if args.prompts_file is not None else args.prompt
     engine = EngineConfig.from_options(**_collect(args, "e_"))
     sampling = _collect(args, "s_")
     refine = _collect(args, "r_")
@@ -214,10 +223,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model is None:  # the shipped models: the image-to-video sibling when a first frame is given
         args.model = DEFAULT_I2V_MODEL_DIR if sampling.get("image") is not None else DEFAULT_MODEL_DIR
     sampling = {**sampling_defaults(args.model), **sampling}  # a shipped model's settings; what the user gave wins
-    # check the whole folder and the request against it before any weight is read (and, with
+    # check the whole folder and every request against it before any weight is read (and, with
     # --nproc, before any process is started)
     limits = VideoGenerator.request_limits(args.model, engine)
-    SamplingParams.from_kwargs(args.prompt, output_path=args.output, **sampling).validate(limits)
+    for r in video_requests(prompt, args.num_videos_per_prompt, sampling.get("seed", SamplingParams.seed),
+                            args.output):
+        SamplingParams.from_kwargs(r.prompt, **{**sampling, "seed": r.seed, "output_path": r.output_path}
+                                   ).validate(limits)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         check_layout(engine.sp_size, engine.cfg_parallel, args.nproc)
         return launch(args.nproc, args.argv)
@@ -225,21 +237,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     generator = VideoGenerator.from_pretrained(args.model, config=engine)
     load_s = time.perf_counter() - start
-    task = generator.submit(args.prompt, output_path=args.output, **sampling)
+    tasks = generator.submit_many(prompt, args.num_videos_per_prompt, output_path=args.output, **sampling)
     quiet = args.quiet or not generator.is_main_process  # one progress bar and one report, from rank 0
-    with tqdm(total=task.total_units + 1, disable=quiet, desc="vidloom", unit="unit", file=sys.stderr) as bar:
-        while not task.is_finished:
-            generator.step(task)
-            bar.set_postfix_str(task.status)
-            bar.update(1)
-    out = task.result
+    with tqdm(total=sum(t.total_units + 1 for t in tasks), disable=quiet, desc="vidloom", unit="unit",
+              file=sys.stderr) as bar:
+        def advance(tasks):
+            bar.update(sum(t.units_done for t in tasks) - bar.n)
+            done = sum(t.is_finished for t in tasks)
+            bar.set_postfix_str(tasks[0].status if len(tasks) == 1 else f"{done}/{len(tasks)} videos done")
+
+        outs = generator.run_many(tasks, on_round=advance)
     if not generator.is_main_process:
         return 0
-    p = out.params
-    stages = ", ".join(f"{name} {secs:.2f} s" for name, secs in out.timings.items() if secs >= 0.005)
-    print(f"wrote {out.path} ({p.num_frames} frames, {p.width}x{p.height}, {p.fps} fps); "
-          f"load {load_s:.2f} s, {stages}")
+    for out in outs:
+        p = out.params
+        stages = ", ".join(f"{name} {secs:.2f} s" for name, secs in out.timings.items() if secs >= 0.005)
+        print(f"wrote {out.path} ({p.num_frames} frames, {p.width}x{p.height}, {p.fps} fps); "
+              f"load {load_s:.2f} s, {stages}")
     return 0
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """The prompts of a ``--prompts-file``: UTF-8 text, one prompt a line, surrounding blanks
+    stripped and blank lines skipped; at least one and at most MAX_PROMPTS, each checked as a
+    prompt is. ValueError naming the flag (and the line) otherwise."""
+    if not path.exists():
+        raise ValueError(f"--prompts-file: no such file {path}")
+    if not path.is_file():
+        raise ValueError(f"--prompts-file: {path} is not a regular file")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_PROMPTS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"--prompts-file: cannot read {path} ({exc.strerror or exc})") from None
+    if len(data) > MAX_PROMPTS_FILE_BYTES:
+        raise ValueError(f"--prompts-file: {path} is larger than {MAX_PROMPTS_FILE_BYTES >> 20} MiB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--prompts-file: {path} is not UTF-8 text (byte {exc.start})") from None
+    prompts = []
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if len(prompts) == MAX_PROMPTS:
+            raise ValueError(f"--prompts-file: more than {MAX_PROMPTS} prompts (line {number})")
+        prompts.append(check_text(f"--prompts-file line {number}", line))
+    if not prompts:
+        raise ValueError(f"--prompts-file: {path} holds no prompt (every line is blank)")
+    return prompts
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -326,10 +326,12 @@ class VideoGenerator:
         return [self.submit(r.prompt, callback, seed=r.seed, output_path=r.output_path, **sampling)
                 for r in requests]
 
-    def run_many(self, tasks: list[Task]) -> list[VideoOutput]:
+    def run_many(self, tasks: list[Task], on_round: Callable[[list[Task]], None] | None = None
+                 ) -> list[VideoOutput]:
         """Run ``tasks`` to the end together: each round one unit of each, compatible denoising
-        steps as one transformer forward (``step_many``). The first task that fails or is
-        cancelled stops the others and its error is raised."""
+        steps as one transformer forward (``step_many``), then ``on_round(tasks)`` (a progress
+        bar, say). The first task that fails or is cancelled stops the others and its error is
+        raised."""
         while True:
             stopped = next((t for t in tasks if t.state in (TaskState.FAILED, TaskState.CANCELLED)), None)
             pending = [t for t in tasks if not t.is_finished]
@@ -340,6 +342,8 @@ class VideoGenerator:
             if not pending:
                 return [task.result for task in tasks]
             self.step_many(pending)
+            if on_round is not None:
+                on_round(tasks)
 
     def generate(self, prompt: str | list[str] = "", callback: StepCallback | None = None, *,
                  num_videos_per_prompt: int = 1, **sampling) -> VideoOutput | list[VideoOutput]:
