@@ -117,7 +117,7 @@ class VideoRequest:
     output_path: Any
 
 
-def video_requests(prompt, num_videos_per_prompt: int = 1, seed: Any = 0,
+def video_requests(prompt, num_videos_per_prompt: int = 1, seed: Any = SamplingParams.seed,
                    output_path: Any = None) -> list[VideoRequest]:
     """The videos a call asks for, as diffusers' pipelines count them: ``prompt`` a str or a
     list of them, ``num_videos_per_prompt`` videos each, in order (a prompt's videos
