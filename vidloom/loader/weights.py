@@ -36,6 +36,7 @@ from .. import cpu
 from ..errors import ModelLoadError
 from ..jsonfile import read_json_object, short_repr
 from ..models.base import LoadableModel
+from .compute import record_compute_dtype
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
@@ -500,6 +501,7 @@ def load_prepared(prepared: PreparedModel, device="cpu", dtype=torch.float32, ma
     if any(b.is_meta for b in model.buffers()):
         raise ModelLoadError("model has buffers the checkpoint cannot fill", file=str(folder))
     model.mapped_files = tuple(mapped)
+    record_compute_dtype(model, dtype)
     return model.eval()
 
 
