@@ -34,7 +34,7 @@ class CpuFeatures:
                          Without it torch runs bf16 matmuls by conversion, measured ~50x slower than
                          fp32 on an AVX2-only AMD EPYC, so bf16 is never the default there.
     fused_linear_gelu    oneDNN can build bf16 primitives here, so a bf16 Linear + tanh-GELU runs as
-                         one matmul with the GELU fused (``layers.linear_gelu_tanh``). oneDNN refuses
+                         one matmul with the GELU fused (``layers.GeluLinear``). oneDNN refuses
                          bf16 inner products on a CPU without AVX-512 ("could not create a primitive
                          descriptor"), so elsewhere the two plain ops run.
     input_major_bf16     bf16 Linear weights stored input-major (``loader.weights``): ~1.5x faster

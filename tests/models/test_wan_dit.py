@@ -185,7 +185,7 @@ def test_image_conditioned_forward_matches_diffusers(image_dit_dir, dtype, bound
     assert rel(without.float(), a.float()) > 0.05  # the image matters (measured ~0.19)
     assert sorted(n for n, p in ours.named_parameters() if p.dtype == torch.float32) == \
         sorted(n.replace("ff.net.0.proj", "ff.linear_1").replace("ff.net.2", "ff.linear_2")
-               .replace("to_out.0", "to_out").replace("ffn.net.0.proj", "ffn.fc_in").replace("ffn.net.2", "ffn.fc_out")
+               .replace("to_out.0", "to_out").replace("ffn.net.0.proj", "ffn.fc_in.proj").replace("ffn.net.2", "ffn.fc_out")
                for n, p in ref.named_parameters() if p.dtype == torch.float32)
 
 

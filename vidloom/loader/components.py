@@ -40,6 +40,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..jsonfile import read_json_object, short_repr
+from .compute import record_compute_dtype
 from .weights import SafetensorsFile, check_layer_counts, find_weight_files, load_prepared, prepare_model
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,9 @@ def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtyp
     for name, p in model.named_parameters():
         if not p.dtype.is_floating_point:
             raise ModelLoadError(f"{spec.what} parameter stored as {p.dtype}", file=str(folder), key=name)
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    # without a dtype asked for, transformers keeps the checkpoint's: decided here, once
+    return record_compute_dtype(model, dtype if dtype is not None else model.dtype)
 
 
 def refuse_custom_code(config: dict[str, Any], path: Path) -> None:

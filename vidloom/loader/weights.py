@@ -8,9 +8,11 @@ dtype, device and layout, and the file's bytes are read into it with positioned 
 through the mapping: a touched mapped page counts as resident memory, so reading through it
 and converting would hold those weights twice. A tensor that needs converting (another dtype,
 the input-major layout, another device) goes through a small staging buffer a few rows at a
-time. Parameters are plain ``torch.empty`` memory: asking for huge pages (MADV_HUGEPAGE) made
-a bf16 -> float32 load 1.6x slower on an AMD EPYC VM with THP in madvise mode (each 2 MiB fault
-zeroes and may compact), though it had helped on an Intel VM. Every checkpoint key must be
+time. Model transforms (``loader.transforms``) run between the meta build and the fill: they
+may swap modules and decide how each tensor fills its parameter (the input-major layout is one,
+chosen by the CPU's capabilities). Parameters are plain ``torch.empty`` memory: asking for huge
+pages (MADV_HUGEPAGE) made a bf16 -> float32 load 1.6x slower on an AMD EPYC VM with THP in
+madvise mode (each 2 MiB fault zeroes and may compact), though it had helped on an Intel VM. Every checkpoint key must be
 consumed and every parameter filled, otherwise a ModelLoadError names the key and file. A mapped
 file must not be rewritten while a model uses it (as with any mmap).
 """
@@ -32,10 +34,11 @@ import torch
 from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
-from .. import cpu
 from ..errors import ModelLoadError
 from ..jsonfile import read_json_object, short_repr
 from ..models.base import LoadableModel
+from .compute import record_compute_dtype
+from .transforms import Fill, ModelTransform, default_transforms
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
@@ -140,19 +143,6 @@ def _set_tensor(modules: dict[str, torch.nn.Module], name: str, value: torch.Ten
     owner_name, _, leaf = name.rpartition(".")
     modules[owner_name]._parameters[leaf] = param = torch.nn.Parameter(value, requires_grad=False)
     return param
-
-
-def _input_major(modules: dict[str, torch.nn.Module], name: str, device, dtype) -> bool:
-    """Whether ``name`` is a Linear weight to store input-major: (out, in) values laid out as a
-    transposed (in, out) matrix. On a CPU with AMX, oneDNN's bf16 matmul runs such weights ~1.5x
-    faster at the DiT's shapes (measured: 400 -> 600 GFLOP/s at 640x1536x1536); on an AVX-512
-    BF16 CPU without AMX the file's layout was 2-5 % faster (measured at 640x1536x1536 to
-    4608x1536x1536), so there the file's layout is kept (and mapped). Values are unchanged."""
-    if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or not name.endswith(".weight"):
-        return False
-    if not cpu.features().input_major_bf16:
-        return False
-    return isinstance(modules[name.rpartition(".")[0]], torch.nn.Linear)
 
 
 # ----------------------------------------------------------------------------- safetensors files
@@ -301,9 +291,16 @@ class _Staging:
         return self.buffer[:nbytes].view(dtype).view(n, *row_shape)
 
 
-def _read_tensor(file: SafetensorsFile, entry: StoredTensor, dst: torch.Tensor, staging: _Staging) -> None:
-    """Fill ``dst`` (shape ``entry.shape``, any dtype, device and strides) with ``entry``'s values."""
+def _read_tensor(file: SafetensorsFile, entry: StoredTensor, dst: torch.Tensor, staging: _Staging,
+                 convert=None) -> None:
+    """Fill ``dst`` (shape ``entry.shape``, any dtype, device and strides) with ``entry``'s values,
+    or with ``convert`` of them (read whole, then converted: see ``transforms.Fill``)."""
     if entry.nbytes == 0:
+        return
+    if convert is not None:
+        stored = torch.empty(entry.shape, dtype=entry.dtype)
+        file.read_into(_bytes_of(stored), entry.offset, entry.key)
+        _copy_rows(dst, convert(stored).to(dst.device))
         return
     if dst.device.type == "cpu" and dst.dtype == entry.dtype and dst.is_contiguous():
         file.read_into(_bytes_of(dst), entry.offset, entry.key)  # straight into the parameter
@@ -341,17 +338,16 @@ def _empty(shape, device, dtype, input_major: bool) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _mappable(modules, name: str, entry: StoredTensor, device, dtype) -> bool:
-    """Whether parameter ``name`` can be the stored tensor itself: same dtype, CPU, no relayout,
+def _mappable(fill: Fill, entry: StoredTensor) -> bool:
+    """Whether the parameter can be the stored tensor itself: used as stored (see ``Fill``) and
     aligned for its dtype (safetensors writers align; a file that does not is read instead)."""
-    return (entry.nbytes > 0 and dtype == entry.dtype and torch.device(device).type == "cpu"
-            and entry.offset % entry.dtype.itemsize == 0 and not _input_major(modules, name, device, dtype))
+    return entry.nbytes > 0 and fill.as_stored and entry.offset % entry.dtype.itemsize == 0
 
 
-def _destination(modules, name: str, shape, device, dtype) -> torch.Tensor:
-    """Parameter ``name``, allocated in its final dtype, device and layout."""
-    value = _empty(shape, device, dtype, _input_major(modules, name, device, dtype))
-    return _set_tensor(modules, name, value).data
+def _destination(modules, fill: Fill, shape) -> torch.Tensor:
+    """The parameter of ``fill``, allocated in its final dtype, device and layout."""
+    value = _empty(shape, fill.device, fill.dtype, fill.input_major)
+    return _set_tensor(modules, fill.name, value).data
 
 
 class _MetaBuild(TorchFunctionMode):
@@ -455,42 +451,58 @@ def _readable(pattern: str) -> str:
 
 
 def load_model(model_cls: type[LoadableModel], folder: str | Path, device="cpu", dtype=torch.float32,
-               map_weights: bool = True):
+               map_weights: bool = True, transforms: tuple[ModelTransform, ...] | None = None):
     """Read ``config.json`` and the safetensors in ``folder`` into a ready ``model_cls``.
 
     ``map_weights``: parameters used exactly as stored are views of the mapped file (see the
     module's doc; ``changed_mapped_files`` tells whether a file changed since); False reads every
-    tensor into memory of the process's own.
+    tensor into memory of the process's own. ``transforms``: applied between the meta build and
+    the fill (``loader.transforms``); None: those this CPU's capabilities choose.
     """
-    return load_prepared(prepare_model(model_cls, folder), device, dtype, map_weights)
+    return load_prepared(prepare_model(model_cls, folder), device, dtype, map_weights, transforms)
 
 
-def load_prepared(prepared: PreparedModel, device="cpu", dtype=torch.float32, map_weights: bool = True):
-    """Build ``prepared``'s model on meta and fill it from its files (see ``load_model``)."""
-    model_cls, folder = prepared.model_cls, prepared.folder
+def load_prepared(prepared: PreparedModel, device="cpu", dtype=torch.float32, map_weights: bool = True,
+                  transforms: tuple[ModelTransform, ...] | None = None):
+    """Build ``prepared``'s model on meta, apply ``transforms`` and fill it from its files (see
+    ``load_model``). The model computes in ``dtype`` (``loader.compute``)."""
+    model_cls, folder, device = prepared.model_cls, prepared.folder, torch.device(device)
+    transforms = default_transforms() if transforms is None else tuple(transforms)
     try:
         with _MetaBuild(), _gc_paused():
             model = model_cls(prepared.config)
     except (ValueError, TypeError, RuntimeError) as exc:  # e.g. sizes whose product overflows
         raise ModelLoadError(f"invalid config ({exc})", file=str(folder / "config.json")) from exc
+    with _MetaBuild(), _gc_paused():  # modules a transform swaps in are built on meta too
+        for transform in transforms:
+            model = transform.apply(model)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     modules = dict(model.named_modules())
     filled: set[str] = set()  # checkpoint keys consumed
     mapped: list[FileSnapshot] = []
     for path in prepared.files:
         with SafetensorsFile(path) as file:
-            plan = _plan_file(model_cls, file, expected, filled)
             jobs, mapping = [], None
-            for entry, name in plan:
-                target = _target_dtype(model_cls, name, entry.dtype, dtype)
-                if map_weights and _mappable(modules, name, entry, device, target):
+            for entry, name in _plan_file(model_cls, file, expected, filled):
+                fill = Fill(entry.key, name, modules[name.rpartition(".")[0]], entry.dtype,
+                            _target_dtype(model_cls, name, entry.dtype, dtype), device)
+                for transform in transforms:
+                    fill = transform.fill(fill)
+                if map_weights and _mappable(fill, entry):
                     if mapping is None:
                         mapping = file.mapping()
                         mapped.append(FileSnapshot.of(path))
                     _set_tensor(modules, name, file.view(mapping, entry))
                 else:
-                    jobs.append((entry, _destination(modules, name, expected[name], device, target)))
+                    jobs.append((entry, _destination(modules, fill, expected[name]), fill.convert))
             _read_all(file, jobs)
+    _check_filled(model, model_cls, expected, filled, folder)
+    model.mapped_files = tuple(mapped)
+    record_compute_dtype(model, dtype)
+    return model.eval()
+
+
+def _check_filled(model, model_cls, expected, filled: set[str], folder: Path) -> None:
     missing = [key for key in map(functools.partial(param_to_checkpoint_name, model_cls), expected)
                if key not in filled]
     if missing:
@@ -499,8 +511,6 @@ def load_prepared(prepared: PreparedModel, device="cpu", dtype=torch.float32, ma
         )
     if any(b.is_meta for b in model.buffers()):
         raise ModelLoadError("model has buffers the checkpoint cannot fill", file=str(folder))
-    model.mapped_files = tuple(mapped)
-    return model.eval()
 
 
 def changed_mapped_files(model: torch.nn.Module) -> list[Path]:
@@ -511,7 +521,7 @@ def changed_mapped_files(model: torch.nn.Module) -> list[Path]:
     return [snap.path for snap in getattr(model, "mapped_files", ()) if snap.changed()]
 
 
-def _read_all(file: SafetensorsFile, jobs: list[tuple[StoredTensor, torch.Tensor]]) -> None:
+def _read_all(file: SafetensorsFile, jobs: list[tuple[StoredTensor, torch.Tensor, object]]) -> None:
     """Fill every destination of ``jobs`` from ``file``, LOAD_THREADS tensors at a time (reads
     and copies release the GIL) when there is enough to read. The first error stops all threads
     and is raised here."""
@@ -526,11 +536,11 @@ def _read_all(file: SafetensorsFile, jobs: list[tuple[StoredTensor, torch.Tensor
                 if job is None:
                     return
                 try:
-                    _read_tensor(file, *job, staging)
+                    _read_tensor(file, job[0], job[1], staging, job[2])
                 except BaseException as exc:  # handed to the calling thread
                     errors.append(exc)
 
-    n_threads = LOAD_THREADS if sum(entry.nbytes for entry, _ in jobs) >= PARALLEL_READ_BYTES else 1
+    n_threads = LOAD_THREADS if sum(job[0].nbytes for job in jobs) >= PARALLEL_READ_BYTES else 1
     threads = [threading.Thread(target=work, name=f"vidloom-load-{i}") for i in range(n_threads - 1)]
     for t in threads:
         t.start()

@@ -14,6 +14,8 @@ import re
 
 import torch
 
+from ..loader.compute import compute_dtype
+
 log = logging.getLogger(__name__)
 
 
@@ -82,8 +84,8 @@ class WanImageEncoder:
 
     @torch.no_grad()
     def encode(self, images: list) -> torch.Tensor:
-        """RGB PIL images -> (len(images), tokens, width) in the encoder's dtype."""
+        """RGB PIL images -> (len(images), tokens, width) in the encoder's compute dtype."""
         pixels = self.processor(images=images, return_tensors="pt").pixel_values
-        dtype = next(self.encoder.parameters()).dtype
+        dtype = compute_dtype(self.encoder)
         out = self.encoder(pixel_values=pixels.to(self.device, dtype), output_hidden_states=True)
         return out.hidden_states[-2]

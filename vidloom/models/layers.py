@@ -64,8 +64,30 @@ def linear_gelu_tanh(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     """gelu_tanh(linear(x)). For bf16 on a CPU whose oneDNN runs bf16 primitives
     (``cpu.features().fused_linear_gelu``), one oneDNN matmul with the GELU fused as a post-op:
     the separate bf16 tanh-GELU pass cost ~9% of a Wan step (measured), the fused one almost
-    nothing. Elsewhere the plain two ops."""
+    nothing. Elsewhere the plain two ops. ``linear`` must be a plain ``nn.Linear`` (its weight and
+    bias are all it computes): a model calls this through ``GeluLinear``."""
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16 == linear.weight.dtype
             and cpu.features().fused_linear_gelu):
-        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "tanh")
+        return _fused_linear_gelu(x, linear.weight, linear.bias)
     return F.gelu(linear(x), approximate="tanh")
+
+
+def _fused_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+
+
+class GeluLinear(torch.nn.Module):
+    """gelu_tanh(proj(x)): a Linear and its tanh-GELU as one module, which owns the fused fast
+    path (``linear_gelu_tanh``). ``proj`` is named as in diffusers' ``GELU.proj``. The fused path
+    reads ``proj``'s weight directly, so it is taken only while ``proj`` is a plain ``nn.Linear``:
+    a swapped or wrapped ``proj`` (quantized, adapter, tensor-parallel) is always called, with the
+    GELU after it."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.proj) is torch.nn.Linear:
+            return linear_gelu_tanh(x, self.proj)
+        return F.gelu(self.proj(x), approximate="tanh")

@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import attention, collapse_repeated_tail, gather_sequence, sequence_span, shard_sequence, shard_tokens
 from .base import ArchConfig, LoadableModel, require_range
-from .layers import (Positions, apply_rotary, layer_norm_fp32, linear_gelu_tanh, rope_frequencies,
+from .layers import (GeluLinear, Positions, apply_rotary, layer_norm_fp32, rope_frequencies,
                      sinusoidal_timestep_embedding)
 
 
@@ -279,13 +279,15 @@ class WanCrossAttention(_Projections):
 
 
 class FeedForward(nn.Module):
+    """fc_out(gelu_tanh(fc_in.proj(x))); ``fc_in`` owns the fused Linear + GELU path."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc_in = nn.Linear(dim, hidden)
+        self.fc_in = GeluLinear(dim, hidden)
         self.fc_out = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(linear_gelu_tanh(x, self.fc_in))
+        return self.fc_out(self.fc_in(x))
 
 
 class TimestepRuns(typing.NamedTuple):
@@ -389,7 +391,7 @@ class WanDiT(LoadableModel):
     # (checkpoint fragment, parameter fragment), matched between dots
     checkpoint_key_map = (
         (".to_out.0.", ".to_out."),
-        (".ffn.net.0.proj.", ".ffn.fc_in."),
+        (".ffn.net.0.proj.", ".ffn.fc_in.proj."),
         (".ffn.net.2.", ".ffn.fc_out."),
         (".image_embedder.ff.net.0.proj.", ".image_embedder.ff.linear_1."),
         (".image_embedder.ff.net.2.", ".image_embedder.ff.linear_2."),

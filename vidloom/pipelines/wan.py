@@ -10,6 +10,7 @@ from typing import Any
 from ..config import EngineConfig, RequestLimits
 from ..errors import InvalidRequestError, ModelLoadError
 from ..jsonfile import short_repr
+from ..loader.compute import compute_dtype
 from ..models.encoders import WanImageEncoder, WanTextEncoder
 from . import register_pipeline
 from .base import ComposedPipeline, parallel_parts, tile_spreader
@@ -184,7 +185,7 @@ class WanT2VPipeline(ComposedPipeline):
         dit, vae = first_transformer(components), components["vae"]
         device = config.torch_device
         text_encoder = WanTextEncoder(components["tokenizer"], components["text_encoder"])
-        dit_dtype = dit.proj_out.weight.dtype
+        dit_dtype = compute_dtype(dit)
         sequence, cfg = parallel_parts(parallel)
         experts, model_input = self.experts(components, settings), self.model_input(components, settings)
         expert_device = device if config.offload_experts else None

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ...loader.compute import compute_dtype
 from ..base import Phase, PipelineStage, VerificationResult, is_tensor
 from ..batch import ForwardBatch
 
@@ -26,7 +27,8 @@ class DecodingStage(PipelineStage):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        """The dtype the VAE computes in, as the loader declared it."""
+        return compute_dtype(self.vae)
 
     def verify_input(self, batch: ForwardBatch) -> VerificationResult:
         return VerificationResult(self.name, "input").check("latents", is_tensor(batch.latents, 5), "must be 5-D")

@@ -8,6 +8,7 @@ import torch
 
 from ...config import SamplingParams
 from ...errors import NumericalError
+from ...loader.compute import compute_dtype
 from ..base import IterativeStage, Phase, VerificationResult, is_tensor
 from ..batch import ForwardBatch, PolicyState
 from .model_call import COND, UNCOND, ModelCall, PlainCall, Rows, guided, split_rows
@@ -129,7 +130,8 @@ class DenoisingStage(IterativeStage):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.experts[0].transformer.proj_out.weight.dtype
+        """The dtype the transformer computes in, as the loader declared it."""
+        return compute_dtype(self.experts[0].transformer)
 
     def num_units(self, batch: ForwardBatch) -> int:
         return self.steps(batch.request or batch.params)
