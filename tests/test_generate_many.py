@@ -13,37 +13,16 @@ from vidloom import InvalidRequestError, NumericalError, VideoOutput
 from vidloom.generator import MAX_VIDEOS_PER_CALL, video_requests
 
 from .numerics import rel_err
+from .pipelines.test_model_call import CountingCall, counting  # noqa: F401 - counting: a fixture
 
 SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=3, guidance_scale=4.0)
 PROMPTS = ["a red circle moving left", "a blue square", "a green triangle moving up quickly"]
 
 
-class CountingCall:
-    """The denoising stage's model call, recording the batch size of every transformer forward."""
-
-    def __init__(self, inner):
-        self.inner, self.sizes = inner, []
-
-    def __call__(self, expert, x, t, context_kv, rows):
-        self.sizes.append(x.shape[0])
-        return self.inner(expert, x, t, context_kv, rows)
-
-    def batch_key(self, batch, expert):
-        return self.inner.batch_key(batch, expert)
-
-
-@pytest.fixture
-def counting(tiny_generator, monkeypatch):
-    stage = tiny_generator.pipeline.denoising
-    call = CountingCall(stage.call)
-    monkeypatch.setattr(stage, "call", call)
-    return call
-
-
 def test_three_prompts_in_one_call_equal_three_calls_and_share_steps(tiny_generator, counting):
     alone = [tiny_generator.generate(prompt, seed=7, **SMALL).frames for prompt in PROMPTS]
     forwards_alone = len(counting.sizes)
-    counting.sizes.clear()
+    counting.calls.clear()
     outs = tiny_generator.generate(PROMPTS, seed=7, **SMALL)
     assert isinstance(outs, list) and len(outs) == 3
     assert [out.params.prompt for out in outs] == PROMPTS
@@ -112,9 +91,8 @@ def test_a_failing_video_fails_the_call(tiny_generator, monkeypatch):
 
     class Poison(CountingCall):
         def __call__(self, expert, x, t, context_kv, rows):
-            self.sizes.append(x.shape[0])
-            out = self.inner(expert, x, t, context_kv, rows)
-            return out * float("nan") if len(self.sizes) == 3 else out  # the first shared step
+            out = super().__call__(expert, x, t, context_kv, rows)
+            return out * float("nan") if len(self.calls) == 3 else out  # the first shared step
 
     monkeypatch.setattr(stage, "call", Poison(inner))
     with pytest.raises(NumericalError, match="NaN"):

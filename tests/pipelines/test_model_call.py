@@ -31,6 +31,11 @@ class CountingCall:
     def batch_key(self, batch, expert):
         return None if self.refuse else self.inner.batch_key(batch, expert)
 
+    @property
+    def sizes(self) -> list[int]:
+        """The batch size (rows) of every forward so far."""
+        return [n for _, n, _ in self.calls]
+
 
 @pytest.fixture
 def counting(tiny_generator, monkeypatch):
