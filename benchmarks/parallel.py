@@ -37,6 +37,7 @@ def worker(args) -> None:
     from vidloom.models.wan_dit import WanDiT
     from vidloom.pipelines.base import parallel_parts
     from vidloom.pipelines.stages import DenoisingStage
+    from vidloom.pipelines.stages.model_call import PlainCall
     from vidloom.parallel.cfg import CFGParallel
     from vidloom.parallel.sequence import UlyssesSequenceParallel
     from vidloom.parallel.state import ParallelState, close_process_groups, local_device
@@ -73,7 +74,7 @@ def worker(args) -> None:
     with torch.no_grad():
         kv = model.encode_context(text)  # rows [cond; uncond]
     # the engine's own guided prediction (batched CFG, or one branch per rank), as a generation runs it
-    stage = DenoisingStage(model, scheduler=None, sequence=sequence, cfg=cfg)
+    stage = DenoisingStage(model, scheduler=None, cfg=cfg, call=PlainCall(sequence))
     batch = types.SimpleNamespace(latents=x, context_kv=kv, context_expert=0,
                                   params=types.SimpleNamespace(do_cfg=True, guidance_scale=5.0))
     t = torch.tensor(500.0, device=device)

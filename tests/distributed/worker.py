@@ -33,7 +33,7 @@ def main() -> None:
     latents = torch.load(request.pop("latents_path"))
     gen = VideoGenerator.from_pretrained(model_dir, dtype="fp32", **engine)
     stage = gen.pipeline.denoising
-    print(f"rank {rank}: sequence={type(stage.sequence).__name__} cfg={type(stage.cfg).__name__}", flush=True)
+    print(f"rank {rank}: sequence={type(stage.call.sequence).__name__} cfg={type(stage.cfg).__name__}", flush=True)
     gen.generate(request.pop("prompt"), latents=latents, output_path=out, callback=callback, **request)
 
 

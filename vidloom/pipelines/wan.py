@@ -15,6 +15,7 @@ from ..models.encoders import WanImageEncoder, WanTextEncoder
 from . import register_pipeline
 from .base import ComposedPipeline, parallel_parts, tile_spreader
 from .stages.denoising import low_noise_guidance
+from .stages.model_call import PlainCall
 from .stages import (
     ConcatCondition, DecodingStage, DenoisingStage, Expert, FirstFrameStage, GivenFrames, ImageEncodingStage,
     InputValidationStage, LatentPreparationStage, ModelInput, RefineStage, TextEncodingStage, TimestepPreparationStage,
@@ -189,9 +190,9 @@ class WanT2VPipeline(ComposedPipeline):
         sequence, cfg = parallel_parts(parallel)
         experts, model_input = self.experts(components, settings), self.model_input(components, settings)
         expert_device = device if config.offload_experts else None
+        call = PlainCall(sequence)  # the one model call both denoising passes run every forward through
         self.denoising = DenoisingStage(experts, components["scheduler"], config.batch_cfg, config.check_finite,
-                                        sequence=sequence, cfg=cfg, model_input=model_input,
-                                        expert_device=expert_device)
+                                        cfg=cfg, model_input=model_input, expert_device=expert_device, call=call)
         # two-stage generation: the refine pass, a second denoising stage with its own schedule
         # (neither has work for a request without refine), with this folder's experts or those of
         # a second one
@@ -199,8 +200,8 @@ class WanT2VPipeline(ComposedPipeline):
         refine_components, refine_settings = self.refine_parts
         refine_scheduler = refine_components["scheduler"]
         refine_pass = DenoisingStage(self.experts(refine_components, refine_settings), refine_scheduler,
-                                     config.batch_cfg, config.check_finite, sequence=sequence, cfg=cfg,
-                                     model_input=model_input, expert_device=expert_device,
+                                     config.batch_cfg, config.check_finite, cfg=cfg,
+                                     model_input=model_input, expert_device=expert_device, call=call,
                                      steps=lambda request: request.refine.run_steps(request) if request.refine else 0)
         # the latents are the VAE's (for text-to-video the DiT takes them as they are)
         self.input_validation = InputValidationStage(limits, vae.config.z_dim)

@@ -105,13 +105,13 @@ class DenoisingStage(IterativeStage):
     phase = Phase.DENOISING
 
     def __init__(self, transformer: torch.nn.Module | list[Expert], scheduler, batch_cfg: bool = True,
-                 check_finite: bool = True, sequence=None, cfg=None, model_input: ModelInput | None = None,
+                 check_finite: bool = True, cfg=None, model_input: ModelInput | None = None,
                  steps=None, expert_device: torch.device | None = None, call: ModelCall | None = None):
-        """``transformer``: one transformer, or the experts in order; ``sequence``: a
-        sequence-parallel object made active around every forward (``parallel.sequence``) by the
-        default ``call``; ``call``: what runs every transformer forward (default ``PlainCall``);
+        """``transformer``: one transformer, or the experts in order; ``call``: what runs every
+        transformer forward (default: ``PlainCall()``, the plain forward in this process; the
+        pipeline gives ``PlainCall(sequence)`` under sequence parallelism, or a policy wrapping it);
         ``cfg``: a CFG-parallel object (``parallel.cfg``) when the two branches run on different
-        processes. Both None in one process. ``model_input``: how the latents (and the request's
+        processes (None in one process). ``model_input``: how the latents (and the request's
         conditioning) become the transformer's input (default: as they are). ``steps(request)``:
         how many steps this stage runs, from ``batch.begin_index`` on (default: the request's
         ``num_inference_steps``; a refine pass runs its own). ``expert_device``: keep only the
@@ -124,9 +124,8 @@ class DenoisingStage(IterativeStage):
         self.scheduler = scheduler
         self.batch_cfg = batch_cfg
         self.check_finite = check_finite
-        self.sequence = sequence
         self.cfg = cfg
-        self.call = call or PlainCall(sequence)
+        self.call = call or PlainCall()
 
     @property
     def dtype(self) -> torch.dtype:
