@@ -488,23 +488,14 @@ def test_mp4_write_failure_is_an_encoding_error_and_leaves_no_file(tmp_path):
 def test_mp4_on_a_full_filesystem_is_an_output_write_error_with_enospc(tmp_path):
     """ffmpeg reports the full disk only as its exit status (228: -ENOSPC); export_video turns
     it into the OSError a caller can tell apart (wait for room) from a failed encode."""
-    import subprocess
+    from ..filesystems import fill, tmpfs
 
-    root = tmp_path / "small"
-    root.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)]).returncode != 0:
-        pytest.skip("mounting a small filesystem needs root (CAP_SYS_ADMIN)")
-    try:
-        with open(root / "filler", "wb") as f, contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+    with tmpfs(tmp_path / "small", 1) as root:
+        fill(root)
         with pytest.raises(OutputWriteError) as info:
             export_video(noise_frames(), root / "clip.mp4")
         assert info.value.errno == errno.ENOSPC
         assert sorted(p.name for p in root.iterdir()) == ["filler"]  # no partial file
-    finally:
-        subprocess.run(["umount", "-l", str(root)])
 
 
 def test_output_write_error_is_a_vidloom_and_os_error(tmp_path, monkeypatch):

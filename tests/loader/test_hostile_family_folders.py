@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-import vidloom.generator as generator_mod
 from tests.parity.test_i2v_parity import build_i2v_folder
 from tests.parity.test_ti2v_parity import build_ti2v_folder
 from vidloom import ModelLoadError, VideoGenerator
+
+from .test_hostile_folders import no_loading  # noqa: F401 - a fixture
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +36,8 @@ def i2v(i2v_source, tmp_path):
     return tmp_path / "i2v"
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("component weights were loaded before the error")
-
-    monkeypatch.setattr(generator_mod, "_load_components", refuse)
-
-
 def edit_json(path, change):
+    """``change`` edits the parsed object in place (its return value is ignored)."""
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))

@@ -14,11 +14,7 @@ from vidloom.models import layers
 from vidloom.models.layers import GeluLinear
 from vidloom.models.wan_dit import WanDiT
 
-
-class CountingLinear(torch.nn.Linear):
-    def forward(self, x):
-        self.calls += 1
-        return super().forward(x)
+from ..loader.test_transforms import CountingLinear
 
 
 class CountFfnInputs(ModelTransform):

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from vidloom import cli
 from vidloom.serve.store import FAILED, IN_PROGRESS, MAX_ATTEMPTS, QUEUED, Job, SQLiteJobStore
 
+from ..filesystems import fill, tmpfs
 from .test_api import free_port
 from .test_crash import start, wait
 
@@ -108,37 +108,15 @@ def test_start_up_failures_are_one_line_errors(tiny_wan_dir, tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     serve(a_file)
-    readonly = tmp_path / "readonly"
-    readonly.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)]).returncode != 0:
-        pytest.skip("mounting a read-only filesystem needs root (CAP_SYS_ADMIN)")
-    try:
+    with tmpfs(tmp_path / "readonly", 1, read_only=True) as readonly:
         serve(readonly)
-    finally:
-        subprocess.run(["umount", str(readonly)])
 
 
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A 24 MB tmpfs: room for the store and a few tiny videos, and easy to fill."""
-    root = tmp_path / "small"
-    root.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(root)]).returncode != 0:
-        pytest.skip("mounting a small filesystem needs root (CAP_SYS_ADMIN)")
-    yield root
-    subprocess.run(["umount", "-l", str(root)])
-
-
-def _fill(root: Path) -> Path:
-    filler = root / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
+    with tmpfs(tmp_path / "small", 24) as root:
+        yield root
 
 
 @pytest.mark.slow
@@ -152,7 +130,7 @@ def test_a_full_disk_loses_no_job(tiny_wan_dir, small_filesystem):
     try:
         job = httpx.post(f"{url}/v1/videos", json={"prompt": "a cat", **SMALL, "num_inference_steps": 20}).json()
         wait(url, job["id"], lambda v: v["status"] == "in_progress")
-        filler = _fill(small_filesystem)
+        filler = fill(small_filesystem)
         statuses = set()
         deadline = time.time() + 15  # the job finishes denoising (a fraction of this) while the disk is full
         while time.time() < deadline:
