@@ -62,7 +62,7 @@ def test_huge_requests_are_one_line_errors_before_any_large_allocation(tmp_path)
 def test_limits_come_from_the_folder_without_loading(tiny_wan_dir, monkeypatch):
     import vidloom.generator as generator
 
-    monkeypatch.setattr(generator, "_load_components", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(generator, "load_components", lambda *a, **k: pytest.fail("weights were loaded"))
     limits = VideoGenerator.request_limits(tiny_wan_dir)
     # tiny model: VAE 8x / 4x, patch (1, 2, 2), rope_max_seq_len 64, UniPC 1000 steps, 512 tokens
     assert limits == RequestLimits(vae_spatial_factor=8, temporal_factor=4, patch=(1, 2, 2), max_grid_side=64,
@@ -160,7 +160,7 @@ def test_bad_engine_options_are_errors_before_loading(options, needle):
 def test_tile_overlap_of_a_whole_latent_tile_is_an_error_at_load(tiny_wan_dir, monkeypatch):
     import vidloom.generator as generator
 
-    monkeypatch.setattr(generator, "_load_components", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(generator, "load_components", lambda *a, **k: pytest.fail("weights were loaded"))
     # 33 px tiles with 32 px overlap: 4 latent pixels of tile, 4 of overlap at the 8x VAE
     with pytest.raises(ValueError, match=r"vae_tile_overlap: 32 px covers a whole 33 px tile .*less than 32 px"):
         VideoGenerator.from_pretrained(tiny_wan_dir, vae_tiling=True, vae_tile_size=33, vae_tile_overlap=32)

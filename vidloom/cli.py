@@ -319,7 +319,6 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .loader.components import read_model_index
-
     from .pipelines import pipeline_class
 
     folder = args.model or DEFAULT_MODEL_DIR
@@ -330,7 +329,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     except KeyError:
         print("variant: not supported by this engine")
     else:
-        print(f"variant: {pipe_cls.describe(pipe_cls.read_settings(index, str(folder / 'model_index.json')))}")
+        print(f"variant: {pipe_cls.read_variant(index, str(folder / 'model_index.json')).describe()}")
     for name, spec in index.items():
         if not name.startswith("_"):
             print(f"  {printable(name)}: {printable(spec)}")

@@ -18,17 +18,12 @@ import torch
 from .config import EngineConfig, RequestLimits, SamplingParams
 from .parallel.state import check_layout, world_size_from_env
 from .errors import ModelLoadError, TaskCancelled, VidloomError, engine_error
-from .loader.components import ComponentPlan, component_spec, plan_component, read_model_index
+from .loader.plan import load_components, plan_folder
 from .loader.weights import changed_mapped_files
-from .pipelines import pipeline_class, registered_pipelines
 from .pipelines.base import ComposedPipeline, Cursor, Phase, WorkUnit, run_units
 from .pipelines.batch import ForwardBatch
 
 log = logging.getLogger(__name__)
-
-# component name -> which resolved dtype it takes (tokenizer and scheduler take none)
-COMPONENT_DTYPE = {"transformer": "transformer", "transformer_2": "transformer", "text_encoder": "text_encoder",
-                   "vae": "vae", "image_encoder": "image_encoder"}
 
 # where an "mp4" request without an output_path is written (relative to the working directory)
 DEFAULT_OUTPUT_DIR = Path("outputs")
@@ -176,37 +171,30 @@ class VideoGenerator:
             config = EngineConfig.from_options(**engine_options)
         elif engine_options:
             raise ValueError("pass either config= or engine options, not both")
-        path = Path(path)
-        pipe_cls, plans, limits, settings = _plan(path, config)
-        refine = _plan_refine_model(pipe_cls, plans, limits, config) if config.refine_model is not None else None
-        if refine is not None:
-            limits = refine[2]
+        plan = plan_folder(path, config)
         parallel = None
         if config.sp_size > 1 or config.cfg_parallel or world_size_from_env() > 1:
             from .parallel.state import ParallelState, local_device
 
             # a wrong layout is an error before any weight is read
-            for plan_set in (plans, refine[0] if refine else {}):
-                for name in ("transformer", "transformer_2"):
-                    if name in plan_set:
-                        check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(),
-                                     plan_set[name].config.num_attention_heads)
+            for heads in plan.transformer_heads():
+                check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), heads)
             config = dataclasses.replace(config, device=str(local_device(config.torch_device)))
             parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device)
-        components = _load_components(plans, config)
-        refine_parts = None if refine is None else (_load_components(refine[0], config), refine[1])
-        pipeline = pipe_cls(components, config, limits, settings, parallel, refine=refine_parts)
-        return cls(pipeline, config, path, parallel)
+        # with offload_experts the low-noise expert waits in CPU memory until its first step
+        devices = {"transformer_2": torch.device("cpu")} if config.offload_experts else {}
+        components = load_components(plan.plans, config, devices)
+        refine_parts = None
+        if plan.refine is not None:
+            refine_parts = (load_components(plan.refine.plans, config, devices), plan.refine.variant)
+        pipeline = plan.pipeline(components, config, plan.limits, plan.variant, parallel, refine=refine_parts)
+        return cls(pipeline, config, Path(path), parallel)
 
     @staticmethod
     def request_limits(path: str | Path, config: EngineConfig | None = None) -> RequestLimits:
         """What a model folder's requests may ask (sizes, frames, steps, text length), from its
         configs and weight headers alone: checks the whole folder, reads no weights."""
-        config = config or EngineConfig()
-        pipe_cls, plans, limits, _ = _plan(Path(path), config)
-        if config.refine_model is not None:
-            limits = _plan_refine_model(pipe_cls, plans, limits, config)[2]
-        return limits
+        return plan_folder(path, config or EngineConfig()).limits
 
     def check(self, prompt: str = "", **sampling) -> SamplingParams:
         """A request checked against this model (sizes, frames, steps, guidance, the images'
@@ -394,79 +382,6 @@ class VideoGenerator:
             b.timings["export"] = time.perf_counter() - start
         out.timings = dict(b.timings)
         return out
-
-
-def _pipeline_for(index: dict[str, Any], path: Path) -> type:
-    try:
-        return pipeline_class(index["_class_name"])
-    except KeyError:
-        raise ModelLoadError(
-            f"unsupported pipeline {index['_class_name']!r} (supported: {', '.join(sorted(registered_pipelines()))})",
-            file=str(path / "model_index.json"),
-        ) from None
-
-
-def _plan(path: Path, config: EngineConfig):
-    """Check a whole model folder before any weight is read: the index and its settings, every
-    component's folder, config and weight headers, and that the components fit together. Returns
-    the pipeline class, the component plans, the request limits and the settings."""
-    index = read_model_index(path)
-    index_file = path / "model_index.json"
-    pipe_cls = _pipeline_for(index, path)
-    settings = pipe_cls.read_settings(index, str(index_file))
-    required = pipe_cls.components_needed(settings)
-    present = [name for name in pipe_cls.optional_components
-               if isinstance(index.get(name), list) and index[name] != [None, None]]
-    required += tuple(name for name in present if name not in required and pipe_cls.uses_optional(name, settings))
-    for name, spec in index.items():
-        if name.startswith("_") or name in required or not isinstance(spec, list) or spec == [None, None]:
-            continue
-        if name in pipe_cls.optional_components:
-            raise ModelLoadError(f"component '{name}' is given but the settings never use it "
-                                 f"({pipe_cls.optional_components_need})", file=str(index_file))
-        raise ModelLoadError(f"component '{name}' is not supported by this pipeline yet", file=str(index_file))
-    specs = {name: component_spec(index, name, index_file) for name in required}
-    missing = [name for name, spec in specs.items() if spec is None]
-    if missing:
-        raise ModelLoadError(f"model_index.json lacks required component(s) {missing}", file=str(index_file))
-    plans = {name: plan_component(path, name, spec) for name, spec in specs.items()}
-    configs = {name: plan.config for name, plan in plans.items()}
-    pipe_cls.check_components(configs, config, str(index_file), settings)
-    return pipe_cls, plans, pipe_cls.request_limits(configs, config, settings), settings
-
-
-# what a refine model folder contributes: the rest (text encoder, VAE) is the base folder's
-REFINE_COMPONENTS = ("transformer", "transformer_2", "scheduler")
-
-
-def _plan_refine_model(pipe_cls, plans: dict[str, ComponentPlan], limits: RequestLimits, config: EngineConfig):
-    """Check the refine model folder whole, and that its transformers fit the base folder's text
-    encoder and VAE. Returns (its plans to load, its settings, the request limits both models allow)."""
-    path = Path(config.refine_model)
-    index_file = str(path / "model_index.json")
-    _, refine_plans, refine_limits, refine_settings = _plan(path, config)
-    if refine_limits.image not in ("none", "optional"):
-        raise ModelLoadError("refine_model: an image-to-video folder cannot run a text-to-video refine pass",
-                             file=index_file)
-    base = {name: plan.config for name, plan in plans.items()}
-    refine = {name: plan.config for name, plan in refine_plans.items()}
-    pipe_cls.check_refine_components(base, refine, index_file)
-    sides = [s for s in (limits.max_grid_side, refine_limits.max_grid_side) if s is not None]
-    merged = dataclasses.replace(limits, max_grid_side=min(sides) if sides else None,
-                                 max_steps=min(limits.max_steps, refine_limits.max_steps))
-    return {name: plan for name, plan in refine_plans.items() if name in REFINE_COMPONENTS}, refine_settings, merged
-
-
-def _load_components(plans: dict[str, ComponentPlan], config: EngineConfig) -> dict:
-    dtypes = config.resolved_dtypes()
-    components = {}
-    for name, plan in plans.items():
-        dtype = dtypes.get(COMPONENT_DTYPE.get(name, ""), torch.float32)
-        log.info("loading %s (%s.%s) as %s", name, plan.library, plan.class_name, dtype)
-        # with offload_experts the low-noise expert waits in CPU memory until its first step
-        device = torch.device("cpu") if config.offload_experts and name == "transformer_2" else config.torch_device
-        components[name] = plan.load(device, dtype, config.map_weights)
-    return components
 
 
 __all__ = ["VideoGenerator", "VideoOutput", "Task", "TaskState", "VidloomError"]

@@ -149,7 +149,7 @@ def test_wrong_layout_is_an_error_before_any_weight_is_read(tiny_wan_dir, monkey
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(generator, "_load_components", no_loading)
+    monkeypatch.setattr(generator, "load_components", no_loading)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="needs 2 processes, but the world size is 1"):
         VideoGenerator.from_pretrained(tiny_wan_dir, sp_size=2)

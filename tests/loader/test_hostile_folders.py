@@ -34,7 +34,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("component weights were loaded before the error")
 
-    monkeypatch.setattr(generator_mod, "_load_components", refuse)
+    monkeypatch.setattr(generator_mod, "load_components", refuse)
 
 
 def edit_json(path, change):

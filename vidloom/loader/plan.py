@@ -1,0 +1,147 @@
+"""A model folder checked whole before any weight is read (``plan_folder``), and its components
+loaded from the plan (``load_components``).
+
+The folder's pipeline class (by ``_class_name``) reads the variant from ``model_index.json``; the
+variant says which components it loads, checks that their configs fit together and gives the
+request limits. A refine model (``EngineConfig.refine_model``) is a second folder planned the same
+way, whose transformers and scheduler run the refine pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..config import EngineConfig, RequestLimits
+from ..errors import ModelLoadError
+from .components import ComponentPlan, component_spec, plan_component, read_model_index
+
+log = logging.getLogger(__name__)
+
+# component name -> which resolved dtype it takes (tokenizer and scheduler take none)
+COMPONENT_DTYPE = {"transformer": "transformer", "transformer_2": "transformer", "text_encoder": "text_encoder",
+                   "vae": "vae", "image_encoder": "image_encoder"}
+
+# what a refine model folder contributes: the rest (text encoder, VAE) is the base folder's
+REFINE_COMPONENTS = ("transformer", "transformer_2", "scheduler")
+
+
+class Variant(Protocol):
+    """What the planner asks of a pipeline's variant record (``pipelines/wan_variant.py``)."""
+
+    def components(self) -> tuple[str, ...]: ...
+
+    def optional_components(self) -> tuple[str, ...]: ...
+
+    def unused_reason(self, name: str) -> str | None: ...
+
+    def fit(self, configs: dict[str, Any], engine: EngineConfig, index_file: str) -> "Variant": ...
+
+    def request_limits(self, configs: dict[str, Any], engine: EngineConfig) -> RequestLimits: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RefinePlan:
+    """A refine model folder: the components it contributes, and its variant."""
+
+    path: Path
+    plans: dict[str, ComponentPlan]
+    variant: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderPlan:
+    """A folder checked whole: its pipeline class, variant, component plans and the limits of a
+    request (both models' limits with a refine model)."""
+
+    path: Path
+    pipeline: type
+    variant: Any
+    plans: dict[str, ComponentPlan]
+    limits: RequestLimits
+    refine: RefinePlan | None = None
+
+    def transformer_heads(self) -> list[int]:
+        """The attention heads of every transformer the plan loads (for the parallel layout check)."""
+        sets = [self.plans] + ([self.refine.plans] if self.refine else [])
+        return [plans[name].config.num_attention_heads for plans in sets
+                for name in ("transformer", "transformer_2") if name in plans]
+
+
+def pipeline_for(index: dict[str, Any], path: Path) -> type:
+    from ..pipelines import pipeline_class, registered_pipelines
+
+    try:
+        return pipeline_class(index["_class_name"])
+    except KeyError:
+        raise ModelLoadError(
+            f"unsupported pipeline {index['_class_name']!r} (supported: {', '.join(sorted(registered_pipelines()))})",
+            file=str(path / "model_index.json"),
+        ) from None
+
+
+def read_variant(path: Path):
+    """The pipeline class and variant ``model_index.json`` states, its settings checked."""
+    index = read_model_index(path)
+    pipe_cls = pipeline_for(index, path)
+    return pipe_cls, pipe_cls.read_variant(index, str(path / "model_index.json")), index
+
+
+def plan_folder(path: str | Path, config: EngineConfig) -> FolderPlan:
+    """Check a whole model folder before any weight is read: the index and its variant, every
+    component's folder, config and weight headers, and that the components fit together; with
+    ``config.refine_model``, that folder too and that it fits this one."""
+    path = Path(path)
+    plan = _plan_one(path, config)
+    if config.refine_model is None:
+        return plan
+    refine = _plan_one(Path(config.refine_model), config)
+    index_file = str(Path(config.refine_model) / "model_index.json")
+    if refine.limits.image not in ("none", "optional"):
+        raise ModelLoadError("refine_model: an image-to-video folder cannot run a text-to-video refine pass",
+                             file=index_file)
+    plan.pipeline.check_refine({n: p.config for n, p in plan.plans.items()},
+                               {n: p.config for n, p in refine.plans.items()}, index_file)
+    sides = [s for s in (plan.limits.max_grid_side, refine.limits.max_grid_side) if s is not None]
+    limits = dataclasses.replace(plan.limits, max_grid_side=min(sides) if sides else None,
+                                 max_steps=min(plan.limits.max_steps, refine.limits.max_steps))
+    contributed = {name: p for name, p in refine.plans.items() if name in REFINE_COMPONENTS}
+    return dataclasses.replace(plan, limits=limits, refine=RefinePlan(refine.path, contributed, refine.variant))
+
+
+def _plan_one(path: Path, config: EngineConfig) -> FolderPlan:
+    pipe_cls, variant, index = read_variant(path)
+    index_file = path / "model_index.json"
+    required = variant.components()
+    required += tuple(name for name in variant.optional_components()
+                      if isinstance(index.get(name), list) and index[name] != [None, None])
+    for name, spec in index.items():
+        if name.startswith("_") or name in required or not isinstance(spec, list) or spec == [None, None]:
+            continue
+        reason = variant.unused_reason(name)
+        if reason is not None:
+            raise ModelLoadError(f"component '{name}' is given but the settings never use it ({reason})",
+                                 file=str(index_file))
+        raise ModelLoadError(f"component '{name}' is not supported by this pipeline yet", file=str(index_file))
+    specs = {name: component_spec(index, name, index_file) for name in required}
+    missing = [name for name, spec in specs.items() if spec is None]
+    if missing:
+        raise ModelLoadError(f"model_index.json lacks required component(s) {missing}", file=str(index_file))
+    plans = {name: plan_component(path, name, spec) for name, spec in specs.items()}
+    configs = {name: plan.config for name, plan in plans.items()}
+    variant = variant.fit(configs, config, str(index_file))
+    return FolderPlan(path, pipe_cls, variant, plans, variant.request_limits(configs, config))
+
+
+def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, devices: dict[str, torch.device]) -> dict:
+    """Every planned component, in its resolved dtype, on ``devices[name]`` (default: the engine's device)."""
+    dtypes = config.resolved_dtypes()
+    components = {}
+    for name, plan in plans.items():
+        dtype = dtypes.get(COMPONENT_DTYPE.get(name, ""), torch.float32)
+        log.info("loading %s (%s.%s) as %s", name, plan.library, plan.class_name, dtype)
+        components[name] = plan.load(devices.get(name, config.torch_device), dtype, config.map_weights)
+    return components
