@@ -72,7 +72,7 @@ def ours_step_fn(model, latents, t, pos, neg, scale=5.0):
     stage = DenoisingStage(model, scheduler=None)
     batch = ForwardBatch(params=SamplingParams(guidance_scale=scale), prompt_embeds=pos, negative_embeds=neg,
                          latents=latents.float())
-    stage.context(batch, stage.expert_index(t[0]))  # per-request work (text K/V), done once before the first step
+    stage.context(batch, stage.expert_index(t[0]), model)  # per-request work (text K/V), done once before the first step
 
     def run():
         return stage.predict(batch, t[0])

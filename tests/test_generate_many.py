@@ -90,8 +90,8 @@ def test_a_failing_video_fails_the_call(tiny_generator, monkeypatch):
     inner = stage.call
 
     class Poison(CountingCall):
-        def __call__(self, expert, x, t, context_kv, rows):
-            out = super().__call__(expert, x, t, context_kv, rows)
+        def __call__(self, model, x, t, context_kv, rows):
+            out = super().__call__(model, x, t, context_kv, rows)
             return out * float("nan") if len(self.calls) == 3 else out  # the first shared step
 
     monkeypatch.setattr(stage, "call", Poison(inner))

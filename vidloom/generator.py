@@ -20,6 +20,7 @@ from .parallel.state import check_layout, world_size_from_env
 from .errors import ModelLoadError, TaskCancelled, VidloomError, engine_error
 from .loader.plan import load_components, plan_folder
 from .loader.weights import changed_mapped_files
+from .memory import residency_for
 from .pipelines.base import ComposedPipeline, Cursor, Phase, WorkUnit, run_units
 from .pipelines.batch import ForwardBatch
 
@@ -181,13 +182,13 @@ class VideoGenerator:
                 check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), heads)
             config = dataclasses.replace(config, device=str(local_device(config.torch_device)))
             parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device)
-        # with offload_experts the low-noise expert waits in CPU memory until its first step
-        devices = {"transformer_2": torch.device("cpu")} if config.offload_experts else {}
-        components = load_components(plan.plans, config, devices)
-        refine_parts = None
+        residency = residency_for(config)  # where each component lives while the stages use it
+        residency.add(load_components(plan.plans, config, residency.load_device))
         if plan.refine is not None:
-            refine_parts = (load_components(plan.refine.plans, config, devices), plan.refine.variant)
-        pipeline = plan.pipeline(components, config, plan.limits, plan.variant, parallel, refine=refine_parts)
+            refine_device = lambda name: residency.load_device(f"refine.{name}")  # noqa: E731
+            residency.add(load_components(plan.refine.plans, config, refine_device), "refine.")
+        pipeline = plan.pipeline(residency, config, plan.limits, plan.variant, parallel,
+                                 refine=plan.refine.variant if plan.refine else None)
         return cls(pipeline, config, Path(path), parallel)
 
     @staticmethod

@@ -46,9 +46,9 @@ def decode_tiles(model_dir: str, engine: dict, request: dict, out: str) -> None:
     gen = VideoGenerator.from_pretrained(model_dir, dtype="fp32", **engine)
     stage = gen.pipeline.decoding
     z = torch.load(request["latents_path"])
-    with torch.inference_mode():  # as the decoding stage runs it
-        video = stage.vae.decode_tiled(z, tile_latent=request["tile"], overlap_latent=request["overlap"],
-                                       map_tiles=stage.map_tiles)
+    with torch.inference_mode(), stage.vae.use() as vae:  # as the decoding stage runs it
+        video = vae.decode_tiled(z, tile_latent=request["tile"], overlap_latent=request["overlap"],
+                                 map_tiles=stage.map_tiles)
     if gen.is_main_process:
         np.save(out, video.cpu().numpy())
 

@@ -57,7 +57,8 @@ def test_two_experts_match_wanpipeline_fp32(ours, reference, guidance, guidance_
 
 def test_each_expert_serves_its_timesteps(ours):
     stage = ours.pipeline.denoising
-    high, low = (e.transformer for e in stage.experts)
+    high, low = (ours.pipeline.components[name] for name in ("transformer", "transformer_2"))
+    assert [e.transformer.name for e in stage.experts] == ["transformer", "transformer_2"]
     calls = []
     hooks = [m.register_forward_hook(lambda mod, args, out, name=name: calls.append(name))
              for name, m in (("high", high), ("low", low))]
@@ -212,13 +213,17 @@ def test_offload_experts_keeps_one_expert_on_the_device(two_expert_dir, monkeypa
     """offload_experts=True: only the expert of the current step is on the compute device. Here the
     moves are recorded instead of made (the compute device stands in as "meta"); the video is the
     one without offload."""
+    from vidloom.memory.expert_offload import ExpertOffload
+    from vidloom.memory.residency import Residency
+
     plain = VideoGenerator.from_pretrained(two_expert_dir, dtype="fp32")
     gen = VideoGenerator.from_pretrained(two_expert_dir, dtype="fp32", offload_experts=True)
-    stage = gen.pipeline.denoising
-    assert stage.expert_device == torch.device("cpu") and plain.pipeline.denoising.expert_device is None
+    residency = gen.pipeline.residency
+    assert isinstance(residency, ExpertOffload) and type(plain.pipeline.residency) is Residency
+    assert residency.load_device("transformer_2") == torch.device("cpu")  # it waits in CPU memory
     moves, where = [], {}
-    for i, expert in enumerate(stage.experts):
-        module = expert.transformer
+    for i, name in enumerate(("transformer", "transformer_2")):
+        module = gen.pipeline.components[name]
         where[id(module)] = torch.device("cpu")
 
         def move(device, i=i, module=module):
@@ -228,8 +233,8 @@ def test_offload_experts_keeps_one_expert_on_the_device(two_expert_dir, monkeypa
 
         monkeypatch.setattr(module, "to", move)
     # pretend the compute device is another one ("meta"), so every placement is a recorded move
-    monkeypatch.setattr(stage, "expert_device", torch.device("meta"))
-    monkeypatch.setattr(stage, "device_of", lambda module: where[id(module)])
+    monkeypatch.setattr(residency, "device", torch.device("meta"))
+    monkeypatch.setattr(residency, "device_of", lambda module: where[id(module)])
     latents = initial_latents(5)
     kwargs = dict(num_inference_steps=6, guidance_scale=4.0, latents=latents, **SIZE)
     assert np.array_equal(gen.generate("a cat", **kwargs).frames, plain.generate("a cat", **kwargs).frames)

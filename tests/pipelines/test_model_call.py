@@ -23,10 +23,10 @@ class CountingCall:
         self.inner, self.refuse = inner, refuse
         self.calls: list[tuple[Rows, int, torch.nn.Module]] = []
 
-    def __call__(self, expert, x, t, context_kv, rows):
+    def __call__(self, model, x, t, context_kv, rows):
         assert x.shape[0] == sum(rows.sizes)  # the rows are the forward's rows
-        self.calls.append((rows, x.shape[0], expert.transformer))
-        return self.inner(expert, x, t, context_kv, rows)
+        self.calls.append((rows, x.shape[0], model))
+        return self.inner(model, x, t, context_kv, rows)
 
     def batch_key(self, batch, expert):
         return None if self.refuse else self.inner.batch_key(batch, expert)
@@ -166,7 +166,10 @@ def test_two_experts_each_go_through_the_call(two_experts, monkeypatch):
     frames, state = run(gen, num_inference_steps=4)
     experts = [m for _, _, m in call.calls]
     assert len(experts) == 4
-    assert experts[0] is stage.experts[0].transformer and experts[-1] is stage.experts[1].transformer
+    components = gen.pipeline.components
+    assert experts[0] is components["transformer"] and experts[-1] is components["transformer_2"]
+    names = {id(components["transformer"]): "transformer", id(components["transformer_2"]): "transformer_2"}
+    assert [rows.expert for rows, _, _ in call.calls] == [names[id(m)] for m in experts]  # rows name their expert
     assert all(owner is state for rows, _, _ in call.calls for owner in rows.owners)
     assert torch.equal(torch.as_tensor(frames), torch.as_tensor(plain))
 
@@ -198,11 +201,11 @@ class FailsOnce:
     def __init__(self, inner, at: int):
         self.inner, self.at, self.count = inner, at, 0
 
-    def __call__(self, expert, x, t, context_kv, rows):
+    def __call__(self, model, x, t, context_kv, rows):
         self.count += 1
         if self.count == self.at:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return self.inner(expert, x, t, context_kv, rows)
+        return self.inner(model, x, t, context_kv, rows)
 
     def batch_key(self, batch, expert):
         return self.inner.batch_key(batch, expert)

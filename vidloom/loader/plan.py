@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -136,12 +137,14 @@ def _plan_one(path: Path, config: EngineConfig) -> FolderPlan:
     return FolderPlan(path, pipe_cls, variant, plans, variant.request_limits(configs, config))
 
 
-def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, devices: dict[str, torch.device]) -> dict:
-    """Every planned component, in its resolved dtype, on ``devices[name]`` (default: the engine's device)."""
+def load_components(plans: dict[str, ComponentPlan], config: EngineConfig,
+                    device_for: Callable[[str], torch.device]) -> dict:
+    """Every planned component, in its resolved dtype, on ``device_for(name)`` (the residency
+    policy's ``load_device``)."""
     dtypes = config.resolved_dtypes()
     components = {}
     for name, plan in plans.items():
         dtype = dtypes.get(COMPONENT_DTYPE.get(name, ""), torch.float32)
         log.info("loading %s (%s.%s) as %s", name, plan.library, plan.class_name, dtype)
-        components[name] = plan.load(devices.get(name, config.torch_device), dtype, config.map_weights)
+        components[name] = plan.load(device_for(name), dtype, config.map_weights)
     return components

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from ..loader.compute import compute_dtype
+from ..memory.residency import handle_of
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,10 @@ def clean_prompt(text: str) -> str:
 class WanTextEncoder:
     """Tokenizer + UMT5 encoder -> zero-padded (B, max_sequence_length, d_model) embeddings."""
 
-    def __init__(self, tokenizer, encoder: torch.nn.Module):
+    def __init__(self, tokenizer, encoder):
+        """``encoder``: the UMT5 encoder's handle (``memory.residency``), or the module itself."""
         self.tokenizer = tokenizer
-        self.encoder = encoder
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.encoder.parameters()).device
+        self.encoder = handle_of(encoder, "text_encoder")
 
     @property
     def dim(self) -> int:
@@ -62,8 +59,10 @@ class WanTextEncoder:
             cleaned, padding="max_length", max_length=max_sequence_length, truncation=True,
             add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
         )
-        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        hidden = self.encoder(ids, mask).last_hidden_state  # (B, L, d_model)
+        with self.encoder.use() as encoder:
+            device = next(encoder.parameters()).device
+            ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+            hidden = encoder(ids, mask).last_hidden_state  # (B, L, d_model)
         # zero every position past the prompt's own tokens
         keep = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < mask.sum(1, keepdim=True))
         return torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
@@ -74,18 +73,16 @@ class WanImageEncoder:
     penultimate layer's hidden states (N, 1 + patches, width), as Wan's image conditioning uses
     them (the last layer and the projection are not)."""
 
-    def __init__(self, processor, encoder: torch.nn.Module):
+    def __init__(self, processor, encoder):
+        """``encoder``: the CLIP vision encoder's handle (``memory.residency``), or the module itself."""
         self.processor = processor
-        self.encoder = encoder
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.encoder.parameters()).device
+        self.encoder = handle_of(encoder, "image_encoder")
 
     @torch.no_grad()
     def encode(self, images: list) -> torch.Tensor:
         """RGB PIL images -> (len(images), tokens, width) in the encoder's compute dtype."""
         pixels = self.processor(images=images, return_tensors="pt").pixel_values
-        dtype = compute_dtype(self.encoder)
-        out = self.encoder(pixel_values=pixels.to(self.device, dtype), output_hidden_states=True)
+        with self.encoder.use() as encoder:
+            device = next(encoder.parameters()).device
+            out = encoder(pixel_values=pixels.to(device, self.encoder.dtype), output_hidden_states=True)
         return out.hidden_states[-2]

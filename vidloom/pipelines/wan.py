@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import EngineConfig, RequestLimits
-from ..loader.compute import compute_dtype
+from ..memory.residency import Residency
 from ..models.encoders import WanImageEncoder, WanTextEncoder
 from . import register_pipeline
 from .base import ComposedPipeline, parallel_parts, tile_spreader
@@ -31,31 +31,30 @@ class WanT2VPipeline(ComposedPipeline):
 
     check_refine = staticmethod(check_refine_fits)
 
-    def __init__(self, components: dict, config: EngineConfig, limits: RequestLimits, variant: WanVariant,
-                 parallel=None, refine: tuple[dict, WanVariant] | None = None):
-        """``limits``: what a request may ask (``loader.plan``, before loading); ``variant``: the
-        folder's, completed by the plan; ``refine``: (components, variant) of a second model
-        folder whose transformers and scheduler run the refine pass (None: these)."""
+    def __init__(self, residency: Residency, config: EngineConfig, limits: RequestLimits, variant: WanVariant,
+                 parallel=None, refine: WanVariant | None = None):
+        """``residency``: the policy holding the loaded components (a refine folder's under
+        "refine."), the stages get handles to them; ``limits``: what a request may ask
+        (``loader.plan``, before loading); ``variant``: the folder's, completed by the plan;
+        ``refine``: the variant of a second model folder whose transformers and scheduler run the
+        refine pass (None: this folder's run it)."""
+        components = residency.parts()
         dit, vae = first_transformer(components), components["vae"]
         device = config.torch_device
         text_encoder = WanTextEncoder(components["tokenizer"], components["text_encoder"])
-        dit_dtype = compute_dtype(dit)
         sequence, cfg = parallel_parts(parallel)
         model_input = variant.model_input(dit.config.patch_size)
-        expert_device = device if config.offload_experts else None
         call = PlainCall(sequence)  # the one model call both denoising passes run every forward through
         self.denoising = DenoisingStage(variant.experts(components), components["scheduler"], config.batch_cfg,
-                                        config.check_finite, cfg=cfg, model_input=model_input,
-                                        expert_device=expert_device, call=call)
+                                        config.check_finite, cfg=cfg, model_input=model_input, call=call)
         # two-stage generation: the refine pass, a second denoising stage with its own schedule
         # (neither has work for a request without refine), with this folder's experts or those of
         # a second one
-        self.refine_parts = refine or (components, variant)
+        self.refine_parts = (residency.parts("refine."), refine) if refine is not None else (components, variant)
         refine_components, refine_variant = self.refine_parts
         refine_scheduler = refine_components["scheduler"]
         refine_pass = DenoisingStage(refine_variant.experts(refine_components), refine_scheduler,
-                                     config.batch_cfg, config.check_finite, cfg=cfg,
-                                     model_input=model_input, expert_device=expert_device, call=call,
+                                     config.batch_cfg, config.check_finite, cfg=cfg, model_input=model_input, call=call,
                                      steps=lambda request: request.refine.run_steps(request) if request.refine else 0)
         # the latents are the VAE's (for text-to-video the DiT takes them as they are)
         self.input_validation = InputValidationStage(limits, vae.config.z_dim)
@@ -64,8 +63,8 @@ class WanT2VPipeline(ComposedPipeline):
         super().__init__(
             [
                 self.input_validation,
-                TextEncodingStage(text_encoder, dit_dtype, device),
-                *self.conditioning_stages(components, config, dit_dtype, variant),
+                TextEncodingStage(text_encoder, dit.dtype, device),
+                *self.conditioning_stages(components, config, dit.dtype, variant),
                 TimestepPreparationStage(components["scheduler"], device),
                 LatentPreparationStage(vae.config.z_dim, vae.config.spatial_factor, limits.temporal_factor, device),
                 self.denoising,
@@ -75,8 +74,13 @@ class WanT2VPipeline(ComposedPipeline):
             ],
             limits,
         )
-        self.components = components
+        self.residency = residency
         self.variant = variant
+
+    @property
+    def components(self) -> dict:
+        """Every component, by name (a refine folder's under "refine."), as the residency holds it now."""
+        return self.residency.components()
 
     @staticmethod
     def conditioning_stages(components: dict, config: EngineConfig, dit_dtype, variant: WanVariant) -> list:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from ...loader.compute import compute_dtype
+from ...memory.residency import handle_of
 from ..base import Phase, PipelineStage, VerificationResult, is_tensor
 from ..batch import ForwardBatch
 
@@ -19,7 +19,8 @@ class DecodingStage(PipelineStage):
     phase = Phase.DECODING
 
     def __init__(self, vae, tiling: bool = False, tile_size: int = 256, tile_overlap: int = 64, map_tiles=None):
-        self.vae = vae
+        """``vae``: the VAE's handle (``memory.residency``), or the module itself."""
+        self.vae = handle_of(vae, "vae")
         self.tiling = tiling or map_tiles is not None
         self.map_tiles = map_tiles
         self.tile_size = tile_size
@@ -28,7 +29,7 @@ class DecodingStage(PipelineStage):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the VAE computes in, as the loader declared it."""
-        return compute_dtype(self.vae)
+        return self.vae.dtype
 
     def verify_input(self, batch: ForwardBatch) -> VerificationResult:
         return VerificationResult(self.name, "input").check("latents", is_tensor(batch.latents, 5), "must be 5-D")
@@ -36,14 +37,15 @@ class DecodingStage(PipelineStage):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, F, H, W) -> video (B, 3, T, H, W) float32 in [0, 1]."""
-        z = self.vae.denormalize_latents(latents.to(self.dtype))
-        if self.tiling:
-            factor = self.vae.config.spatial_factor  # tile sizes are given in pixels, the VAE takes latents
-            tile, overlap = self.tile_size // factor, self.tile_overlap // factor
-            video = self.vae.decode_tiled(z, tile_latent=(tile, tile), overlap_latent=(overlap, overlap),
-                                          map_tiles=self.map_tiles)
-        else:
-            video = self.vae.decode(z)
+        with self.vae.use() as vae:
+            z = vae.denormalize_latents(latents.to(self.dtype))
+            if self.tiling:
+                factor = vae.config.spatial_factor  # tile sizes are given in pixels, the VAE takes latents
+                tile, overlap = self.tile_size // factor, self.tile_overlap // factor
+                video = vae.decode_tiled(z, tile_latent=(tile, tile), overlap_latent=(overlap, overlap),
+                                         map_tiles=self.map_tiles)
+            else:
+                video = vae.decode(z)
         return (video.float() * 0.5 + 0.5).clamp(0, 1)
 
     def forward(self, batch: ForwardBatch) -> ForwardBatch:

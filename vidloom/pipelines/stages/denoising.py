@@ -8,7 +8,7 @@ import torch
 
 from ...config import SamplingParams
 from ...errors import NumericalError
-from ...loader.compute import compute_dtype
+from ...memory.residency import Fixed, Handle, handle_of
 from ..base import IterativeStage, Phase, VerificationResult, is_tensor
 from ..batch import ForwardBatch, PolicyState
 from .model_call import COND, UNCOND, ModelCall, PlainCall, Rows, guided, split_rows
@@ -32,9 +32,12 @@ class Expert:
     request. Wan2.1 has one expert; Wan2.2's A14B models a high-noise one above ``boundary_ratio x
     num_train_timesteps`` (``guidance_scale``) and a low-noise one below (``guidance_scale_2``)."""
 
-    transformer: torch.nn.Module
+    transformer: Handle | Fixed  # the transformer's handle (``memory.residency``); a module is wrapped
     min_timestep: float = -math.inf
     guidance: Callable[[SamplingParams], float] = request_guidance
+
+    def __post_init__(self):
+        object.__setattr__(self, "transformer", handle_of(self.transformer))
 
     def guidance_scale(self, params: SamplingParams) -> float:
         return self.guidance(params)
@@ -104,23 +107,21 @@ class DenoisingStage(IterativeStage):
     name = "denoising"
     phase = Phase.DENOISING
 
-    def __init__(self, transformer: torch.nn.Module | list[Expert], scheduler, batch_cfg: bool = True,
+    def __init__(self, transformer: torch.nn.Module | Handle | list[Expert], scheduler, batch_cfg: bool = True,
                  check_finite: bool = True, cfg=None, model_input: ModelInput | None = None,
-                 steps=None, expert_device: torch.device | None = None, call: ModelCall | None = None):
-        """``transformer``: one transformer, or the experts in order; ``call``: what runs every
-        transformer forward (default: ``PlainCall()``, the plain forward in this process; the
-        pipeline gives ``PlainCall(sequence)`` under sequence parallelism, or a policy wrapping it);
-        ``cfg``: a CFG-parallel object (``parallel.cfg``) when the two branches run on different
-        processes (None in one process). ``model_input``: how the latents (and the request's
-        conditioning) become the transformer's input (default: as they are). ``steps(request)``:
-        how many steps this stage runs, from ``batch.begin_index`` on (default: the request's
-        ``num_inference_steps``; a refine pass runs its own). ``expert_device``: keep only the
-        expert serving the current step on this device, the others in CPU memory (None: all stay
-        where they were loaded)."""
+                 steps=None, call: ModelCall | None = None):
+        """``transformer``: one transformer (a handle, or a module), or the experts in order;
+        ``call``: what runs every transformer forward (default: ``PlainCall()``, the plain forward
+        in this process; the pipeline gives ``PlainCall(sequence)`` under sequence parallelism, or
+        a policy wrapping it); ``cfg``: a CFG-parallel object (``parallel.cfg``) when the two
+        branches run on different processes (None in one process). ``model_input``: how the
+        latents (and the request's conditioning) become the transformer's input (default: as they
+        are). ``steps(request)``: how many steps this stage runs, from ``batch.begin_index`` on
+        (default: the request's ``num_inference_steps``; a refine pass runs its own). Where each
+        expert lives while it runs is its handle's residency policy's choice (``memory``)."""
         self.experts = list(transformer) if isinstance(transformer, (list, tuple)) else [Expert(transformer)]
         self.model_input = model_input or ModelInput()
         self.steps = steps or (lambda params: params.num_inference_steps)
-        self.expert_device = expert_device
         self.scheduler = scheduler
         self.batch_cfg = batch_cfg
         self.check_finite = check_finite
@@ -130,7 +131,7 @@ class DenoisingStage(IterativeStage):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the transformer computes in, as the loader declared it."""
-        return compute_dtype(self.experts[0].transformer)
+        return self.experts[0].transformer.dtype
 
     def num_units(self, batch: ForwardBatch) -> int:
         return self.steps(batch.request or batch.params)
@@ -150,10 +151,10 @@ class DenoisingStage(IterativeStage):
         return next((i for i, e in enumerate(self.experts) if value >= e.min_timestep), len(self.experts) - 1)
 
     @torch.no_grad()
-    def context(self, batch: ForwardBatch, index: int):
+    def context(self, batch: ForwardBatch, index: int, model: torch.nn.Module):
         """Expert ``index``'s text keys/values of every block, rows [cond; uncond], computed once
-        per request and expert (only the current expert's are kept). The expert must be where it
-        runs (``activate``)."""
+        per request and expert (only the current expert's are kept); ``model``: that expert's
+        transformer, in use."""
         if batch.context_expert != index:
             embeds = batch.prompt_embeds
             if batch.params.do_cfg:
@@ -161,24 +162,9 @@ class DenoisingStage(IterativeStage):
             image = batch.conditioning.image_embeds if batch.conditioning is not None else None
             if image is not None:  # the same image tokens for both branches' rows
                 image = image.to(embeds.dtype).repeat(embeds.shape[0] // batch.prompt_embeds.shape[0], 1, 1)
-            batch.context_kv = self.experts[index].transformer.encode_context(embeds, image)
+            batch.context_kv = model.encode_context(embeds, image)
             batch.context_expert = index
         return batch.context_kv
-
-    def activate(self, index: int) -> None:
-        """With ``expert_device``: expert ``index`` onto it, every other one to the CPU (one move per
-        expert switch: Wan2.2's experts switch once per request)."""
-        if self.expert_device is None or len(self.experts) < 2:
-            return
-        for i, expert in enumerate(self.experts):
-            target = self.expert_device if i == index else torch.device("cpu")
-            # where it is now, read each time: another stage (a refine pass) may share the experts
-            if self.device_of(expert.transformer) != target:
-                expert.transformer.to(target)
-
-    @staticmethod
-    def device_of(module: torch.nn.Module) -> torch.device:
-        return next(module.parameters()).device
 
     def begin(self, batch: ForwardBatch) -> ForwardBatch:
         batch = super().begin(batch)
@@ -195,26 +181,32 @@ class DenoisingStage(IterativeStage):
     def predict(self, batch: ForwardBatch, t: torch.Tensor) -> torch.Tensor:
         """The guided model prediction at timestep ``t``."""
         index = self.expert_index(t)
-        self.activate(index)
-        expert, kv = self.experts[index], self.context(batch, index)
+        expert = self.experts[index]
+        with expert.transformer.use() as model:
+            return guided(self._branches(batch, t, model, index), expert.guidance_scale(batch.params))
+
+    def _branches(self, batch: ForwardBatch, t: torch.Tensor, model: torch.nn.Module, index: int) -> dict:
+        """Each CFG branch's prediction of expert ``index`` (``model``, in use), as the request's
+        guidance and the engine's CFG layout have them computed."""
+        kv, name = self.context(batch, index, model), self.experts[index].transformer.name
         x, timestep = self.model_input.prepare(batch, t)
         x = x.to(self.dtype)
         b = x.shape[0]
         if not batch.params.do_cfg:
-            prediction = {COND: self.call(expert, x, timestep, kv, Rows.of(batch, (COND,)))}
-        elif self.cfg is not None:  # one branch here, the other on the CFG partner
-            mine = self.call(expert, x, timestep, _rows(kv, self.cfg.rows(b)), Rows.of(batch, (self.cfg.branch,)))
-            prediction = dict(zip((COND, UNCOND), self.cfg.exchange(mine)))
-        elif self.batch_cfg:  # both branches in one forward: x (2B, C, F, H, W), rows [cond; uncond] as kv's
-            rows = Rows.of(batch, (COND, UNCOND))
-            both = self.call(expert, torch.cat([x, x]), torch.cat([timestep, timestep]), kv, rows)
-            prediction = dict(zip(rows.branches, split_rows(both, rows)))
-        else:  # one forward per branch, each with its rows of the text keys/values
-            prediction = {}
-            for k, branch in enumerate((COND, UNCOND)):
-                branch_kv = _rows(kv, slice(k * b, (k + 1) * b))
-                prediction[branch] = self.call(expert, x, timestep, branch_kv, Rows.of(batch, (branch,)))
-        return guided(prediction, expert.guidance_scale(batch.params))
+            return {COND: self.call(model, x, timestep, kv, Rows.of(batch, (COND,), name))}
+        if self.cfg is not None:  # one branch here, the other on the CFG partner
+            rows = Rows.of(batch, (self.cfg.branch,), name)
+            mine = self.call(model, x, timestep, _rows(kv, self.cfg.rows(b)), rows)
+            return dict(zip((COND, UNCOND), self.cfg.exchange(mine)))
+        if self.batch_cfg:  # both branches in one forward: x (2B, C, F, H, W), rows [cond; uncond] as kv's
+            rows = Rows.of(batch, (COND, UNCOND), name)
+            both = self.call(model, torch.cat([x, x]), torch.cat([timestep, timestep]), kv, rows)
+            return dict(zip(rows.branches, split_rows(both, rows)))
+        prediction = {}  # one forward per branch, each with its rows of the text keys/values
+        for k, branch in enumerate((COND, UNCOND)):
+            branch_kv = _rows(kv, slice(k * b, (k + 1) * b))
+            prediction[branch] = self.call(model, x, timestep, branch_kv, Rows.of(batch, (branch,), name))
+        return prediction
 
     def step(self, batch: ForwardBatch, index: int) -> ForwardBatch:
         t = batch.timestep(index)
@@ -258,20 +250,20 @@ class DenoisingStage(IterativeStage):
         batch, or the error that request alone met (e.g. NaN latents)."""
         ts = [b.timestep(i) for b, i in zip(batches, indices)]
         index = self.expert_index(ts[0])
-        self.activate(index)
         expert = self.experts[index]
-        xs, steps, kvs, owned = [], [], [], []
-        for batch, t in zip(batches, ts):
-            x, timestep = self.model_input.prepare(batch, t)
-            branches = (COND, UNCOND) if batch.params.do_cfg else (COND,)  # as context() orders its rows
-            xs += [x.to(self.dtype)] * len(branches)
-            steps += [timestep] * len(branches)
-            kvs.append(self.context(batch, index))
-            owned.append(Rows.of(batch, branches))
-        # each block's keys/values of all requests as one batch (the model's own record knows how)
-        stacked = [type(parts[0]).stack(list(parts)) for parts in zip(*kvs)]
-        rows = Rows.joined(owned)
-        blocks = iter(split_rows(self.call(expert, torch.cat(xs), torch.cat(steps), stacked, rows), rows))
+        with expert.transformer.use() as model:
+            xs, steps, kvs, owned = [], [], [], []
+            for batch, t in zip(batches, ts):
+                x, timestep = self.model_input.prepare(batch, t)
+                branches = (COND, UNCOND) if batch.params.do_cfg else (COND,)  # as context() orders its rows
+                xs += [x.to(self.dtype)] * len(branches)
+                steps += [timestep] * len(branches)
+                kvs.append(self.context(batch, index, model))
+                owned.append(Rows.of(batch, branches, expert.transformer.name))
+            # each block's keys/values of all requests as one batch (the model's own record knows how)
+            stacked = [type(parts[0]).stack(list(parts)) for parts in zip(*kvs)]
+            rows = Rows.joined(owned)
+            blocks = iter(split_rows(self.call(model, torch.cat(xs), torch.cat(steps), stacked, rows), rows))
         results = []
         for batch, i, t, own in zip(batches, indices, ts, owned):
             prediction = {branch: next(blocks) for branch in own.branches}

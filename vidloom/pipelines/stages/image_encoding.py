@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from ...io.images import load_image, to_model_input
+from ...memory.residency import handle_of
 from ..base import PipelineStage, VerificationResult, is_tensor
 from ..batch import Conditioning, ForwardBatch
 
@@ -21,7 +22,7 @@ class ImageEncodingStage(PipelineStage):
     name = "image_encoding"
 
     def __init__(self, vae, image_encoder, device: torch.device, dtype: torch.dtype):
-        self.vae = vae
+        self.vae = handle_of(vae, "vae")  # a handle (``memory.residency``), or the module
         self.image_encoder = image_encoder  # models.encoders.WanImageEncoder, or None
         self.device = device
         self.dtype = dtype  # the transformer's
@@ -45,7 +46,8 @@ class ImageEncodingStage(PipelineStage):
         if len(images) > 1:
             parts.append(to_model_input(images[1], p.height, p.width)[:, :, None])
         video = torch.cat(parts, dim=2)  # (1, 3, F, H, W)
-        latents = self.vae.normalize_latents(self.vae.encode_mean(video).float())  # (1, z, f, h, w)
+        with self.vae.use() as vae:
+            latents = vae.normalize_latents(vae.encode_mean(video).float())  # (1, z, f, h, w)
         tf = self.vae.config.temporal_factor
         f, h, w = latents.shape[2:]
         given = torch.zeros(p.num_frames)
@@ -78,7 +80,7 @@ class FirstFrameStage(PipelineStage):
     name = "image_encoding"
 
     def __init__(self, vae, device: torch.device):
-        self.vae = vae
+        self.vae = handle_of(vae, "vae")  # a handle (``memory.residency``), or the module
         self.device = device
 
     @torch.no_grad()
@@ -88,7 +90,8 @@ class FirstFrameStage(PipelineStage):
             batch.conditioning = None
             return batch
         frame = to_model_input(load_image(p.image, "image"), p.height, p.width)[:, :, None]  # (1, 3, 1, H, W)
-        condition = self.vae.normalize_latents(self.vae.encode_mean(frame).float()).to(self.device)
+        with self.vae.use() as vae:
+            condition = vae.normalize_latents(vae.encode_mean(frame).float()).to(self.device)
         f, h, w = self.vae.config.latent_size(p.num_frames, p.height, p.width)
         mask = torch.ones(1, 1, f, h, w, device=self.device)
         mask[:, :, 0] = 0

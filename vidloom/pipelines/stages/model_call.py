@@ -2,7 +2,7 @@
 
 Every transformer evaluation (one request's conditional and unconditional rows together or
 apart, one CFG branch per process, several requests' rows in one forward) goes through a
-``ModelCall``, told whose rows it computes (``Rows``). A policy that changes how the model is run
+``ModelCall``, given the expert's module in use and told whose rows it computes (``Rows``). A policy that changes how the model is run
 (a feature cache, CFG gating) wraps ``PlainCall`` and keeps what it remembers per request in
 ``ForwardBatch.policy_state`` (the ``Rows.owners``), never on the shared module.
 """
@@ -27,28 +27,32 @@ COND, UNCOND = "cond", "uncond"
 @dataclass(frozen=True)
 class Rows:
     """Who each block of a forward's rows is: block k is ``sizes[k]`` consecutive rows of the
-    request whose state is ``owners[k]``, on CFG branch ``branches[k]`` ("cond" / "uncond")."""
+    request whose state is ``owners[k]``, on CFG branch ``branches[k]`` ("cond" / "uncond"); all
+    of them for the expert whose component is named ``expert`` ("transformer", "transformer_2")."""
 
     owners: tuple[PolicyState, ...]
     branches: tuple[str, ...]
     sizes: tuple[int, ...]
+    expert: str = "transformer"
 
     @classmethod
-    def of(cls, batch: ForwardBatch, branches: tuple[str, ...]) -> "Rows":
+    def of(cls, batch: ForwardBatch, branches: tuple[str, ...], expert: str = "transformer") -> "Rows":
         """One request's rows, one block of its batch size per branch."""
         n = len(branches)
-        return cls((batch.policy_state,) * n, branches, (batch.latents.shape[0],) * n)
+        return cls((batch.policy_state,) * n, branches, (batch.latents.shape[0],) * n, expert)
 
     @classmethod
     def joined(cls, parts: list["Rows"]) -> "Rows":
-        """The rows of several requests' forwards stacked in order."""
-        return cls(*(sum((getattr(p, name) for p in parts), ()) for name in ("owners", "branches", "sizes")))
+        """The rows of several requests' forwards (of one expert) stacked in order."""
+        return cls(*(sum((getattr(p, name) for p in parts), ()) for name in ("owners", "branches", "sizes")),
+                   expert=parts[0].expert)
 
 
 class ModelCall(Protocol):
-    def __call__(self, expert: Expert, x: torch.Tensor, t: torch.Tensor, context_kv: list,
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context_kv: list,
                  rows: Rows) -> torch.Tensor:
-        """The transformer's prediction for ``x`` (rows as ``rows`` says) at timesteps ``t``."""
+        """The prediction of ``model`` (the expert's transformer, where it computes) for ``x``
+        (rows as ``rows`` says) at timesteps ``t``."""
 
     def batch_key(self, batch: ForwardBatch, expert: Expert) -> Hashable | None:
         """What must be equal for two requests' rows to share a forward (None: never shared)."""
@@ -60,9 +64,9 @@ class PlainCall:
     def __init__(self, sequence=None):
         self.sequence = sequence
 
-    def __call__(self, expert, x, t, context_kv, rows):
+    def __call__(self, model, x, t, context_kv, rows):
         with sequence_parallel(self.sequence):
-            return expert.transformer(x, t, context_kv=context_kv)
+            return model(x, t, context_kv=context_kv)
 
     def batch_key(self, batch, expert):
         return ()  # any rows may share a forward
