@@ -44,7 +44,7 @@ GPU_BENCH_ARGS=""  # the options of the two benchmarks, as words
 # the test files that hold the cuda-marked tests, named so that collecting them imports nothing
 # the carried wheels lack (the whole of tests/ would: the Postgres tests import psycopg);
 # tests/test_gpu_check.py checks that `pytest -m cuda` over tests/ finds no cuda test outside them
-CUDA_TESTS="tests/cuda tests/models/test_wan_dit.py tests/models/test_wan_vae.py tests/parity/test_generate_parity.py"
+CUDA_TESTS="tests/cuda tests/models/test_wan_dit.py tests/models/test_wan_vae.py tests/parity/test_generate_parity.py tests/test_generator.py"
 SERVE_ARGS="--clients 1,4,8 --videos-per-client 2 --steps 10"
 if [[ $ON_CPU == 1 ]]; then
     export VIDLOOM_CUDA_TESTS_ON_CPU=1
