@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..devices import CUDA, CUDA_DEVICE, DRY_RUN_ON_CPU, NO_CUDA_REASON, requires_cuda  # noqa: F401
+from ..devices import CUDA_DEVICE, DRY_RUN_ON_CPU, requires_cuda  # noqa: F401 - imported from here
 from ..numerics import rel_err  # noqa: F401 - the CUDA tests import it from here
 
 # every module of tests/cuda starts with: pytestmark = [pytest.mark.cuda, requires_cuda]
