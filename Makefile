@@ -37,7 +37,7 @@ services:
 		(apt-get update -q && apt-get install -y -q chromium postgresql)
 
 # Wheels for a GPU machine without network (Python 3.12, x86_64 Linux, torch and CUDA
-# preinstalled): everything the package, tests/cuda, benchmarks/gpu.py and benchmarks/serve.py
+# preinstalled): everything the package, the CUDA tests, benchmarks/gpu.py and benchmarks/serve.py
 # import, besides torch and its own requirements. Pinned to the versions the CPU suite passed
 # with; --no-deps, so torch and the nvidia-* wheels are never pulled. The list is closed under
 # requirements (for Python 3.12 on Linux): a new dependency is added here by hand. Left out to

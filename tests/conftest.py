@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny Wan models in Diffusers layout, built with diffusers itself."""
+"""Shared fixtures: tiny Wan models in Diffusers layout, built with diffusers itself; the device a
+test runs on (tests/devices.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from .devices import DEVICES
 
 # tiny forwards are fastest single-threaded; pytest-xdist spreads tests over the cores
 torch.set_num_threads(1)
@@ -53,3 +56,24 @@ def tiny_generator(tiny_wan_dir):
     from vidloom import VideoGenerator
 
     return VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32")
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request) -> str:
+    """The torch device the test runs on: "cpu", then "cuda" (marked ``cuda``; skipped where torch
+    sees no CUDA device). Module-scoped, so that a module's per-device models are built once."""
+    return request.param
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 means fp32: TF32 matmuls and cuDNN convolutions off for the test, restored afterwards
+    (torch's defaults are matmul TF32 off and cuDNN TF32 *on*, which would put the VAE's and the
+    patch embedding's convolutions at TF32 precision, ~1e-3). No effect on the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -149,3 +149,22 @@ def test_gpu_check_script_is_valid_bash():
     if shutil.which("shellcheck"):
         proc = subprocess.run(["shellcheck", "-S", "warning", str(SCRIPT)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
+
+
+def test_gpu_check_runs_every_cuda_marked_test():
+    """The script names the files it collects (tests/ as a whole would import what the carried
+    wheels lack); every test that ``pytest -m cuda`` finds under tests/ lies in one of them."""
+    import re
+    import shlex
+
+    named = shlex.split(re.search(r'^CUDA_TESTS="([^"]*)"$', SCRIPT.read_text(), re.M).group(1))
+    assert "tests/cuda" in named and all((REPO / path).exists() for path in named)
+    env = {**os.environ, "VIDLOOM_CUDA_TESTS_ON_CPU": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+                           "--collect-only", "-m", "cuda", "tests"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert files and "tests/cuda/test_parallel_cuda.py" in files
+    outside = sorted(f for f in files if not any(f == p or f.startswith(p.rstrip("/") + "/") for p in named))
+    assert outside == [], f"cuda-marked tests that benchmarks/gpu_check.sh does not run: {outside}"

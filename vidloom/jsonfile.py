@@ -1,4 +1,5 @@
-"""Reading the JSON files of a model folder: bounded in size and depth, a JSON object or an error.
+"""The JSON files of a model folder: reading them bounded in size and depth (a JSON object or an
+error), and writing them as the folders vidloom makes hold them.
 
 Every JSON file the loader reads (``model_index.json``, ``config.json``, shard indexes, scheduler
 configs) comes through ``read_json_object``, so a malformed file is a ``ModelLoadError`` naming
@@ -37,6 +38,13 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelLoadError(f"{what} must hold a JSON object, got {type(data).__name__}", file=str(path))
     return data
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """``data`` as indented JSON in ``path`` (diffusers' layout of config files), its folder made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..jsonfile import write_json
 from ..loader.weights import save_model
 from ..models.wan_dit import WanDiT
 from ..models.wan_vae import WanVAE, WanVAEConfig
-from ..tiny import UNIPC_FLOW_CONFIG, build_tokenizer, write_json
+from ..schedulers.unipc import UNIPC_FLOW_CONFIG
+from ..small_tokenizer import build_tokenizer
 from .recipe import Recipe
 
 
