@@ -209,7 +209,6 @@ class WanT2VPipeline(ComposedPipeline):
                                       map_tiles=tile_spreader(parallel))
         super().__init__(
             [
-                self.input_validation,
                 TextEncodingStage(text_encoder, dit_dtype, device),
                 *self.conditioning_stages(components, config, dit_dtype, settings),
                 TimestepPreparationStage(components["scheduler"], device),
