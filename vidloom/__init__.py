@@ -3,10 +3,11 @@
 from .config import EngineConfig, RefineParams, SamplingParams
 from .errors import InvalidRequestError, ModelLoadError, NumericalError, TaskCancelled, VidloomError
 from .generator import Task, TaskState, VideoGenerator, VideoOutput
+from .request import CheckedRequest
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EngineConfig", "InvalidRequestError", "ModelLoadError", "NumericalError", "RefineParams", "SamplingParams", "Task",
-    "TaskCancelled", "TaskState", "VideoGenerator", "VideoOutput", "VidloomError",
+    "CheckedRequest", "EngineConfig", "InvalidRequestError", "ModelLoadError", "NumericalError", "RefineParams",
+    "SamplingParams", "Task", "TaskCancelled", "TaskState", "VideoGenerator", "VideoOutput", "VidloomError",
 ]

@@ -209,6 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .generator import VideoGenerator, video_requests
+    from .request import decode_images
 
     from transformers.utils import logging as hf_logging
 
@@ -230,6 +231,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             args.output):
         SamplingParams.from_kwargs(r.prompt, **{**sampling, "seed": r.seed, "output_path": r.output_path}
                                    ).validate(limits)
+    # the image files decoded once (bounded), before any weight is read; the requests take them decoded
+    sampling.update(decode_images(sampling))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         check_layout(engine.sp_size, engine.cfg_parallel, args.nproc)
         return launch(args.nproc, args.argv)

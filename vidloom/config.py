@@ -297,7 +297,8 @@ class SamplingParams:
         return self.guidance_scale > 1.0
 
     def validate(self, limits: RequestLimits | None = None) -> "SamplingParams":
-        """Raise InvalidRequestError naming the first bad field; cheap (no model work)."""
+        """Raise InvalidRequestError naming the first bad field; cheap: field checks only (no model
+        work, and no image is opened: ``VideoGenerator.check`` decodes them)."""
         limits = limits or RequestLimits()
         check_text("prompt", self.prompt)
         if self.negative_prompt is not None:
@@ -365,7 +366,9 @@ class SamplingParams:
                 f"at most {limits.max_tokens} tokens (the engine's max_tokens)")
 
     def _validate_images(self, limits: RequestLimits) -> None:
-        from .io.images import load_image  # decoding checks the file (bounded) before any work
+        """Which images the model takes, and that each given is of a kind it reads. No file is
+        opened here: ``VideoGenerator.check`` decodes them (bounded) once the fields pass."""
+        from .io.images import check_kind
 
         if limits.image == "none":
             for name in ("image", "last_image"):
@@ -379,7 +382,7 @@ class SamplingParams:
                 return
             raise InvalidRequestError("image", "this image-to-video model needs the first frame",
                                       "a PIL image, a path or an (H, W, 3) array")
-        load_image(self.image, "image")
+        check_kind(self.image, "image")
         if limits.image == "first-last" and self.last_image is None:
             raise InvalidRequestError("last_image", "this first-last-frame model needs the last frame too",
                                       "a PIL image, a path or an (H, W, 3) array")
@@ -388,7 +391,7 @@ class SamplingParams:
                 raise InvalidRequestError("last_image", "this model takes only the first frame (Wan2.2 TI2V)", "None")
             if self.num_frames < 2:
                 raise InvalidRequestError("last_image", "needs at least 2 frames", "num_frames >= 5")
-            load_image(self.last_image, "last_image")
+            check_kind(self.last_image, "last_image")
 
     def _validate_latents(self) -> None:
         latents = self.latents

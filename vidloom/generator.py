@@ -23,6 +23,7 @@ from .loader.weights import changed_mapped_files
 from .memory import residency_for
 from .pipelines.base import ComposedPipeline, Cursor, Phase, WorkUnit, run_units
 from .pipelines.batch import ForwardBatch
+from .request import CheckedRequest, checked_requests
 
 log = logging.getLogger(__name__)
 
@@ -197,22 +198,38 @@ class VideoGenerator:
         configs and weight headers alone: checks the whole folder, reads no weights."""
         return plan_folder(path, config or EngineConfig()).limits
 
-    def check(self, prompt: str = "", **sampling) -> SamplingParams:
-        """A request checked against this model (sizes, frames, steps, guidance, the images'
-        formats and dimensions), before any work; InvalidRequestError names the first bad field."""
-        params = SamplingParams.from_kwargs(prompt, **sampling)
-        self.pipeline.validate_request(params)
-        return params
+    def check(self, prompt: str = "", **sampling) -> CheckedRequest:
+        """A request checked against this model once, before any work: the fields (sizes, frames,
+        steps, guidance, ...; no file is opened), then each given image decoded once with its
+        bounded checks (file size, format, dimensions). InvalidRequestError names the first bad
+        field. ``submit`` takes the result as it is."""
+        [checked] = self._check_all([SamplingParams.from_kwargs(prompt, **sampling)])
+        return checked
+
+    def _check_all(self, requests: list[SamplingParams]) -> list[CheckedRequest]:
+        """Every request's fields first, then the images: each image given decoded once, however
+        many of the requests give it."""
+        for params in requests:
+            self.pipeline.validate_request(params)
+        return checked_requests(requests, self.pipeline.limits)
 
     # --- task API -------------------------------------------------------------------------------
-    def submit(self, prompt: str = "", callback: StepCallback | None = None, **sampling) -> Task:
-        """Validate a request (raising InvalidRequestError before any work) and queue it as a task."""
-        params = self.check(prompt, **sampling)
+    def submit(self, prompt: str | CheckedRequest = "", callback: StepCallback | None = None, **sampling) -> Task:
+        """Queue a request as a task: a ``CheckedRequest`` from ``check`` as it is, or a prompt and
+        options, checked here once (InvalidRequestError before any work)."""
+        if isinstance(prompt, CheckedRequest):
+            if sampling:
+                raise TypeError(f"submit: a checked request takes no options (got {sorted(sampling)}): "
+                                "give them to check")
+            if prompt.limits != self.pipeline.limits:
+                raise ValueError("submit: the request was checked against another model: check it with this generator")
+            checked = prompt
+        else:
+            checked = self.check(prompt, **sampling)
         self.check_weight_files()
-        batch = ForwardBatch.for_request(params)
-        task = Task(id=f"task-{next(self._ids)}", params=params, batch=batch,
+        batch = ForwardBatch.for_request(checked.params, checked.images)
+        return Task(id=f"task-{next(self._ids)}", params=checked.params, batch=batch,
                     total_units=self.pipeline.total_units(batch), callback=callback)
-        return task
 
     def step(self, task: Task) -> Task:
         """Do exactly one unit of work of ``task`` (text encoding, one denoising step, decoding, export)."""
@@ -307,13 +324,13 @@ class VideoGenerator:
     def submit_many(self, prompt: str | list[str] = "", num_videos_per_prompt: int = 1,
                     callback: StepCallback | None = None, **sampling) -> list[Task]:
         """A task for each video of ``video_requests`` (each prompt's ``num_videos_per_prompt``
-        videos, seeds ``seed, seed + 1, ...``); every request is checked before any is queued."""
+        videos, seeds ``seed, seed + 1, ...``); every request is checked once before any is queued,
+        an image the videos share decoded once for all of them."""
         requests = video_requests(prompt, num_videos_per_prompt, sampling.pop("seed", SamplingParams.seed),
                                   sampling.pop("output_path", None))
-        for r in requests:
-            self.check(r.prompt, seed=r.seed, output_path=r.output_path, **sampling)
-        return [self.submit(r.prompt, callback, seed=r.seed, output_path=r.output_path, **sampling)
-                for r in requests]
+        checked = self._check_all([SamplingParams.from_kwargs(r.prompt, seed=r.seed, output_path=r.output_path,
+                                                              **sampling) for r in requests])
+        return [self.submit(request, callback) for request in checked]
 
     def run_many(self, tasks: list[Task], on_round: Callable[[list[Task]], None] | None = None
                  ) -> list[VideoOutput]:
@@ -385,5 +402,5 @@ class VideoGenerator:
         return out
 
 
-__all__ = ["VideoGenerator", "VideoOutput", "Task", "TaskState", "VidloomError"]
+__all__ = ["CheckedRequest", "VideoGenerator", "VideoOutput", "Task", "TaskState", "VidloomError"]
 

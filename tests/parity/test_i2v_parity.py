@@ -125,8 +125,9 @@ def test_cli_image_flags_and_info(ours, i2v_dir, tmp_path, capsys):
     assert np.array_equal(np.load(out), api.frames)
     assert main(["info", "--model", str(i2v_dir)]) == 0
     assert "variant: Wan2.1 image-to-video" in capsys.readouterr().out
+    # the request's fields are checked before its files are read: a first-last-frame model gets its last frame
     assert main(["generate", "--model", str(i2v_dir), "--prompt", "a cat", "--output", str(out),
-                 "--image", str(tmp_path / "missing.png"), "--height", "32", "--width", "48"]) == 2
+                 "--image", str(tmp_path / "missing.png"), *extra, "--height", "32", "--width", "48"]) == 2
     assert "error: image: no image file" in capsys.readouterr().err
 
 

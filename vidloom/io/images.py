@@ -28,18 +28,26 @@ MAX_FILE_BYTES = 256 * 2**20
 ALLOWED = "a PIL image, a path to a PNG/JPEG/WebP/... file, or an (H, W, 3) uint8 or [0, 1] float array"
 
 
+def check_kind(value: Any, field: str = "image") -> None:
+    """InvalidRequestError unless ``value`` is of a kind ``load_image`` takes (a PIL image, a path
+    or an array); opens no file, decodes nothing."""
+    from PIL import Image
+
+    if not isinstance(value, (Image.Image, str, os.PathLike, np.ndarray)):
+        raise InvalidRequestError(field, f"unsupported type {type(value).__name__}", ALLOWED)
+
+
 def load_image(value: Any, field: str = "image"):
     """``value`` as an RGB PIL image, checked (see the module doc)."""
     from PIL import Image
 
+    check_kind(value, field)
     if isinstance(value, Image.Image):
         image = value
-    elif isinstance(value, (str, os.PathLike)):
-        image = _read_file(Path(value), field)
     elif isinstance(value, np.ndarray):
         image = _from_array(value, field)
     else:
-        raise InvalidRequestError(field, f"unsupported type {type(value).__name__}", ALLOWED)
+        image = _read_file(Path(value), field)
     _check_size(image.size, field)
     return image if image.mode == "RGB" else image.convert("RGB")
 

@@ -44,10 +44,13 @@ class PolicyState:
 class ForwardBatch:
     """``params`` is what the current phase runs: the request itself, or in a two-stage
     generation first its base pass (``SamplingParams.base_pass``) and then its refine pass;
-    ``request`` is the whole request (None: ``params``)."""
+    ``request`` is the whole request (None: ``params``); ``images`` its images as
+    ``VideoGenerator.check`` decoded them (RGB PIL images: the first frame, then the last frame if
+    given), which the image stages take instead of reading the files again."""
 
     params: SamplingParams
     request: SamplingParams | None = None
+    images: tuple[Any, ...] = ()
     # encoder outputs
     prompt_embeds: torch.Tensor | None = None  # (B, L, D) in the DiT's dtype
     negative_embeds: torch.Tensor | None = None  # (B, L, D), only with guidance
@@ -71,9 +74,10 @@ class ForwardBatch:
     timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds
 
     @classmethod
-    def for_request(cls, params: SamplingParams) -> "ForwardBatch":
-        """The batch a request starts with (a two-stage request starts with its base pass)."""
-        return cls(params=params.base_pass(), request=params)
+    def for_request(cls, params: SamplingParams, images: tuple[Any, ...] = ()) -> "ForwardBatch":
+        """The batch a request starts with (a two-stage request starts with its base pass);
+        ``images``: its decoded images (``CheckedRequest.images``)."""
+        return cls(params=params.base_pass(), request=params, images=tuple(images))
 
     def copy(self) -> "ForwardBatch":
         """A copy to run a unit of work on: fields are assigned on it, so the original is left as it

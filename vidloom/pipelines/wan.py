@@ -62,7 +62,6 @@ class WanT2VPipeline(ComposedPipeline):
                                       map_tiles=tile_spreader(parallel))
         super().__init__(
             [
-                self.input_validation,
                 TextEncodingStage(text_encoder, dit.dtype, device),
                 *self.conditioning_stages(components, config, dit.dtype, variant),
                 TimestepPreparationStage(components["scheduler"], device),

@@ -66,8 +66,52 @@ class Metrics:
         registry.register(_Jobs())
 
 
+# requests checked on arrival that wait for the loop with their decoded images, at most (beyond,
+# the oldest are let go and checked again when their job is claimed): 128 Mpx is ~384 MiB of RGB
+MAX_WAITING_REQUESTS = 1024
+MAX_WAITING_PIXELS = 2**27
+
+
+class WaitingRequests:
+    """Requests checked when they arrived (``VideoGenerator.check``: fields validated, images
+    decoded), by job id, until the loop claims the job and submits the checked request as it is:
+    a job is checked and its images decoded once. Bounded in count and in decoded pixels, oldest
+    let go first; a job whose request is not waiting here (let go, recovered after a restart,
+    accepted by another replica) is checked from its record when claimed. Thread-safe: the
+    routes put, the loop takes."""
+
+    def __init__(self, max_requests: int = MAX_WAITING_REQUESTS, max_pixels: int = MAX_WAITING_PIXELS):
+        self.max_requests, self.max_pixels = max_requests, max_pixels
+        self._waiting: dict[str, tuple[object, int]] = {}  # job id -> (checked request, pixels), oldest first
+        self._pixels = 0
+        self._lock = threading.Lock()
+
+    def put(self, job_id: str, checked) -> None:
+        pixels = sum(image.width * image.height for image in checked.images)
+        with self._lock:
+            self._pop(job_id)
+            self._waiting[job_id] = (checked, pixels)
+            self._pixels += pixels
+            while self._waiting and (len(self._waiting) > self.max_requests or self._pixels > self.max_pixels):
+                self._pop(next(iter(self._waiting)))
+
+    def take(self, job_id: str):
+        """The checked request waiting for ``job_id`` (no longer waiting), or None."""
+        with self._lock:
+            return self._pop(job_id)
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def _pop(self, job_id: str):
+        checked, pixels = self._waiting.pop(job_id, (None, 0))
+        self._pixels -= pixels
+        return checked
+
+
 class EngineLoop:
-    """Claims jobs from ``store`` and runs them on ``generator``; ``output_dir`` receives the videos."""
+    """Claims jobs from ``store`` and runs them on ``generator``; ``output_dir`` receives the videos.
+    ``waiting``: requests checked on arrival, submitted as they are when their job is claimed."""
 
     def __init__(self, generator, store: JobStore, output_dir: Path, metrics: Metrics | None = None,
                  max_active: int = 4, idle_wait_s: float = 0.2, batch_steps: bool = True, ranks=None):
@@ -93,6 +137,7 @@ class EngineLoop:
         self._outage_logged = 0.0
         self._retry_at = 0.0
         self._heartbeat: threading.Thread | None = None
+        self.waiting = WaitingRequests()
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -120,6 +165,7 @@ class EngineLoop:
 
     def cancel(self, job_id: str) -> None:
         """A job of this process was cancelled (the store has it too): stop it at its next unit."""
+        self.waiting.take(job_id)
         self._cancelled.add(job_id)
         self._wake.set()
 
@@ -200,20 +246,15 @@ class EngineLoop:
             if job.error_code == "corrupt_record":  # a damaged row fails alone
                 self.store.fail(job.id, job.error_code, job.error_message, owner=self.owner)
                 continue
-            sampling = self._sampling(job)
-            try:
-                task = self.generator.submit(job.request["prompt"], **sampling)
+            checked, sampling = self.waiting.take(job.id), job.sampling()
+            try:  # checked on arrival: submitted as it is; else (recovered, another replica's) checked now
+                task = (self.generator.submit(checked) if checked is not None
+                        else self.generator.submit(job.request["prompt"], **sampling))
             except VidloomError as exc:  # e.g. the model's weight files changed since the request was accepted
                 self._fail(job, exc)
                 continue
             self.active.append((job, task))
             self._pending_submits.append((job.id, job.request["prompt"], sampling))
-
-    @staticmethod
-    def _sampling(job: Job) -> dict:
-        fields = {k: v for k, v in job.request.items() if k != "prompt"}
-        fields.update(job.inputs)  # uploaded images, by their path in the data folder
-        return dict(fields, output_type="np")
 
     def _advance_all(self) -> None:
         """One unit of every active job; their denoising steps that fit together share one

@@ -82,9 +82,11 @@ class Service:
         return job
 
     def accept(self, values: dict[str, Any], files: dict[str, bytes]) -> Job:
-        """Check a request (sizes, steps, the images' formats and dimensions), keep its uploads and
-        record it; called in a worker thread: image decoding and store writes stay off the event
-        loop. Until the job is recorded, nothing of it stays behind (no orphaned upload)."""
+        """Check a request once (sizes, steps, the images' formats and dimensions: ``generator.check``),
+        keep its uploads and record it; the checked request (its images decoded) waits for the
+        engine loop in ``loop.waiting``. Called in a worker thread: image decoding and store writes
+        stay off the event loop. Until the job is recorded, nothing of it stays behind (no
+        orphaned upload, no waiting request)."""
         settings = self.settings
         if self.store.counts()[QUEUED] >= settings.max_queue:
             raise APIError(429, f"the queue is full ({settings.max_queue} jobs waiting)", None, "queue_full",
@@ -97,13 +99,16 @@ class Service:
                 path = self.data_dir / "inputs" / f"{job_id}.{name}"  # server-made name: no user input in a path
                 inputs[UPLOADS[name]] = str(path)
                 path.write_bytes(data)
-            with self.decodes:
-                self.generator.check(parsed.prompt, **parsed.fields, **inputs)
             job = Job(id=job_id, status=QUEUED, model=parsed.model, prompt=parsed.prompt, seconds=parsed.seconds,
                       size=parsed.size, request={"prompt": parsed.prompt, **parsed.fields}, inputs=inputs,
                       created_at=time.time())
+            with self.decodes:
+                checked = self.generator.check(job.prompt, **job.sampling())
+            # waiting before the job is recorded: the loop may claim it as soon as it is
+            self.loop.waiting.put(job_id, checked)
             self.store.add(job)  # committed: from here on the job is never lost
         except BaseException as exc:
+            self.loop.waiting.take(job_id)
             for path in inputs.values():
                 Path(path).unlink(missing_ok=True)
             if isinstance(exc, InvalidRequestError):

@@ -101,6 +101,14 @@ class Job:
     cancel_requested: bool = False
     seq: int | None = None
 
+    def sampling(self) -> dict[str, Any]:
+        """The options its request runs with (``VideoGenerator.check`` / ``submit``, after the
+        prompt): the request's fields, the uploads by their path, frames as arrays (the loop
+        exports them)."""
+        fields = {k: v for k, v in self.request.items() if k != "prompt"}
+        fields.update(self.inputs)
+        return dict(fields, output_type="np")
+
 
 _COLUMNS = [f.name for f in dataclasses.fields(Job)]
 

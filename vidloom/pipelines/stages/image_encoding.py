@@ -2,10 +2,16 @@ from __future__ import annotations
 
 import torch
 
-from ...io.images import load_image, to_model_input
+from ...io.images import to_model_input
 from ...memory.residency import handle_of
 from ..base import PipelineStage, VerificationResult, is_tensor
 from ..batch import Conditioning, ForwardBatch
+
+
+def _decoded_images(stage: str, batch: ForwardBatch, given: int) -> VerificationResult:
+    """The batch must carry the request's ``given`` images, decoded (``VideoGenerator.check`` does it)."""
+    return VerificationResult(stage, "input").check("images", len(batch.images) == given,
+                                                    f"must hold the request's {given} decoded image(s)")
 
 
 class ImageEncodingStage(PipelineStage):
@@ -27,11 +33,12 @@ class ImageEncodingStage(PipelineStage):
         self.device = device
         self.dtype = dtype  # the transformer's
 
+    def verify_input(self, batch: ForwardBatch) -> VerificationResult:
+        return _decoded_images(self.name, batch, 1 + (batch.params.last_image is not None))
+
     def forward(self, batch: ForwardBatch) -> ForwardBatch:
         p = batch.params
-        images = [load_image(p.image, "image")]
-        if p.last_image is not None:
-            images.append(load_image(p.last_image, "last_image"))
+        images = list(batch.images)  # decoded once, when the request was checked
         embeds = None
         if self.image_encoder is not None:
             embeds = self.image_encoder.encode(images).to(self.device, self.dtype)
@@ -83,13 +90,17 @@ class FirstFrameStage(PipelineStage):
         self.vae = handle_of(vae, "vae")  # a handle (``memory.residency``), or the module
         self.device = device
 
+    def verify_input(self, batch: ForwardBatch) -> VerificationResult:
+        return _decoded_images(self.name, batch, int(batch.params.image is not None))
+
     @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> ForwardBatch:
         p = batch.params
         if p.image is None:
             batch.conditioning = None
             return batch
-        frame = to_model_input(load_image(p.image, "image"), p.height, p.width)[:, :, None]  # (1, 3, 1, H, W)
+        # (1, 3, 1, H, W): the image decoded once, when the request was checked
+        frame = to_model_input(batch.images[0], p.height, p.width)[:, :, None]
         with self.vae.use() as vae:
             condition = vae.normalize_latents(vae.encode_mean(frame).float()).to(self.device)
         f, h, w = self.vae.config.latent_size(p.num_frames, p.height, p.width)

@@ -2,13 +2,12 @@ from __future__ import annotations
 
 from ...config import RequestLimits, SamplingParams
 from ...errors import InvalidRequestError
-from ..base import PipelineStage
-from ..batch import ForwardBatch
 
 
-class InputValidationStage(PipelineStage):
+class InputValidationStage:
     """Checks sizes (against the model's largest token grid), frames, steps, guidance and given
-    latents before any tensor is made."""
+    latents before any tensor is made. Not a unit of work: ``VideoGenerator.check`` runs it once
+    per request (through ``validate_request``), before the request is queued."""
 
     name = "input_validation"
 
@@ -27,7 +26,3 @@ class InputValidationStage(PipelineStage):
                     "latents", f"shape {tuple(params.latents.shape)} does not fit the request", f"shape {shape}"
                 )
         return params
-
-    def forward(self, batch: ForwardBatch) -> ForwardBatch:
-        self.check(batch.params)
-        return batch
