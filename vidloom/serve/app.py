@@ -31,6 +31,7 @@ from . import openapi
 from .bodies import MAX_UPLOAD_BYTES, BodyLimit  # noqa: F401 - MAX_UPLOAD_BYTES: part of this module's API
 from .routes import router
 from .service import APIError, ServeSettings, Service
+from .engine import Engine
 from .store import JobStore, SQLiteJobStore, StoreUnavailable
 
 RETRY_AFTER_S = 5  # the Retry-After of a 503/507 while the store is unavailable
@@ -85,7 +86,7 @@ class Page:
     headers: dict[str, str]
 
 
-def create_app(generator, settings: ServeSettings, store: JobStore | None = None, start_loop: bool = True,
+def create_app(generator: Engine, settings: ServeSettings, store: JobStore | None = None, start_loop: bool = True,
                ranks=None):
     """The FastAPI app serving ``generator``; the store defaults to ``data_dir/jobs.sqlite3``
     (held exclusively: a second server on the same folder is refused); ``ranks``:

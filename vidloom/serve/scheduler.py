@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import (InvalidRequestError, NumericalError, ResourceExhausted, TaskCancelled, VidloomError,
                       engine_error)
+from .engine import Engine
 from .store import Job, JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class EngineLoop:
     """Claims jobs from ``store`` and runs them on ``generator``; ``output_dir`` receives the videos.
     ``waiting``: requests checked on arrival, submitted as they are when their job is claimed."""
 
-    def __init__(self, generator, store: JobStore, output_dir: Path, metrics: Metrics | None = None,
+    def __init__(self, generator: Engine, store: JobStore, output_dir: Path, metrics: Metrics | None = None,
                  max_active: int = 4, idle_wait_s: float = 0.2, batch_steps: bool = True, ranks=None):
         self.generator = generator
         self.store = store
@@ -396,7 +397,7 @@ class RankBroadcast:
         return box[0]
 
 
-def follow(generator, ranks: RankBroadcast) -> None:
+def follow(generator: Engine, ranks: RankBroadcast) -> None:
     """A rank other than 0: run rank 0's plans on this rank's share of each forward until told to
     stop. The results stay on rank 0 (it exports and records them)."""
     tasks: dict[str, object] = {}

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import InvalidRequestError
 from .requests import UPLOADS, parse
+from .engine import Engine
 from .store import FAILED, QUEUED, Job, JobStore, StoreUnavailable
 
 DECODES_AT_ONCE = 2  # uploaded images checked (decoded) at the same time: bounds their memory
@@ -65,10 +66,10 @@ def video_object(job: Job) -> dict[str, Any]:
 
 @dataclass
 class Service:
-    """One server's engine (``generator``: ``check``, ``submit``, ``step_many``), job store,
-    engine loop and settings; the routes reach it through ``app.state.service``."""
+    """One server's engine (``generator``, the ``engine.Engine`` interface), job store, engine
+    loop and settings; the routes reach it through ``app.state.service``."""
 
-    generator: Any
+    generator: Engine
     store: JobStore
     loop: Any  # scheduler.EngineLoop
     settings: ServeSettings
