@@ -66,7 +66,8 @@ def test_limits_come_from_the_folder_without_loading(tiny_wan_dir, monkeypatch):
     limits = VideoGenerator.request_limits(tiny_wan_dir)
     # tiny model: VAE 8x / 4x, patch (1, 2, 2), rope_max_seq_len 64, UniPC 1000 steps, 512 tokens
     assert limits == RequestLimits(vae_spatial_factor=8, temporal_factor=4, patch=(1, 2, 2), max_grid_side=64,
-                                   max_tokens=EngineConfig().max_tokens, max_steps=1000, max_sequence_length=512)
+                                   max_tokens=EngineConfig().max_tokens, max_steps=1000, max_sequence_length=512,
+                                   transformer_blocks=2)
     assert (limits.max_size(1), limits.max_size(2), limits.max_size(0)) == (1024, 1024, 253)
     assert VideoGenerator.request_limits(tiny_wan_dir, EngineConfig(max_tokens=10)).max_tokens == 10
 

@@ -256,8 +256,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         p = out.params
         stages = ", ".join(f"{name} {secs:.2f} s" for name, secs in out.timings.items() if secs >= 0.005)
         print(f"wrote {out.path} ({p.num_frames} frames, {p.width}x{p.height}, {p.fps} fps); "
-              f"load {load_s:.2f} s, {stages}")
+              f"load {load_s:.2f} s, {stages}{cache_summary(p.cache, out.cache)}")
     return 0
+
+
+def cache_summary(spec, report: dict) -> str:
+    """``; cache <spec>: ...`` for a run with a feature cache (empty without one): what it computed
+    and skipped, and its own estimate of the change it skipped over."""
+    if not report:
+        return ""
+    parts = [f"{int(report.get('forwards', 0))} forwards"]
+    blocks = report.get("blocks_computed", 0) + report.get("blocks_skipped", 0)
+    if blocks:
+        parts.append(f"blocks {int(report.get('blocks_skipped', 0))}/{int(blocks)} skipped")
+    if "uncond_skipped" in report:
+        parts.append(f"{int(report['uncond_skipped'])} unconditional skipped")
+    if "estimated_change" in report:
+        parts.append(f"estimated change {report['estimated_change']:.3g}")
+    return f"; cache {spec}: " + ", ".join(parts)
 
 
 def read_prompts_file(path: Path) -> list[str]:

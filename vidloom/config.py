@@ -169,6 +169,7 @@ class RequestLimits:
     max_grid_side: int | None = None
     max_tokens: int = MAX_TOKENS
     max_steps: int = 1000
+    transformer_blocks: int | None = None  # the DiT's block count (None: unknown); a block cache must leave some
     max_sequence_length: int = 512
     experts: int = 1  # transformers taking turns over the timesteps (Wan2.2 A14B: 2)
     # "none" (text-to-video), "optional" (Wan2.2 TI2V: text-to-video, or image-to-video with one),
@@ -290,6 +291,7 @@ class SamplingParams:
     return_trajectory: bool = False
     decode_trajectory: bool = False
     refine: RefineParams | None = None  # two-stage generation (see RefineParams); a dict of its fields works too
+    cache: str | None = None  # feature caching, e.g. "block:F1B0:0.08+cfg-gate:0.5" (vidloom.cache.spec); None: exact
 
     @property
     def do_cfg(self) -> bool:
@@ -336,6 +338,12 @@ class SamplingParams:
         if self.decode_trajectory and not self.return_trajectory:
             raise InvalidRequestError("decode_trajectory", "needs return_trajectory=True (it decodes that trajectory)")
         self._validate_images(limits)
+        if self.cache is not None:
+            from .cache.spec import parse_cache
+
+            spec = parse_cache(self.cache)
+            if spec is not None:
+                spec.check_fits(limits.transformer_blocks)
         if self.refine is not None:
             self.refine = RefineParams.coerce(self.refine)
             self.refine.validate(self, limits)

@@ -58,6 +58,10 @@ class VideoOutput:
     trajectory_latents: list[torch.Tensor] = field(default_factory=list)
     trajectory_frames: list[np.ndarray] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # what the request's feature cache did (``SamplingParams.cache``; empty without one): transformer
+    # branch evaluations ``forwards``, ``blocks_computed`` / ``blocks_skipped``, ``uncond_skipped``,
+    # and ``estimated_change``, the policy's own estimate of the change it skipped over
+    cache: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -399,6 +403,7 @@ class VideoGenerator:
                                   stem=task.id)
             b.timings["export"] = time.perf_counter() - start
         out.timings = dict(b.timings)
+        out.cache = dict(b.policy_report)
         return out
 
 

@@ -107,8 +107,10 @@ def plan_folder(path: str | Path, config: EngineConfig) -> FolderPlan:
     plan.pipeline.check_refine({n: p.config for n, p in plan.plans.items()},
                                {n: p.config for n, p in refine.plans.items()}, index_file)
     sides = [s for s in (plan.limits.max_grid_side, refine.limits.max_grid_side) if s is not None]
+    blocks = [b for b in (plan.limits.transformer_blocks, refine.limits.transformer_blocks) if b is not None]
     limits = dataclasses.replace(plan.limits, max_grid_side=min(sides) if sides else None,
-                                 max_steps=min(plan.limits.max_steps, refine.limits.max_steps))
+                                 max_steps=min(plan.limits.max_steps, refine.limits.max_steps),
+                                 transformer_blocks=min(blocks) if blocks else None)
     contributed = {name: p for name, p in refine.plans.items() if name in REFINE_COMPONENTS}
     return dataclasses.replace(plan, limits=limits, refine=RefinePlan(refine.path, contributed, refine.variant))
 

@@ -38,6 +38,10 @@ class PolicyState:
     compared by identity, so it names its request in ``Rows.owners``."""
 
     values: dict[Any, Any] = field(default_factory=dict)
+    params: Any = None  # the phase's SamplingParams (the policy's settings, e.g. ``cache``)
+    num_steps: int = 0  # steps of the phase
+    step: int = 0  # the step being computed (set by the stage before each forward)
+    report: dict[str, float] = field(default_factory=dict)  # what the policy did (counts), summed per video
 
 
 @dataclass
@@ -72,6 +76,7 @@ class ForwardBatch:
     trajectory: list[torch.Tensor] = field(default_factory=list)  # latents after each step
     trajectory_video: list[torch.Tensor] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds
+    policy_report: dict[str, float] = field(default_factory=dict)  # the model-call policy's counts, all phases
 
     @classmethod
     def for_request(cls, params: SamplingParams, images: tuple[Any, ...] = ()) -> "ForwardBatch":
@@ -84,7 +89,8 @@ class ForwardBatch:
         was if the unit fails. Tensors are shared (stages replace them, never write into them);
         the lists and the timings are new, so appending to them leaves the original's alone."""
         return dataclasses.replace(self, trajectory=list(self.trajectory),
-                                   trajectory_video=list(self.trajectory_video), timings=dict(self.timings))
+                                   trajectory_video=list(self.trajectory_video), timings=dict(self.timings),
+                                   policy_report=dict(self.policy_report))
 
     def timestep(self, index: int) -> torch.Tensor:
         """The timestep of step ``index`` of the current denoising phase."""

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..cache.call import CachingCall
+from ..cache.spec import parse_cache
 from ..config import EngineConfig, RequestLimits
+from ..errors import InvalidRequestError
 from ..memory.residency import Residency
 from ..models.encoders import WanImageEncoder, WanTextEncoder
 from . import register_pipeline
@@ -44,7 +47,10 @@ class WanT2VPipeline(ComposedPipeline):
         text_encoder = WanTextEncoder(components["tokenizer"], components["text_encoder"])
         sequence, cfg = parallel_parts(parallel)
         model_input = variant.model_input(dit.config.patch_size)
-        call = PlainCall(sequence)  # the one model call both denoising passes run every forward through
+        # the one model call both denoising passes run every forward through: each request's feature
+        # cache (``SamplingParams.cache``) around the plain forward
+        call = CachingCall(PlainCall(sequence), sequence)
+        self.sequence = sequence
         self.denoising = DenoisingStage(variant.experts(components), components["scheduler"], config.batch_cfg,
                                         config.check_finite, cfg=cfg, model_input=model_input, call=call)
         # two-stage generation: the refine pass, a second denoising stage with its own schedule
@@ -97,6 +103,10 @@ class WanT2VPipeline(ComposedPipeline):
 
     def validate_request(self, params) -> None:
         self.input_validation.check(params)
+        spec = parse_cache(params.cache)
+        if spec is not None and spec.blocks is not None and self.sequence is not None:
+            raise InvalidRequestError("cache", "the block cache does not run under sequence parallelism yet",
+                                      "cfg-gate alone, or sp_size 1")
         scheduler = self.components["scheduler"]
         if not self.variant.high_noise:
             self.variant.check_schedule(scheduler.schedule(params.num_inference_steps, shift=params.flow_shift), 0,

@@ -161,7 +161,7 @@ class WanVariant:
             max_grid_side=dit.rope_max_seq_len, max_tokens=engine.max_tokens,
             max_steps=configs["scheduler"].num_train_timesteps,
             max_sequence_length=configs["tokenizer"].get("model_max_length") or WAN_TEXT_LENGTH,
-            experts=2 if "transformer_2" in configs else 1, image=self.image_input,
+            experts=2 if "transformer_2" in configs else 1, image=self.image_input, transformer_blocks=dit.num_layers,
             last_image=not self.expand_timesteps,
         )
 

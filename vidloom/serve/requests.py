@@ -21,7 +21,7 @@ from ..errors import InvalidRequestError
 
 # the SamplingParams fields a request may set, beside the OpenAI ones
 SERVED_FIELDS = ("negative_prompt", "num_frames", "fps", "num_inference_steps", "guidance_scale", "guidance_scale_2",
-                 "seed", "flow_shift")
+                 "seed", "flow_shift", "cache")
 _ALLOWED = {str: "a string", int: "an integer", float: "a number"}
 
 

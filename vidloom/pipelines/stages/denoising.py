@@ -169,12 +169,15 @@ class DenoisingStage(IterativeStage):
     def begin(self, batch: ForwardBatch) -> ForwardBatch:
         batch = super().begin(batch)
         batch.context_expert = None
-        batch.policy_state = PolicyState()  # the call's memory of this request, new for each phase
         batch.num_steps = self.num_units(batch)
+        # the call's memory of this request, new for each phase
+        batch.policy_state = PolicyState(params=batch.params, num_steps=batch.num_steps)
         return batch
 
     def end(self, batch: ForwardBatch) -> ForwardBatch:
         self.model_input.finish(batch)
+        for name, value in batch.policy_state.report.items():  # what the call's policy did, summed over phases
+            batch.policy_report[name] = batch.policy_report.get(name, 0) + value
         return super().end(batch)
 
     @torch.no_grad()
@@ -210,6 +213,7 @@ class DenoisingStage(IterativeStage):
 
     def step(self, batch: ForwardBatch, index: int) -> ForwardBatch:
         t = batch.timestep(index)
+        batch.policy_state.step = index
         return self._apply(batch, index, t, self.predict(batch, t))
 
     def _apply(self, batch: ForwardBatch, index: int, t: torch.Tensor, noise_pred: torch.Tensor) -> ForwardBatch:
@@ -249,6 +253,8 @@ class DenoisingStage(IterativeStage):
         rows; each request's guidance and scheduler step as in ``step``. Returns each request's
         batch, or the error that request alone met (e.g. NaN latents)."""
         ts = [b.timestep(i) for b, i in zip(batches, indices)]
+        for batch, i in zip(batches, indices):
+            batch.policy_state.step = i
         index = self.expert_index(ts[0])
         expert = self.experts[index]
         with expert.transformer.use() as model:

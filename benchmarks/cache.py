@@ -1,0 +1,103 @@
+"""Feature caching on the shipped model: for each policy and threshold, the denoising stage's
+speed-up against the uncached run of the same request in the same process, and the quality cost:
+PSNR and SSIM of the video against the uncached video of the same seed (frames in [0, 1]).
+
+    python benchmarks/cache.py [--model DIR] [--steps 40,20] [--prompts 3] [--caches SPEC,SPEC,...]
+
+Each cached request runs right after its uncached twin (same prompt, seed and size), so the
+speed-up compares neighbours; figures are means over the prompts. The last lines name the
+fastest setting at PSNR >= 30 dB and at PSNR >= 35 dB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_description, write_result  # noqa: E402
+
+from vidloom.default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING  # noqa: E402
+
+PROMPTS = ["a red circle moving right", "a blue square moving left", "a green triangle moving up",
+           "a yellow circle moving down", "a purple square moving right"]
+CACHES = ["block:F1B0:0.05", "block:F1B0:0.1", "block:F1B0:0.2", "block:F1B1:0.1", "block:F1B1:0.2",
+          "block:F1B1:0.4", "block:F2B1:0.2", "cfg-gate:0.5", "cfg-gate:0.3", "block:F1B1:0.2+cfg-gate:0.5"]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM over frames of the luma, 11x11 Gaussian window (sigma 1.5), constants for range 1."""
+    def luma(x):
+        t = torch.as_tensor(x, dtype=torch.float64)  # (T, H, W, 3)
+        return (t @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64))[:, None]  # (T, 1, H, W)
+
+    x, y = luma(a), luma(b)
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+    blur = lambda t: F.conv2d(F.pad(t, (5, 5, 5, 5), mode="reflect"), w)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--steps", default="40,20")
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--caches", default=",".join(CACHES))
+    args = parser.parse_args()
+
+    from vidloom import VideoGenerator
+
+    folder = args.model or DEFAULT_MODEL_DIR
+    gen = VideoGenerator.from_pretrained(folder, dtype="fp32")
+    print(f"machine: {machine_description()}")
+    print(f"model: {folder}; {DEFAULT_MODEL_SAMPLING['width']}x{DEFAULT_MODEL_SAMPLING['height']}, "
+          f"{DEFAULT_MODEL_SAMPLING['num_frames']} frames, fp32, {args.prompts} prompts")
+    print(f"{'steps':>5} {'cache':32} {'speed-up':>8} {'PSNR dB':>8} {'SSIM':>6} {'skipped':>8} {'est.':>7}")
+    rows = []
+    gen.generate(PROMPTS[0], **dict(DEFAULT_MODEL_SAMPLING, num_inference_steps=2))  # warm-up
+    for steps in (int(s) for s in args.steps.split(",")):
+        sampling = dict(DEFAULT_MODEL_SAMPLING, num_inference_steps=steps)
+        for cache in args.caches.split(","):
+            speed, psnrs, ssims, skipped, est = [], [], [], [], []
+            for i, prompt in enumerate(PROMPTS[:args.prompts]):
+                plain = gen.generate(prompt, seed=i, **sampling)
+                cached = gen.generate(prompt, seed=i, cache=cache, **sampling)
+                speed.append(plain.timings["denoising"] / cached.timings["denoising"])
+                psnrs.append(min(psnr(cached.frames, plain.frames), 99.0))
+                ssims.append(ssim(cached.frames, plain.frames))
+                r = cached.cache
+                blocks = r.get("blocks_computed", 0) + r.get("blocks_skipped", 0)
+                skipped.append(r.get("blocks_skipped", 0) / blocks if blocks else
+                               r.get("uncond_skipped", 0) / max(r.get("forwards", 0) + r.get("uncond_skipped", 0), 1))
+                est.append(r.get("estimated_change", 0.0))
+            row = dict(steps=steps, cache=cache, speedup=float(np.mean(speed)), psnr=float(np.mean(psnrs)),
+                       ssim=float(np.mean(ssims)), skipped=float(np.mean(skipped)), estimate=float(np.mean(est)))
+            rows.append(row)
+            print(f"{steps:>5} {cache:32} {row['speedup']:>7.2f}x {row['psnr']:>8.1f} {row['ssim']:>6.3f} "
+                  f"{row['skipped']:>7.0%} {row['estimate']:>7.2f}", flush=True)
+    for floor in (30.0, 35.0):
+        for steps in sorted({r["steps"] for r in rows}, reverse=True):
+            ok = [r for r in rows if r["steps"] == steps and r["psnr"] >= floor]
+            best = max(ok, key=lambda r: r["speedup"], default=None)
+            text = "none" if best is None else f"{best['cache']}: {best['speedup']:.2f}x at {best['psnr']:.1f} dB"
+            print(f"fastest at PSNR >= {floor:g} dB, {steps} steps: {text}")
+    write_result("cache", dict(machine=machine_description(), model=str(folder), rows=rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""``CachingCall``: the denoising stage's model call with each request's feature cache.
+
+A request without ``cache`` goes to the inner call untouched (and may share forwards with other
+such requests). A request with one never shares a forward (its skips are its own); its policies
+run on its rows, with their memory in the request's ``PolicyState`` keyed by expert and CFG
+branch, so interleaved or batched requests, both CFG branches and both experts of a Wan2.2 model
+never see each other's state. What was computed and skipped is added to ``PolicyState.report``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..models.attention import sequence_parallel
+from ..pipelines.batch import PolicyState
+from ..pipelines.stages.model_call import COND, UNCOND, Rows, split_rows
+from .spec import BlockCache, CacheSpec, parse_cache
+
+
+def _kv_rows(context_kv: list, rows: slice) -> list:
+    return [kv.rows(rows) for kv in context_kv]
+
+
+def _add(report: dict, **counts) -> None:
+    for name, value in counts.items():
+        report[name] = report.get(name, 0) + value
+
+
+class CachingCall:
+    """Wraps the stage's ``PlainCall`` (``inner``); ``sequence``: its sequence-parallel object,
+    under which composed forwards run too."""
+
+    def __init__(self, inner, sequence=None):
+        self.inner = inner
+        self.sequence = sequence
+
+    def batch_key(self, batch, expert):
+        if parse_cache(batch.params.cache) is not None:
+            return None  # a cached request's steps are its own: never shared with another's
+        return self.inner.batch_key(batch, expert)
+
+    def __call__(self, model, x, t, context_kv, rows: Rows):
+        owner = rows.owners[0]
+        spec = parse_cache(owner.params.cache) if owner is not None and owner.params is not None else None
+        if spec is None:
+            return self.inner(model, x, t, context_kv, rows)
+        gate = spec.cfg_gate
+        if gate is not None and owner.step >= math.ceil(gate.after * owner.num_steps):
+            gated = self._gated(model, x, t, context_kv, rows, spec, owner)
+            if gated is not None:
+                return gated
+        out = self._computed(model, x, t, context_kv, rows, spec, owner)
+        if gate is not None:
+            self._remember_difference(out, rows, owner)
+        return out
+
+    # --- CFG gating -----------------------------------------------------------------------------
+    def _remember_difference(self, out: torch.Tensor, rows: Rows, owner: PolicyState) -> None:
+        """After a computed forward: the conditional output of this step, and once both branches
+        of a step are known, their difference (what a gated step reuses)."""
+        parts = dict(zip(rows.branches, split_rows(out, rows)))
+        values = owner.values
+        if COND in parts:
+            values[("cfg-gate", "cond", rows.expert)] = (owner.step, parts[COND])
+        if UNCOND in parts:
+            step, cond = values.get(("cfg-gate", "cond", rows.expert), (None, None))
+            if step == owner.step:
+                values[("cfg-gate", "diff", rows.expert)] = cond - parts[UNCOND]
+
+    def _gated(self, model, x, t, context_kv, rows: Rows, spec: CacheSpec, owner: PolicyState):
+        """This forward with the unconditional rows not computed (None: it cannot be gated: no
+        difference yet, or the conditional output of this step is on another process)."""
+        diff = owner.values.get(("cfg-gate", "diff", rows.expert))
+        if diff is None or UNCOND not in rows.branches:
+            return None
+        if rows.branches == (UNCOND,):  # split CFG: the conditional rows ran just before
+            step, cond = owner.values.get(("cfg-gate", "cond", rows.expert), (None, None))
+            if step != owner.step:
+                return None
+            _add(owner.report, uncond_skipped=1)
+            return cond - diff
+        n = rows.sizes[0]  # batched CFG: [cond; uncond], as many rows each
+        cond_rows = Rows(rows.owners[:1], (COND,), rows.sizes[:1], rows.expert)
+        cond = self._computed(model, x[:n], t[:n], _kv_rows(context_kv, slice(0, n)), cond_rows, spec, owner)
+        owner.values[("cfg-gate", "cond", rows.expert)] = (owner.step, cond)
+        _add(owner.report, uncond_skipped=1)
+        return torch.cat([cond, cond - diff])
+
+    # --- the feature cache ----------------------------------------------------------------------
+    def _computed(self, model, x, t, context_kv, rows: Rows, spec: CacheSpec, owner: PolicyState):
+        _add(owner.report, forwards=len(rows.branches))
+        if spec.blocks is None:
+            return self.inner(model, x, t, context_kv, rows)
+        with sequence_parallel(self.sequence):
+            return block_cached_forward(model, x, t, context_kv, rows, spec.blocks, owner)
+
+
+def block_cached_forward(model, x, t, context_kv, rows: Rows, policy: BlockCache, owner: PolicyState):
+    """The DiT forward with the middle blocks of each row block (a CFG branch) skipped while its
+    first blocks' output has changed, since the middle last ran, by less than the threshold
+    (relative L1, accumulated step over step); the first and last steps always run them."""
+    tokens = model.embed(x, t)
+    blocks, kv = list(model.blocks), list(context_kv)
+    first, stop = policy.first, len(blocks) - policy.last
+    h = run_blocks(blocks[:first], tokens, kv[:first], tokens.x)
+    forced = owner.step == 0 or owner.step >= owner.num_steps - 1
+    spans, computing, start = [], [], 0
+    for branch, size in zip(rows.branches, rows.sizes):
+        span, key = slice(start, start + size), ("block", rows.expert, branch)
+        state = owner.values.get(key)
+        change = 0.0 if state is None else state["change"] + _relative_l1(h[span], state["first"])
+        spans.append((span, key, state, change))
+        computing.append(forced or state is None or change >= policy.threshold)
+        start += size
+    if len(spans) > 2:
+        raise ValueError("block cache: a cached forward holds one request's rows (one or two CFG branches)")
+    mid = h.clone() if not all(computing) else None
+    if any(computing):  # the middle blocks once, over the rows of every branch that computes
+        chosen = [span for (span, *_), c in zip(spans, computing) if c]
+        # a forward has one or two row blocks (a request's CFG branches): the chosen ones are adjacent
+        rows_of = slice(chosen[0].start, chosen[-1].stop)
+        ran = run_blocks(blocks[first:stop], tokens, [k.rows(rows_of) for k in kv[first:stop]], h[rows_of], rows_of)
+        if mid is None:
+            mid = ran
+        else:
+            mid[rows_of] = ran
+    for (span, key, state, change), computed in zip(spans, computing):
+        if computed:
+            owner.values[key] = {"first": h[span], "residual": mid[span] - h[span], "change": 0.0}
+            _add(owner.report, blocks_computed=stop - first)
+        else:
+            mid[span] = h[span] + state["residual"]
+            owner.values[key] = dict(state, first=h[span], change=change)
+            _add(owner.report, blocks_skipped=stop - first, estimated_change=change)
+    out = run_blocks(blocks[stop:], tokens, kv[stop:], mid)
+    _add(owner.report, blocks_computed=(len(blocks) - (stop - first)) * len(spans))  # first and last, every branch
+    return model.head(out, tokens)
+
+
+def run_blocks(blocks: list, tokens, context_kv: list, x: torch.Tensor, rows_of: slice | None = None):
+    """``blocks`` in order over ``x`` (the rows ``rows_of`` of the forward, with their modulation)."""
+    modulation = tokens.modulation if rows_of is None else tokens.modulation[rows_of]
+    for block, kv in zip(blocks, context_kv):
+        x = block(x, kv, modulation, tokens.positions, tokens.runs)
+    return x
+
+
+def _relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
+    return float((now.float() - before.float()).abs().mean() / before.float().abs().mean().clamp_min(1e-12))
