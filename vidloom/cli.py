@@ -104,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
         "pass at full size (see RefineParams)"), RefineParams, dest_prefix="r_", flag_prefix="refine-")
     _add_dataclass_flags(gen.add_argument_group("engine"), EngineConfig, dest_prefix="e_")
 
+    cal = sub.add_parser("calibrate-cache", help="fit TeaCache and MagCache to a model folder (writes "
+                         "vidloom_cache.json beside model_index.json)")
+    cal.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    cal.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                     help="one prompt a line (default: four built-in prompts)")
+    cal.add_argument("--steps", type=int, default=40, help="steps of the calibration runs (default 40)")
+    cal.add_argument("--height", type=int, default=None)
+    cal.add_argument("--width", type=int, default=None)
+    cal.add_argument("--num-frames", type=int, default=None)
+    cal.add_argument("--guidance-scale", type=float, default=None)
+    _add_dataclass_flags(cal.add_argument_group("engine"), EngineConfig, dest_prefix="e_")
+
     info = sub.add_parser("info", help="describe a model folder")
     info.add_argument("--model", type=Path, default=None, help="default: the shipped model")
 
@@ -336,6 +348,32 @@ def launch(nproc: int, argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def cmd_calibrate_cache(args: argparse.Namespace) -> int:
+    """Uncached runs of the prompts, the fitted calibration written into the folder, and the
+    speed-up each of a few thresholds would give on those runs."""
+    from .cache.calibrate import DEFAULT_PROMPTS, calibrate, predicted_speedups, write_calibration
+    from .cache.spec import MagCache, TeaCache
+    from .generator import VideoGenerator
+
+    folder = args.model or DEFAULT_MODEL_DIR
+    prompts = read_prompts_file(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+    if not 2 <= args.steps <= 1000:
+        raise ValueError(f"--steps: got {args.steps} (allowed: 2..1000)")
+    sampling = {k: v for k, v in sampling_defaults(folder).items() if k != "num_inference_steps"}
+    given = dict(height=args.height, width=args.width, num_frames=args.num_frames, guidance_scale=args.guidance_scale)
+    sampling.update({k: v for k, v in given.items() if v is not None})
+    generator = VideoGenerator.from_pretrained(folder, config=EngineConfig.from_options(**_collect(args, "e_")))
+    start = time.perf_counter()
+    calibration, records = calibrate(generator, prompts, args.steps, **sampling)
+    path = write_calibration(folder, calibration)
+    print(f"calibrated {folder} on {len(prompts)} prompts x {args.steps} steps in "
+          f"{time.perf_counter() - start:.1f} s; wrote {path}")
+    specs = [TeaCache(t) for t in (0.05, 0.1, 0.2, 0.4)] + [MagCache(t) for t in (0.05, 0.1, 0.2)]
+    for text, speedup in predicted_speedups(records, calibration, specs).items():
+        print(f"  --cache {text:24} predicted {speedup:.2f}x fewer block evaluations at {args.steps} steps")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .loader.components import read_model_index
     from .pipelines import pipeline_class
@@ -368,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        return {"generate": cmd_generate, "info": cmd_info, "serve": cmd_serve}[args.command](args)
+        commands = {"generate": cmd_generate, "info": cmd_info, "serve": cmd_serve,
+                    "calibrate-cache": cmd_calibrate_cache}
+        return commands[args.command](args)
     except (VidloomError, ValueError) as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2

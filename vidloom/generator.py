@@ -193,7 +193,7 @@ class VideoGenerator:
             refine_device = lambda name: residency.load_device(f"refine.{name}")  # noqa: E731
             residency.add(load_components(plan.refine.plans, config, refine_device), "refine.")
         pipeline = plan.pipeline(residency, config, plan.limits, plan.variant, parallel,
-                                 refine=plan.refine.variant if plan.refine else None)
+                                 refine=plan.refine.variant if plan.refine else None, calibration=plan.calibration)
         return cls(pipeline, config, Path(path), parallel)
 
     @staticmethod

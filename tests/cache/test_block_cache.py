@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vidloom import InvalidRequestError, VideoGenerator
-from vidloom.cache.spec import BlockCache, CacheSpec, CfgGate, parse_cache
+from vidloom.cache.spec import BlockCache, CacheSpec, CfgGate, MagCache, TeaCache, parse_cache
 
 SIZE = dict(height=32, width=48, num_frames=5)
 KW = dict(seed=4, num_inference_steps=6, guidance_scale=4.0, **SIZE)
@@ -46,6 +46,8 @@ def frames(out):
     ("block:0.1", CacheSpec(blocks=BlockCache(1, 0, 0.1))),
     ("Block:F2B1:0+cfg-gate:0.25", CacheSpec(blocks=BlockCache(2, 1, 0.0), cfg_gate=CfgGate(0.25))),
     ("cfg-gate:1", CacheSpec(cfg_gate=CfgGate(1.0))),
+    ("teacache:0.2+cfg-gate:0.5", CacheSpec(blocks=TeaCache(0.2), cfg_gate=CfgGate(0.5))),
+    ("magcache:0.1", CacheSpec(blocks=MagCache(0.1, 2, 0.2))), ("magcache:0.3:K4:R0.1", CacheSpec(blocks=MagCache(0.3, 4, 0.1))),
     ("none", None), ("", None),
 ])
 def test_the_cache_field_parses(text, spec):
@@ -55,7 +57,9 @@ def test_the_cache_field_parses(text, spec):
 @pytest.mark.parametrize("value, message", [
     ("teacup:0.1", "unknown policy"), ("block:F0B0:0.1", "at least one first block"), ("block:FxB0:0.1", "F<n>B<m>"),
     ("block:F1B0:-1", "outside"), ("block:F1B0:nan", "outside"), ("cfg-gate:1.5", "outside"),
-    ("block:0.1+block:0.2", "given twice"), ("x" * 300, "characters"), (3, "got int"),
+    ("block:0.1+block:0.2", "one block-skipping policy"), ("teacache:0.1+magcache:0.1", "one block-skipping"),
+    ("cfg-gate:0.5+cfg-gate:0.2", "given twice"), ("magcache:0.1:Q3", "K<n> or R"), ("teacache", "one threshold"),
+    ("x" * 300, "characters"), (3, "got int"),
 ])
 def test_a_bad_cache_names_the_field(value, message):
     with pytest.raises(InvalidRequestError, match=message) as info:

@@ -7,6 +7,6 @@ policy's state in the request's ``PolicyState`` (per expert and CFG branch, gone
 request) and counts what was computed and skipped (``CacheReport``). The policies compose the
 DiT's ``embed`` / ``run_blocks`` / ``head``; the model file knows nothing of them."""
 
-from .spec import BlockCache, CacheSpec, CfgGate, parse_cache
+from .spec import BlockCache, CacheSpec, CfgGate, MagCache, TeaCache, parse_cache
 
-__all__ = ["BlockCache", "CacheSpec", "CfgGate", "parse_cache"]
+__all__ = ["BlockCache", "CacheSpec", "CfgGate", "MagCache", "TeaCache", "parse_cache"]

@@ -16,7 +16,8 @@ import torch
 from ..models.attention import sequence_parallel
 from ..pipelines.batch import PolicyState
 from ..pipelines.stages.model_call import COND, UNCOND, Rows, split_rows
-from .spec import BlockCache, CacheSpec, parse_cache
+from .policies import policy_for
+from .spec import CacheSpec, parse_cache
 
 
 def _kv_rows(context_kv: list, rows: slice) -> list:
@@ -32,9 +33,12 @@ class CachingCall:
     """Wraps the stage's ``PlainCall`` (``inner``); ``sequence``: its sequence-parallel object,
     under which composed forwards run too."""
 
-    def __init__(self, inner, sequence=None):
+    def __init__(self, inner, sequence=None, calibration=None):
+        """``calibration``: the folder's ``cache.calibrate.Calibration`` (TeaCache's polynomial,
+        MagCache's ratios), or None."""
         self.inner = inner
         self.sequence = sequence
+        self.calibration = calibration
 
     def batch_key(self, batch, expert):
         if parse_cache(batch.params.cache) is not None:
@@ -94,31 +98,32 @@ class CachingCall:
         if spec.blocks is None:
             return self.inner(model, x, t, context_kv, rows)
         with sequence_parallel(self.sequence):
-            return block_cached_forward(model, x, t, context_kv, rows, spec.blocks, owner)
+            return skipping_forward(model, x, t, context_kv, rows, owner, policy_for(spec.blocks, self.calibration))
 
 
-def block_cached_forward(model, x, t, context_kv, rows: Rows, policy: BlockCache, owner: PolicyState):
-    """The DiT forward with the middle blocks of each row block (a CFG branch) skipped while its
-    first blocks' output has changed, since the middle last ran, by less than the threshold
-    (relative L1, accumulated step over step); the first and last steps always run them."""
+def skipping_forward(model, x, t, context_kv, rows: Rows, owner: PolicyState, policy) -> torch.Tensor:
+    """The DiT forward with blocks ``policy.span(n)`` of each row block (a CFG branch) skipped
+    where ``policy.decide`` says so, their residual (output minus input) reused from the last
+    step that ran them. The first and last steps of a phase, and an expert's first step, always
+    run them. The blocks before and after the span always run."""
     tokens = model.embed(x, t)
     blocks, kv = list(model.blocks), list(context_kv)
-    first, stop = policy.first, len(blocks) - policy.last
+    first, stop = policy.span(len(blocks))
     h = run_blocks(blocks[:first], tokens, kv[:first], tokens.x)
     forced = owner.step == 0 or owner.step >= owner.num_steps - 1
     spans, computing, start = [], [], 0
     for branch, size in zip(rows.branches, rows.sizes):
-        span, key = slice(start, start + size), ("block", rows.expert, branch)
-        state = owner.values.get(key)
-        change = 0.0 if state is None else state["change"] + _relative_l1(h[span], state["first"])
-        spans.append((span, key, state, change))
-        computing.append(forced or state is None or change >= policy.threshold)
+        span, key = slice(start, start + size), (policy.name, rows.expert, branch)
+        state = owner.values.setdefault(key, {"expert": rows.expert, "curve": f"{rows.expert}/{branch}"})
+        skip = policy.decide(state, model, tokens, h, span, owner) and "residual" in state and not forced
+        spans.append((span, state))
+        computing.append(not skip)
         start += size
     if len(spans) > 2:
-        raise ValueError("block cache: a cached forward holds one request's rows (one or two CFG branches)")
+        raise ValueError("feature cache: a cached forward holds one request's rows (one or two CFG branches)")
     mid = h.clone() if not all(computing) else None
-    if any(computing):  # the middle blocks once, over the rows of every branch that computes
-        chosen = [span for (span, *_), c in zip(spans, computing) if c]
+    if any(computing):  # the skippable blocks once, over the rows of every branch that computes
+        chosen = [span for (span, _), c in zip(spans, computing) if c]
         # a forward has one or two row blocks (a request's CFG branches): the chosen ones are adjacent
         rows_of = slice(chosen[0].start, chosen[-1].stop)
         ran = run_blocks(blocks[first:stop], tokens, [k.rows(rows_of) for k in kv[first:stop]], h[rows_of], rows_of)
@@ -126,16 +131,17 @@ def block_cached_forward(model, x, t, context_kv, rows: Rows, policy: BlockCache
             mid = ran
         else:
             mid[rows_of] = ran
-    for (span, key, state, change), computed in zip(spans, computing):
+    for (span, state), computed in zip(spans, computing):
         if computed:
-            owner.values[key] = {"first": h[span], "residual": mid[span] - h[span], "change": 0.0}
+            residual = mid[span] - h[span]
+            policy.computed(state, residual)
+            state["residual"] = residual
             _add(owner.report, blocks_computed=stop - first)
         else:
             mid[span] = h[span] + state["residual"]
-            owner.values[key] = dict(state, first=h[span], change=change)
-            _add(owner.report, blocks_skipped=stop - first, estimated_change=change)
+            _add(owner.report, blocks_skipped=stop - first, estimated_change=policy.estimate(state))
     out = run_blocks(blocks[stop:], tokens, kv[stop:], mid)
-    _add(owner.report, blocks_computed=(len(blocks) - (stop - first)) * len(spans))  # first and last, every branch
+    _add(owner.report, blocks_computed=(len(blocks) - (stop - first)) * len(spans))  # the always-run ones
     return model.head(out, tokens)
 
 
@@ -145,7 +151,3 @@ def run_blocks(blocks: list, tokens, context_kv: list, x: torch.Tensor, rows_of:
     for block, kv in zip(blocks, context_kv):
         x = block(x, kv, modulation, tokens.positions, tokens.runs)
     return x
-
-
-def _relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
-    return float((now.float() - before.float()).abs().mean() / before.float().abs().mean().clamp_min(1e-12))

@@ -10,6 +10,13 @@ Grammar: policies joined by ``+``, each ``name:arg[:arg]``:
 - ``cfg-gate:<fraction>``: after that fraction of the steps the unconditional branch is not
   computed; guidance reuses its last computed difference to the conditional branch.
 
+- ``teacache:<threshold>``: all blocks skipped while the first block's timestep-modulated input
+  has changed, rescaled by the folder's calibrated polynomial and accumulated, by less than the
+  threshold (``vidloom calibrate-cache`` writes the polynomial).
+- ``magcache:<threshold>[:K<k>][:R<r>]``: all blocks skipped while the calibrated drift of the
+  residual's magnitude, accumulated, stays under the threshold, at most k steps in a row
+  (default 2), never in the first r of the steps (default 0.2).
+
 At most one block-skipping policy; ``cfg-gate`` combines with it. A threshold of 0 reproduces the
 uncached output exactly."""
 
@@ -21,7 +28,8 @@ from dataclasses import dataclass
 from ..errors import InvalidRequestError
 
 MAX_SPEC_CHARS = 200
-ALLOWED = ("block:F<n>B<m>:<threshold> (e.g. block:F1B0:0.08), cfg-gate:<fraction in [0, 1]> (e.g. cfg-gate:0.5), "
+ALLOWED = ("block:F<n>B<m>:<threshold> (e.g. block:F1B0:0.08), teacache:<threshold>, "
+           "magcache:<threshold>[:K<max skips>][:R<retention>], cfg-gate:<fraction in [0, 1]> (e.g. cfg-gate:0.5), "
            "joined by '+'")
 MAX_THRESHOLD = 10.0
 
@@ -40,6 +48,24 @@ class BlockCache:
 
 
 @dataclass(frozen=True)
+class TeaCache:
+    threshold: float = 0.1
+
+    def text(self) -> str:
+        return f"teacache:{self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class MagCache:
+    threshold: float = 0.1
+    max_skips: int = 2
+    retention: float = 0.2
+
+    def text(self) -> str:
+        return f"magcache:{self.threshold:g}:K{self.max_skips}:R{self.retention:g}"
+
+
+@dataclass(frozen=True)
 class CfgGate:
     """From step ``ceil(after x steps)`` on, the unconditional branch is skipped."""
 
@@ -51,9 +77,10 @@ class CfgGate:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """A request's policies: at most one block-skipping policy (``blocks``) and an optional CFG gate."""
+    """A request's policies: at most one block-skipping policy (``blocks``: a block cache,
+    TeaCache or MagCache) and an optional CFG gate."""
 
-    blocks: BlockCache | None = None
+    blocks: BlockCache | TeaCache | MagCache | None = None
     cfg_gate: CfgGate | None = None
 
     def text(self) -> str:
@@ -62,7 +89,7 @@ class CacheSpec:
     def check_fits(self, num_layers: int | None) -> None:
         """The block counts must leave middle blocks to skip in a transformer of ``num_layers``."""
         b = self.blocks
-        if b is not None and num_layers is not None and b.first + b.last >= num_layers:
+        if isinstance(b, BlockCache) and num_layers is not None and b.first + b.last >= num_layers:
             raise InvalidRequestError("cache", f"{b.text()} always runs {b.first + b.last} blocks, and this "
                                       f"transformer has {num_layers}", f"F + B below {num_layers}")
 
@@ -92,6 +119,20 @@ def _block(args: list[str]) -> BlockCache:
     return BlockCache(first, last, _number(args[1], "block threshold", 0, MAX_THRESHOLD))
 
 
+def _magcache(args: list[str]) -> MagCache:
+    if not args:
+        raise InvalidRequestError("cache", "magcache takes a threshold, e.g. magcache:0.1:K2:R0.2", ALLOWED)
+    fields = {"threshold": _number(args[0], "magcache threshold", 0, MAX_THRESHOLD)}
+    for arg in args[1:]:
+        if arg[:1] == "k" and arg[1:].isdigit() and "max_skips" not in fields:
+            fields["max_skips"] = min(int(arg[1:]), 1000)
+        elif arg[:1] == "r" and "retention" not in fields:
+            fields["retention"] = _number(arg[1:], "magcache retention", 0, 1)
+        else:
+            raise InvalidRequestError("cache", f"magcache option {arg[:20]!r} is not K<n> or R<fraction>", ALLOWED)
+    return MagCache(**fields)
+
+
 def parse_cache(value) -> CacheSpec | None:
     """``SamplingParams.cache`` -> a CacheSpec (None or "" or "none": no cache); InvalidRequestError
     naming ``cache`` for anything else."""
@@ -107,10 +148,19 @@ def parse_cache(value) -> CacheSpec | None:
     parts: dict[str, object] = {}
     for item in text.split("+"):
         name, *args = item.strip().split(":")
-        if name in parts or (name == "block" and "blocks" in parts):
+        if name in ("block", "teacache", "magcache") and "blocks" in parts:
+            raise InvalidRequestError("cache", f"{name}: one block-skipping policy at a time "
+                                      f"({parts['blocks'].text()} is given)", ALLOWED)
+        if name.replace("-", "_") in parts:
             raise InvalidRequestError("cache", f"{name} given twice", ALLOWED)
         if name == "block":
             parts["blocks"] = _block(args)
+        elif name == "teacache":
+            if len(args) != 1:
+                raise InvalidRequestError("cache", "teacache takes one threshold, e.g. teacache:0.1", ALLOWED)
+            parts["blocks"] = TeaCache(_number(args[0], "teacache threshold", 0, MAX_THRESHOLD))
+        elif name == "magcache":
+            parts["blocks"] = _magcache(args)
         elif name == "cfg-gate":
             if len(args) != 1:
                 raise InvalidRequestError("cache", "cfg-gate takes one fraction, e.g. cfg-gate:0.5", ALLOWED)

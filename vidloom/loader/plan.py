@@ -64,6 +64,7 @@ class FolderPlan:
     plans: dict[str, ComponentPlan]
     limits: RequestLimits
     refine: RefinePlan | None = None
+    calibration: Any = None  # the folder's feature-cache calibration (``cache.calibrate``), or None
 
     def transformer_heads(self) -> list[int]:
         """The attention heads of every transformer the plan loads (for the parallel layout check)."""
@@ -136,7 +137,10 @@ def _plan_one(path: Path, config: EngineConfig) -> FolderPlan:
     plans = {name: plan_component(path, name, spec) for name, spec in specs.items()}
     configs = {name: plan.config for name, plan in plans.items()}
     variant = variant.fit(configs, config, str(index_file))
-    return FolderPlan(path, pipe_cls, variant, plans, variant.request_limits(configs, config))
+    from ..cache.calibrate import read_calibration
+
+    return FolderPlan(path, pipe_cls, variant, plans, variant.request_limits(configs, config),
+                      calibration=read_calibration(path))
 
 
 def load_components(plans: dict[str, ComponentPlan], config: EngineConfig,

@@ -347,16 +347,24 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, config.ffn_dim)
         self.scale_shift_table = _modulation_table(6, dim)
 
+    def modulation(self, modulation: torch.Tensor) -> list[torch.Tensor]:
+        """Six (B, U, dim) fp32 vectors: shift/scale/gate for attention, then for the feed-forward
+        (U = 1: one timestep for all tokens; see TimestepRuns)."""
+        return list((self.scale_shift_table.unsqueeze(0) + modulation.float()).unbind(2))  # of (B, U, 6, dim)
+
+    def attention_input(self, x: torch.Tensor, modulation: torch.Tensor, runs: TimestepRuns = TimestepRuns()):
+        """The timestep-modulated input of the self-attention: norm(x) * (1 + scale) + shift, in
+        float32, cast to ``x``'s dtype."""
+        shift_a, scale_a = self.modulation(modulation)[:2]
+        return runs.modulate(layer_norm_fp32(x, self.eps), shift_a, scale_a).to(x.dtype)
+
     def forward(self, x: torch.Tensor, context_kv, modulation: torch.Tensor, positions: Positions,
                 runs: TimestepRuns = TimestepRuns()) -> torch.Tensor:
-        # six (B, U, dim) fp32 vectors: shift/scale/gate for attention, then for the feed-forward
-        # (U = 1: one timestep for all tokens; see TimestepRuns)
-        mod = self.scale_shift_table.unsqueeze(0) + modulation.float()  # (B, U, 6, dim)
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(2)
+        _, _, gate_a, shift_f, scale_f, gate_f = self.modulation(modulation)
         dtype = x.dtype
 
-        # modulate(x) = norm(x) * (1 + scale) + shift, in float32; residuals also added in float32
-        h = runs.modulate(layer_norm_fp32(x, self.eps), shift_a, scale_a).to(dtype)
+        # residuals are added in float32
+        h = self.attention_input(x, modulation, runs)
         x = runs.gate(x.float(), self.attn1(h, positions), gate_a).to(dtype)
 
         if self.norm2 is None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..cache.call import CachingCall
-from ..cache.spec import parse_cache
+from ..cache.policies import policy_for
+from ..cache.spec import BlockCache, parse_cache
 from ..config import EngineConfig, RequestLimits
 from ..errors import InvalidRequestError
 from ..memory.residency import Residency
@@ -35,12 +36,13 @@ class WanT2VPipeline(ComposedPipeline):
     check_refine = staticmethod(check_refine_fits)
 
     def __init__(self, residency: Residency, config: EngineConfig, limits: RequestLimits, variant: WanVariant,
-                 parallel=None, refine: WanVariant | None = None):
+                 parallel=None, refine: WanVariant | None = None, calibration=None):
         """``residency``: the policy holding the loaded components (a refine folder's under
         "refine."), the stages get handles to them; ``limits``: what a request may ask
         (``loader.plan``, before loading); ``variant``: the folder's, completed by the plan;
         ``refine``: the variant of a second model folder whose transformers and scheduler run the
-        refine pass (None: this folder's run it)."""
+        refine pass (None: this folder's run it); ``calibration``: the folder's feature-cache
+        calibration (``cache.calibrate``; None: TeaCache and MagCache are refused)."""
         components = residency.parts()
         dit, vae = first_transformer(components), components["vae"]
         device = config.torch_device
@@ -49,8 +51,8 @@ class WanT2VPipeline(ComposedPipeline):
         model_input = variant.model_input(dit.config.patch_size)
         # the one model call both denoising passes run every forward through: each request's feature
         # cache (``SamplingParams.cache``) around the plain forward
-        call = CachingCall(PlainCall(sequence), sequence)
-        self.sequence = sequence
+        call = CachingCall(PlainCall(sequence), sequence, calibration)
+        self.sequence, self.calibration = sequence, calibration
         self.denoising = DenoisingStage(variant.experts(components), components["scheduler"], config.batch_cfg,
                                         config.check_finite, cfg=cfg, model_input=model_input, call=call)
         # two-stage generation: the refine pass, a second denoising stage with its own schedule
@@ -87,6 +89,20 @@ class WanT2VPipeline(ComposedPipeline):
         """Every component, by name (a refine folder's under "refine."), as the residency holds it now."""
         return self.residency.components()
 
+    def _check_block_skipping(self, policy) -> None:
+        """A block-skipping cache runs here: one process per video, and TeaCache / MagCache only
+        with a calibration that covers every expert."""
+        if self.sequence is not None:
+            raise InvalidRequestError("cache", f"{policy.text()} does not run under sequence parallelism yet",
+                                      "cfg-gate alone, or sp_size 1")
+        policy_for(policy, self.calibration)  # uncalibrated TeaCache / MagCache: the error says how to calibrate
+        if self.calibration is not None and not isinstance(policy, BlockCache):
+            experts = [e.transformer.name for e in self.denoising.experts]
+            missing = self.calibration.covers(experts)
+            if missing is not None:
+                raise InvalidRequestError("cache", f"the folder's calibration lacks {missing}",
+                                          "run `vidloom calibrate-cache --model DIR` again")
+
     @staticmethod
     def conditioning_stages(components: dict, config: EngineConfig, dit_dtype, variant: WanVariant) -> list:
         """Stages between text encoding and the timesteps that build ``batch.conditioning``:
@@ -104,9 +120,8 @@ class WanT2VPipeline(ComposedPipeline):
     def validate_request(self, params) -> None:
         self.input_validation.check(params)
         spec = parse_cache(params.cache)
-        if spec is not None and spec.blocks is not None and self.sequence is not None:
-            raise InvalidRequestError("cache", "the block cache does not run under sequence parallelism yet",
-                                      "cfg-gate alone, or sp_size 1")
+        if spec is not None and spec.blocks is not None:
+            self._check_block_skipping(spec.blocks)
         scheduler = self.components["scheduler"]
         if not self.variant.high_noise:
             self.variant.check_schedule(scheduler.schedule(params.num_inference_steps, shift=params.flow_shift), 0,

@@ -1,0 +1,117 @@
+"""The block-skipping policies: each says which blocks it may skip (``span``) and, per request,
+CFG branch and expert, whether this step skips them (``decide``), keeping what it measures in
+``state`` (a dict the caller keeps in the request's ``PolicyState``).
+
+- ``BlockPolicy`` (``block:F<n>B<m>:<t>``): the first blocks' output change, accumulated.
+- ``TeaCachePolicy`` (``teacache:<t>``): the change of the first block's timestep-modulated input,
+  rescaled by the folder's calibrated polynomial, accumulated.
+- ``MagCachePolicy`` (``magcache:<t>[:K<k>][:R<r>]``): the calibrated ratio of successive steps'
+  residual magnitudes, its drift from 1 accumulated; at most k skips in a row; the first r of the
+  steps always computed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import InvalidRequestError
+from .spec import BlockCache, MagCache, TeaCache
+
+
+def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
+    return float((now.float() - before.float()).abs().mean() / before.float().abs().mean().clamp_min(1e-12))
+
+
+class BlockPolicy:
+    name = "block"
+
+    def __init__(self, spec: BlockCache):
+        self.spec = spec
+
+    def span(self, n: int) -> tuple[int, int]:
+        return self.spec.first, n - self.spec.last
+
+    def decide(self, state: dict, model, tokens, h, rows: slice, owner) -> bool:
+        first = h[rows]
+        if "first" in state:
+            state["change"] = state.get("change", 0.0) + relative_l1(first, state["first"])
+        state["first"] = first
+        return state.get("change", 0.0) < self.spec.threshold
+
+    def computed(self, state: dict, residual) -> None:
+        state["change"] = 0.0
+
+    def estimate(self, state: dict) -> float:
+        return state.get("change", 0.0)
+
+
+class TeaCachePolicy:
+    name = "teacache"
+
+    def __init__(self, spec: TeaCache, coefficients: dict[str, list[float]]):
+        self.spec = spec
+        self.coefficients = coefficients  # expert name -> polynomial, highest power first
+
+    def span(self, n: int) -> tuple[int, int]:
+        return 0, n
+
+    def decide(self, state: dict, model, tokens, h, rows: slice, owner) -> bool:
+        expert = state["expert"]
+        inp = model.blocks[0].attention_input(h[rows], tokens.modulation[rows], tokens.runs)
+        if "input" in state:
+            rescaled = float(np.polyval(self.coefficients[expert], relative_l1(inp, state["input"])))
+            state["distance"] = state.get("distance", 0.0) + max(rescaled, 0.0)
+        state["input"] = inp
+        return state.get("distance", 0.0) < self.spec.threshold
+
+    def computed(self, state: dict, residual) -> None:
+        state["distance"] = 0.0
+
+    def estimate(self, state: dict) -> float:
+        return state.get("distance", 0.0)
+
+
+class MagCachePolicy:
+    name = "magcache"
+
+    def __init__(self, spec: MagCache, ratios: dict[str, list[float]]):
+        self.spec = spec
+        self.ratios = ratios  # "expert/branch" -> the residual magnitude ratio at each calibrated step
+
+    def span(self, n: int) -> tuple[int, int]:
+        return 0, n
+
+    def ratio(self, curve: str, step: int, num_steps: int) -> float:
+        values = self.ratios[curve]
+        position = step / max(num_steps - 1, 1) * (len(values) - 1)  # the calibrated curve, resampled
+        return float(np.interp(position, np.arange(len(values)), values))
+
+    def decide(self, state: dict, model, tokens, h, rows: slice, owner) -> bool:
+        if owner.step < self.spec.retention * owner.num_steps:
+            return False
+        ratio = self.ratio(state["curve"], owner.step, owner.num_steps)
+        state["ratio"] = state.get("ratio", 1.0) * ratio
+        state["error"] = state.get("error", 0.0) + abs(1.0 - state["ratio"])
+        skip = state["error"] < self.spec.threshold and state.get("skips", 0) < self.spec.max_skips
+        if skip:
+            state["skips"] = state.get("skips", 0) + 1
+        return skip
+
+    def computed(self, state: dict, residual) -> None:
+        state.update(ratio=1.0, error=0.0, skips=0)
+
+    def estimate(self, state: dict) -> float:
+        return state.get("error", 0.0)
+
+
+def policy_for(spec, calibration):
+    """The policy object for a request's block-skipping spec, with the folder's calibration."""
+    if isinstance(spec, BlockCache):
+        return BlockPolicy(spec)
+    if calibration is None:
+        raise InvalidRequestError("cache", f"{spec.text()} needs this model folder calibrated",
+                                  "run `vidloom calibrate-cache --model DIR` once, or use block:... / cfg-gate:...")
+    if isinstance(spec, TeaCache):
+        return TeaCachePolicy(spec, calibration.teacache)
+    return MagCachePolicy(spec, calibration.magcache)
