@@ -45,7 +45,7 @@ class SlowGenerator:
         task.done += 1
         if task.done == task.units:
             task.state.value = "done"
-            task.result = SimpleNamespace(frames=np.zeros((5, 32, 48, 3), np.float32))
+            task.result = SimpleNamespace(frames=np.zeros((5, 32, 48, 3), np.float32), cache={})
 
     def step_many(self, tasks) -> list[int]:
         for task in tasks:

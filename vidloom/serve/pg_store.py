@@ -28,7 +28,10 @@ import re
 import time
 from urllib.parse import unquote
 
-from .store import _COLUMNS, COMPLETED, IN_PROGRESS, QUEUED, Job, JobStore, StoreUnavailable, _fetch, _job, schema
+from .store import (
+    _COLUMNS, ADDED_COLUMNS, COMPLETED, IN_PROGRESS, QUEUED, Job, JobStore, StoreUnavailable, _fetch, _job, _report_json,
+    schema,
+)
 
 SCHEMA = schema("BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")
 
@@ -61,6 +64,8 @@ class PostgresJobStore(JobStore):
             with psycopg.connect(dsn, **options) as db, db.transaction():
                 db.execute("SELECT pg_advisory_xact_lock(7345001)")
                 db.execute(SCHEMA)
+                for name, kind in ADDED_COLUMNS:  # a store an earlier version made
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {kind}")
         except psycopg.ProgrammingError as exc:  # the URL itself
             raise ValueError(f"not a valid PostgreSQL URL: {self._say(exc)}") from None
         except psycopg.Error as exc:
@@ -145,12 +150,13 @@ class PostgresJobStore(JobStore):
         row = self._run(work, again)
         return None if row is None else _job(row)
 
-    def complete(self, job_id: str, owner: str, output: str) -> bool:
-        sql = ("UPDATE jobs SET status = %s, output = %s, progress = 100, completed_at = %s "
+    def complete(self, job_id: str, owner: str, output: str, report: dict | None = None) -> bool:
+        sql = ("UPDATE jobs SET status = %s, output = %s, progress = 100, completed_at = %s, report = %s "
                "WHERE id = %s AND owner = %s AND status = %s")
 
         def work(conn):
-            return conn.execute(sql, [COMPLETED, output, time.time(), job_id, owner, IN_PROGRESS]).rowcount == 1
+            return conn.execute(sql, [COMPLETED, output, time.time(), _report_json(report), job_id, owner,
+                                      IN_PROGRESS]).rowcount == 1
 
         def again(conn):  # True too if the first try's update went through
             return work(conn) or conn.execute("SELECT 1 FROM jobs WHERE id = %s AND owner = %s AND status = %s AND "

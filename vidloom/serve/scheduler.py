@@ -332,10 +332,10 @@ class EngineLoop:
         if task.state.value != "done":
             self._fail(job, task.error or RuntimeError(f"task ended {task.state.value}"))
             return
-        frames = task.result.frames
-        self._settle(job, lambda: self._export_and_complete(job, frames))
+        frames, report = task.result.frames, task.result.cache
+        self._settle(job, lambda: self._export_and_complete(job, frames, report))
 
-    def _export_and_complete(self, job: Job, frames) -> None:
+    def _export_and_complete(self, job: Job, frames, report: dict | None = None) -> None:
         from ..io import save_video
 
         # the id is the server's own (no user input in a path); the attempt keeps the file of a
@@ -349,7 +349,7 @@ class EngineLoop:
                     raise DiskFull(f"the video cannot be written yet ({exc}); trying again") from exc
                 self._fail(job, exc)
                 return
-        if not self.store.complete(job.id, self.owner, str(path)):
+        if not self.store.complete(job.id, self.owner, str(path), report):
             path.unlink(missing_ok=True)  # deleted (or taken over) meanwhile: this file is nobody's
         elif self.metrics is not None:
             self.metrics.job_seconds.observe(time.time() - job.created_at)

@@ -56,12 +56,15 @@ def video_object(job: Job) -> dict[str, Any]:
     error = None
     if job.status == FAILED:
         error = {"code": job.error_code or "generation_failed", "message": job.error_message or ""}
-    return {
+    video = {
         "id": job.id, "object": "video", "model": job.model, "status": job.status, "progress": job.progress,
         "created_at": int(job.created_at), "completed_at": None if job.completed_at is None else int(job.completed_at),
         "expires_at": None, "error": error, "prompt": job.prompt, "seconds": job.seconds, "size": job.size,
         "remixed_from_video_id": None,
     }
+    if job.report:  # a request with a feature cache: what it computed and skipped (``VideoOutput.cache``)
+        video["cache"] = job.report
+    return video
 
 
 @dataclass

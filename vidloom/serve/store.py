@@ -63,7 +63,10 @@ COLUMNS_SQL = """
     attempts INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
     lease_until REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0"""
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    report TEXT"""
+# columns later versions added, for a store an earlier version made: (name, SQL type)
+ADDED_COLUMNS = (("report", "TEXT"),)
 
 
 def schema(seq: str, real: str = "REAL") -> str:
@@ -99,6 +102,7 @@ class Job:
     owner: str | None = None
     lease_until: float | None = None
     cancel_requested: bool = False
+    report: dict[str, float] | None = None  # what the request's feature cache did (``VideoOutput.cache``)
     seq: int | None = None
 
     def sampling(self) -> dict[str, Any]:
@@ -132,6 +136,7 @@ class JobStore:
         row = dataclasses.asdict(job)
         row.pop("seq")
         row["request"], row["inputs"] = json.dumps(job.request), json.dumps(job.inputs)
+        row["report"] = None if job.report is None else json.dumps(job.report)
         row["cancel_requested"] = int(job.cancel_requested)
         names = ", ".join(row)
         self._execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
@@ -178,11 +183,13 @@ class JobStore:
         self._execute("UPDATE jobs SET progress = ? WHERE id = ? AND owner = ? AND status = ?",
                       (progress, job_id, owner, IN_PROGRESS))
 
-    def complete(self, job_id: str, owner: str, output: str) -> bool:
-        """Mark the job completed with its output file; False if it was no longer ours to complete."""
-        return self._execute("UPDATE jobs SET status = ?, output = ?, progress = 100, completed_at = ? "
+    def complete(self, job_id: str, owner: str, output: str, report: dict | None = None) -> bool:
+        """Mark the job completed with its output file (and its cache report); False if it was no
+        longer ours to complete."""
+        return self._execute("UPDATE jobs SET status = ?, output = ?, progress = 100, completed_at = ?, report = ? "
                              "WHERE id = ? AND owner = ? AND status = ?",
-                             (COMPLETED, output, time.time(), job_id, owner, IN_PROGRESS), fetch="rowcount") == 1
+                             (COMPLETED, output, time.time(), _report_json(report), job_id, owner, IN_PROGRESS),
+                             fetch="rowcount") == 1
 
     def fail(self, job_id: str, code: str, message: str, owner: str | None = None) -> bool:
         """Mark a queued job (owner None) or one held by ``owner`` failed with its reason."""
@@ -256,6 +263,10 @@ class SQLiteJobStore(JobStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut too
             self._db.executescript(SCHEMA)
+            present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in ADDED_COLUMNS:  # a store an earlier version made
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
             self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a corrupt file fails here, not later
             self._reader = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
                                            timeout=busy_timeout_s)
@@ -340,6 +351,21 @@ def _fetch(cursor, fetch):
     return None
 
 
+def _report_json(report: dict | None) -> str | None:
+    return json.dumps({str(k): float(v) for k, v in report.items()}) if report else None
+
+
+def _report(text) -> dict[str, float] | None:
+    """A stored report; one that does not parse is left out (the job itself is fine)."""
+    try:
+        report = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(report, dict) or not all(isinstance(v, (int, float)) for v in report.values()):
+        return None
+    return report
+
+
 def _job(row) -> Job:
     """A row as a Job. A row that does not parse (edited or damaged by hand) is that job alone
     failed with code ``corrupt_record``, never an error for whoever reads it."""
@@ -351,6 +377,7 @@ def _job(row) -> Job:
             raise ValueError("request or inputs of the wrong shape")
         values["request"], values["inputs"] = request, inputs
         values["cancel_requested"] = bool(values["cancel_requested"])
+        values["report"] = _report(values.get("report"))
         return Job(**values)
     except (ValueError, TypeError) as exc:
         return Job(id=str(values["id"]), status=FAILED, model=str(values.get("model")), prompt="", seconds="",
