@@ -174,3 +174,16 @@ def test_the_server_takes_the_cache_field_and_checks_it(tiny_generator):
         tiny_generator.check(bad.prompt, num_frames=5, **bad.fields)
     assert info.value.field == "cache"
     assert "cache" in str(_create_body())  # the documented request body names it
+
+
+def test_a_two_stage_request_caches_each_pass_with_its_own_state(tiny_generator):
+    from vidloom.config import RefineParams
+
+    kw = dict(KW, height=64, width=96, num_frames=5, refine=RefineParams(scale=2, strength=0.5, steps=3))
+    plain = tiny_generator.generate("a cat", **kw)
+    exact = tiny_generator.generate("a cat", cache="block:F1B0:0", **kw)
+    assert torch.equal(frames(exact), frames(plain))
+    assert exact.cache["forwards"] == 2 * (KW["num_inference_steps"] + 3)  # both passes, both branches
+    skipping = tiny_generator.generate("a cat", cache="block:F1B0:10", **kw).cache
+    # each pass computes its own first and last steps (no state carried from the base pass)
+    assert skipping["blocks_computed"] == 2 * (KW["num_inference_steps"] + 3) + 2 * 2 * 2

@@ -222,3 +222,14 @@ def test_two_stage_with_sp2_equals_one_process(tiny_wan_dir, tmp_path):
                    guidance_scale=4.0, refine={"scale": 2, "strength": 0.5, "steps": 2})
     latents = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(0))  # the base pass's noise
     assert_two_processes_equal_one(tiny_wan_dir, request, latents, {"sp_size": 2}, tmp_path)
+
+
+def test_a_feature_cache_with_sp2_equals_one_process(tiny_wan_dir, tmp_path):
+    """The block cache's skip decisions are measured over the whole (padded, sharded) sequence:
+    two processes skip the same steps as one and give its video."""
+    request = dict(prompt="a red circle moving left", height=48, width=48, num_frames=9, num_inference_steps=6,
+                   guidance_scale=4.0, cache="block:F1B0:0.3+cfg-gate:0.6")
+    latents = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    one = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32").generate(latents=latents, **request)
+    assert one.cache["blocks_skipped"] > 0 and one.cache["uncond_skipped"] > 0  # the cache really skipped
+    assert_two_processes_equal_one(tiny_wan_dir, request, latents, {"sp_size": 2}, tmp_path)

@@ -16,7 +16,7 @@ import torch
 from ..models.attention import sequence_parallel
 from ..pipelines.batch import PolicyState
 from ..pipelines.stages.model_call import COND, UNCOND, Rows, split_rows
-from .policies import policy_for
+from .policies import ChangeMeter, policy_for
 from .spec import CacheSpec, parse_cache
 
 
@@ -98,15 +98,18 @@ class CachingCall:
         if spec.blocks is None:
             return self.inner(model, x, t, context_kv, rows)
         with sequence_parallel(self.sequence):
-            return skipping_forward(model, x, t, context_kv, rows, owner, policy_for(spec.blocks, self.calibration))
+            return skipping_forward(model, x, t, context_kv, rows, owner, policy_for(spec.blocks, self.calibration),
+                                    self.sequence)
 
 
-def skipping_forward(model, x, t, context_kv, rows: Rows, owner: PolicyState, policy) -> torch.Tensor:
+def skipping_forward(model, x, t, context_kv, rows: Rows, owner: PolicyState, policy, sequence=None) -> torch.Tensor:
     """The DiT forward with blocks ``policy.span(n)`` of each row block (a CFG branch) skipped
     where ``policy.decide`` says so, their residual (output minus input) reused from the last
     step that ran them. The first and last steps of a phase, and an expert's first step, always
-    run them. The blocks before and after the span always run."""
+    run them. The blocks before and after the span always run. Under sequence parallelism
+    (``sequence``) the changes a policy measures are over the whole sequence, the same on every rank."""
     tokens = model.embed(x, t)
+    measure = ChangeMeter(sequence, math.prod(tokens.grid))
     blocks, kv = list(model.blocks), list(context_kv)
     first, stop = policy.span(len(blocks))
     h = run_blocks(blocks[:first], tokens, kv[:first], tokens.x)
@@ -115,7 +118,7 @@ def skipping_forward(model, x, t, context_kv, rows: Rows, owner: PolicyState, po
     for branch, size in zip(rows.branches, rows.sizes):
         span, key = slice(start, start + size), (policy.name, rows.expert, branch)
         state = owner.values.setdefault(key, {"expert": rows.expert, "curve": f"{rows.expert}/{branch}"})
-        skip = policy.decide(state, model, tokens, h, span, owner) and "residual" in state and not forced
+        skip = policy.decide(state, model, tokens, h, span, owner, measure) and "residual" in state and not forced
         spans.append((span, state))
         computing.append(not skip)
         start += size

@@ -23,6 +23,25 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
     return float((now.float() - before.float()).abs().mean() / before.float().abs().mean().clamp_min(1e-12))
 
 
+class ChangeMeter:
+    """Relative L1 change of per-token tensors (B, L, ...) between steps, over the whole sequence:
+    under sequence parallelism each rank sums its own tokens (the padding left out) and the sums
+    are all-reduced, so every rank takes the same skip decision as one process would."""
+
+    def __init__(self, sequence=None, length: int = 0):
+        self.sequence, self.length = sequence, length
+
+    def __call__(self, now: torch.Tensor, before: torch.Tensor) -> float:
+        if self.sequence is None:
+            return relative_l1(now, before)
+        start, stop = self.sequence.span(self.length)
+        real = max(0, min(stop, self.length) - start)  # this rank's tokens that are not padding
+        now, before = now[:, :real].float(), before[:, :real].float()
+        sums = torch.stack([(now - before).abs().sum(), before.abs().sum()]).double()
+        torch.distributed.all_reduce(sums, group=self.sequence.group)
+        return float(sums[0] / sums[1].clamp_min(1e-12))
+
+
 class BlockPolicy:
     name = "block"
 
@@ -32,10 +51,10 @@ class BlockPolicy:
     def span(self, n: int) -> tuple[int, int]:
         return self.spec.first, n - self.spec.last
 
-    def decide(self, state: dict, model, tokens, h, rows: slice, owner) -> bool:
+    def decide(self, state: dict, model, tokens, h, rows: slice, owner, measure) -> bool:
         first = h[rows]
         if "first" in state:
-            state["change"] = state.get("change", 0.0) + relative_l1(first, state["first"])
+            state["change"] = state.get("change", 0.0) + measure(first, state["first"])
         state["first"] = first
         return state.get("change", 0.0) < self.spec.threshold
 
@@ -56,11 +75,11 @@ class TeaCachePolicy:
     def span(self, n: int) -> tuple[int, int]:
         return 0, n
 
-    def decide(self, state: dict, model, tokens, h, rows: slice, owner) -> bool:
+    def decide(self, state: dict, model, tokens, h, rows: slice, owner, measure) -> bool:
         expert = state["expert"]
         inp = model.blocks[0].attention_input(h[rows], tokens.modulation[rows], tokens.runs)
         if "input" in state:
-            rescaled = float(np.polyval(self.coefficients[expert], relative_l1(inp, state["input"])))
+            rescaled = float(np.polyval(self.coefficients[expert], measure(inp, state["input"])))
             state["distance"] = state.get("distance", 0.0) + max(rescaled, 0.0)
         state["input"] = inp
         return state.get("distance", 0.0) < self.spec.threshold
@@ -87,7 +106,7 @@ class MagCachePolicy:
         position = step / max(num_steps - 1, 1) * (len(values) - 1)  # the calibrated curve, resampled
         return float(np.interp(position, np.arange(len(values)), values))
 
-    def decide(self, state: dict, model, tokens, h, rows: slice, owner) -> bool:
+    def decide(self, state: dict, model, tokens, h, rows: slice, owner, measure) -> bool:
         if owner.step < self.spec.retention * owner.num_steps:
             return False
         ratio = self.ratio(state["curve"], owner.step, owner.num_steps)

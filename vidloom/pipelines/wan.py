@@ -90,11 +90,7 @@ class WanT2VPipeline(ComposedPipeline):
         return self.residency.components()
 
     def _check_block_skipping(self, policy) -> None:
-        """A block-skipping cache runs here: one process per video, and TeaCache / MagCache only
-        with a calibration that covers every expert."""
-        if self.sequence is not None:
-            raise InvalidRequestError("cache", f"{policy.text()} does not run under sequence parallelism yet",
-                                      "cfg-gate alone, or sp_size 1")
+        """TeaCache / MagCache run only with a calibration that covers every expert."""
         policy_for(policy, self.calibration)  # uncalibrated TeaCache / MagCache: the error says how to calibrate
         if self.calibration is not None and not isinstance(policy, BlockCache):
             experts = [e.transformer.name for e in self.denoising.experts]
