@@ -115,3 +115,27 @@ def test_the_shipped_models_ship_calibrated():
         calibration = plan_folder(folder, EngineConfig()).calibration
         assert calibration is not None and calibration.covers(["transformer"]) is None
         assert calibration.steps == 40 and MagCache().text() == "magcache:0.1:K2:R0.2"
+
+
+def test_a_refine_folder_the_calibration_lacks_is_refused_only_with_refine(calibrated, tiny_wan_dir):
+    from vidloom.config import RefineParams
+
+    gen, _, _ = calibrated
+    folder = gen.model_path
+    with_refine = VideoGenerator.from_pretrained(folder, dtype="fp32", refine_model=str(tiny_wan_dir))
+    kw = dict(KW, height=64, width=96)
+    assert with_refine.generate("a cat", cache="teacache:0.1", **kw).cache["forwards"] > 0
+    with pytest.raises(InvalidRequestError, match="lacks expert refine.transformer") as info:
+        with_refine.submit("a cat", cache="teacache:0.1", refine=RefineParams(steps=2), **kw)
+    assert info.value.field == "cache"
+
+
+def test_magcache_takes_the_conditional_curve_for_a_branch_never_calibrated(tiny_wan_dir, tmp_path):
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_wan_dir, folder)
+    gen = VideoGenerator.from_pretrained(folder, dtype="fp32")
+    calibration, _ = calibrate(gen, ["a cat", "a dog"], STEPS, guidance_scale=1.0, **SIZE)  # no unconditional rows
+    assert sorted(calibration.magcache) == ["transformer/cond"]
+    write_calibration(folder, calibration)
+    out = VideoGenerator.from_pretrained(folder, dtype="fp32").generate("a cat", cache="magcache:10:K2:R0", **KW)
+    assert out.cache["blocks_computed"] == 5 * 2 * 2  # both branches follow the one curve's rule

@@ -102,7 +102,8 @@ class MagCachePolicy:
         return 0, n
 
     def ratio(self, curve: str, step: int, num_steps: int) -> float:
-        values = self.ratios[curve]
+        # a branch the calibration runs had not (guidance 1 there) takes the conditional curve
+        values = self.ratios.get(curve) or self.ratios[curve.rsplit("/", 1)[0] + "/cond"]
         position = step / max(num_steps - 1, 1) * (len(values) - 1)  # the calibrated curve, resampled
         return float(np.interp(position, np.arange(len(values)), values))
 

@@ -61,7 +61,7 @@ class WanT2VPipeline(ComposedPipeline):
         self.refine_parts = (residency.parts("refine."), refine) if refine is not None else (components, variant)
         refine_components, refine_variant = self.refine_parts
         refine_scheduler = refine_components["scheduler"]
-        refine_pass = DenoisingStage(refine_variant.experts(refine_components), refine_scheduler,
+        self.refine_pass = refine_pass = DenoisingStage(refine_variant.experts(refine_components), refine_scheduler,
                                      config.batch_cfg, config.check_finite, cfg=cfg, model_input=model_input, call=call,
                                      steps=lambda request: request.refine.run_steps(request) if request.refine else 0)
         # the latents are the VAE's (for text-to-video the DiT takes them as they are)
@@ -89,11 +89,11 @@ class WanT2VPipeline(ComposedPipeline):
         """Every component, by name (a refine folder's under "refine."), as the residency holds it now."""
         return self.residency.components()
 
-    def _check_block_skipping(self, policy) -> None:
-        """TeaCache / MagCache run only with a calibration that covers every expert."""
+    def _check_block_skipping(self, policy, experts: list[str]) -> None:
+        """TeaCache / MagCache run only with a calibration that covers every expert the request
+        uses (a refine folder's transformers are "refine.transformer", ...)."""
         policy_for(policy, self.calibration)  # uncalibrated TeaCache / MagCache: the error says how to calibrate
         if self.calibration is not None and not isinstance(policy, BlockCache):
-            experts = [e.transformer.name for e in self.denoising.experts]
             missing = self.calibration.covers(experts)
             if missing is not None:
                 raise InvalidRequestError("cache", f"the folder's calibration lacks {missing}",
@@ -117,7 +117,8 @@ class WanT2VPipeline(ComposedPipeline):
         self.input_validation.check(params)
         spec = parse_cache(params.cache)
         if spec is not None and spec.blocks is not None:
-            self._check_block_skipping(spec.blocks)
+            stages = [self.denoising] + ([self.refine_pass] if params.refine is not None else [])
+            self._check_block_skipping(spec.blocks, [e.transformer.name for s in stages for e in s.experts])
         scheduler = self.components["scheduler"]
         if not self.variant.high_noise:
             self.variant.check_schedule(scheduler.schedule(params.num_inference_steps, shift=params.flow_shift), 0,
