@@ -42,20 +42,23 @@ class ChangeMeter:
         return float(sums[0] / sums[1].clamp_min(1e-12))
 
 
-class BlockPolicy:
-    name = "block"
+class _Accumulating:
+    """A policy that skips every block while a change it measures, accumulated step over step,
+    stays under ``spec.threshold``; a step that runs the blocks starts the sum again."""
 
-    def __init__(self, spec: BlockCache):
+    name = ""
+
+    def __init__(self, spec):
         self.spec = spec
 
     def span(self, n: int) -> tuple[int, int]:
-        return self.spec.first, n - self.spec.last
+        return 0, n
 
-    def decide(self, state: dict, model, tokens, h, rows: slice, owner, measure) -> bool:
-        first = h[rows]
-        if "first" in state:
-            state["change"] = state.get("change", 0.0) + measure(first, state["first"])
-        state["first"] = first
+    def measured(self, state: dict, key: str, now, measure, rescale=float) -> bool:
+        """Add ``rescale(change of now since the step before)`` to the sum; True: skip."""
+        if key in state:
+            state["change"] = state.get("change", 0.0) + max(rescale(measure(now, state[key])), 0.0)
+        state[key] = now
         return state.get("change", 0.0) < self.spec.threshold
 
     def computed(self, state: dict, residual) -> None:
@@ -65,30 +68,32 @@ class BlockPolicy:
         return state.get("change", 0.0)
 
 
-class TeaCachePolicy:
+class BlockPolicy(_Accumulating):
+    """The first blocks' output, its relative L1 change; the middle blocks are the ones skipped."""
+
+    name = "block"
+
+    def span(self, n: int) -> tuple[int, int]:
+        return self.spec.first, n - self.spec.last
+
+    def decide(self, state: dict, model, tokens, h, rows: slice, owner, measure) -> bool:
+        return self.measured(state, "first", h[rows], measure)
+
+
+class TeaCachePolicy(_Accumulating):
+    """The first block's timestep-modulated input, its relative L1 change rescaled by the expert's
+    calibrated polynomial."""
+
     name = "teacache"
 
     def __init__(self, spec: TeaCache, coefficients: dict[str, list[float]]):
-        self.spec = spec
+        super().__init__(spec)
         self.coefficients = coefficients  # expert name -> polynomial, highest power first
 
-    def span(self, n: int) -> tuple[int, int]:
-        return 0, n
-
     def decide(self, state: dict, model, tokens, h, rows: slice, owner, measure) -> bool:
-        expert = state["expert"]
+        polynomial = self.coefficients[state["expert"]]
         inp = model.blocks[0].attention_input(h[rows], tokens.modulation[rows], tokens.runs)
-        if "input" in state:
-            rescaled = float(np.polyval(self.coefficients[expert], measure(inp, state["input"])))
-            state["distance"] = state.get("distance", 0.0) + max(rescaled, 0.0)
-        state["input"] = inp
-        return state.get("distance", 0.0) < self.spec.threshold
-
-    def computed(self, state: dict, residual) -> None:
-        state["distance"] = 0.0
-
-    def estimate(self, state: dict) -> float:
-        return state.get("distance", 0.0)
+        return self.measured(state, "input", inp, measure, lambda change: float(np.polyval(polynomial, change)))
 
 
 class MagCachePolicy:
