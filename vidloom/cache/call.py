@@ -17,7 +17,8 @@ from ..models.attention import sequence_parallel
 from ..pipelines.batch import PolicyState
 from ..pipelines.stages.model_call import COND, UNCOND, Rows, split_rows
 from .policies import ChangeMeter, policy_for
-from .spec import CacheSpec, parse_cache
+from .pab import broadcasting
+from .spec import PAB, CacheSpec, parse_cache
 
 
 def _kv_rows(context_kv: list, rows: slice) -> list:
@@ -97,6 +98,9 @@ class CachingCall:
         _add(owner.report, forwards=len(rows.branches))
         if spec.blocks is None:
             return self.inner(model, x, t, context_kv, rows)
+        if isinstance(spec.blocks, PAB):
+            with broadcasting(model, spec.blocks, rows, owner):
+                return self.inner(model, x, t, context_kv, rows)
         with sequence_parallel(self.sequence):
             return skipping_forward(model, x, t, context_kv, rows, owner, policy_for(spec.blocks, self.calibration),
                                     self.sequence)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
-from .spec import BlockCache, MagCache, TeaCache
+from .spec import PAB, BlockCache, MagCache, TeaCache
 
 
 def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
@@ -132,8 +132,8 @@ class MagCachePolicy:
 
 def policy_for(spec, calibration):
     """The policy object for a request's block-skipping spec, with the folder's calibration."""
-    if isinstance(spec, BlockCache):
-        return BlockPolicy(spec)
+    if isinstance(spec, (BlockCache, PAB)):
+        return BlockPolicy(spec) if isinstance(spec, BlockCache) else None
     if calibration is None:
         raise InvalidRequestError("cache", f"{spec.text()} needs this model folder calibrated",
                                   "run `vidloom calibrate-cache --model DIR` once, or use block:... / cfg-gate:...")

@@ -7,6 +7,9 @@ Grammar: policies joined by ``+``, each ``name:arg[:arg]``:
   transformer blocks always run; the middle blocks are skipped, their residual reused, while the
   first blocks' output has changed by less than ``threshold`` (relative L1, accumulated over the
   skipped steps) since the middle blocks last ran.
+- ``pab:<n>:<m>``: pyramid attention broadcast: from 10 % to 90 % of the steps each block's
+  self-attention output is recomputed every n-th step and reused between, cross-attention every
+  m-th.
 - ``cfg-gate:<fraction>``: after that fraction of the steps the unconditional branch is not
   computed; guidance reuses its last computed difference to the conditional branch.
 
@@ -29,8 +32,8 @@ from ..errors import InvalidRequestError
 
 MAX_SPEC_CHARS = 200
 ALLOWED = ("block:F<n>B<m>:<threshold> (e.g. block:F1B0:0.08), teacache:<threshold>, "
-           "magcache:<threshold>[:K<max skips>][:R<retention>], cfg-gate:<fraction in [0, 1]> (e.g. cfg-gate:0.5), "
-           "joined by '+'")
+           "magcache:<threshold>[:K<max skips>][:R<retention>], pab:<self every>:<cross every> (e.g. pab:2:4), "
+           "cfg-gate:<fraction in [0, 1]> (e.g. cfg-gate:0.5), joined by '+'")
 MAX_THRESHOLD = 10.0
 
 
@@ -66,6 +69,18 @@ class MagCache:
 
 
 @dataclass(frozen=True)
+class PAB:
+    """Attention outputs broadcast in the middle of the schedule: self-attention recomputed every
+    ``self_every`` steps, cross-attention every ``cross_every``."""
+
+    self_every: int = 2
+    cross_every: int = 4
+
+    def text(self) -> str:
+        return f"pab:{self.self_every}:{self.cross_every}"
+
+
+@dataclass(frozen=True)
 class CfgGate:
     """From step ``ceil(after x steps)`` on, the unconditional branch is skipped."""
 
@@ -77,10 +92,10 @@ class CfgGate:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """A request's policies: at most one block-skipping policy (``blocks``: a block cache,
-    TeaCache or MagCache) and an optional CFG gate."""
+    """A request's policies: at most one skipping policy (``blocks``: a block cache, TeaCache,
+    MagCache or PAB) and an optional CFG gate."""
 
-    blocks: BlockCache | TeaCache | MagCache | None = None
+    blocks: BlockCache | TeaCache | MagCache | PAB | None = None
     cfg_gate: CfgGate | None = None
 
     def text(self) -> str:
@@ -148,7 +163,7 @@ def parse_cache(value) -> CacheSpec | None:
     parts: dict[str, object] = {}
     for item in text.split("+"):
         name, *args = item.strip().split(":")
-        if name in ("block", "teacache", "magcache") and "blocks" in parts:
+        if name in ("block", "teacache", "magcache", "pab") and "blocks" in parts:
             raise InvalidRequestError("cache", f"{name}: one block-skipping policy at a time "
                                       f"({parts['blocks'].text()} is given)", ALLOWED)
         if name.replace("-", "_") in parts:
@@ -161,6 +176,13 @@ def parse_cache(value) -> CacheSpec | None:
             parts["blocks"] = TeaCache(_number(args[0], "teacache threshold", 0, MAX_THRESHOLD))
         elif name == "magcache":
             parts["blocks"] = _magcache(args)
+        elif name == "pab":
+            if len(args) != 2:
+                raise InvalidRequestError("cache", "pab takes two periods, e.g. pab:2:4", ALLOWED)
+            every = [int(_number(a, "pab period", 1, 100)) for a in args]
+            if any(str(e) != a for e, a in zip(every, args)):
+                raise InvalidRequestError("cache", f"pab periods must be whole numbers, got {':'.join(args)}", ALLOWED)
+            parts["blocks"] = PAB(*every)
         elif name == "cfg-gate":
             if len(args) != 1:
                 raise InvalidRequestError("cache", "cfg-gate takes one fraction, e.g. cfg-gate:0.5", ALLOWED)

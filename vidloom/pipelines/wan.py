@@ -9,7 +9,7 @@ from typing import Any
 
 from ..cache.call import CachingCall
 from ..cache.policies import policy_for
-from ..cache.spec import BlockCache, parse_cache
+from ..cache.spec import MagCache, TeaCache, parse_cache
 from ..config import EngineConfig, RequestLimits
 from ..errors import InvalidRequestError
 from ..memory.residency import Residency
@@ -93,7 +93,7 @@ class WanT2VPipeline(ComposedPipeline):
         """TeaCache / MagCache run only with a calibration that covers every expert the request
         uses (a refine folder's transformers are "refine.transformer", ...)."""
         policy_for(policy, self.calibration)  # uncalibrated TeaCache / MagCache: the error says how to calibrate
-        if self.calibration is not None and not isinstance(policy, BlockCache):
+        if self.calibration is not None and isinstance(policy, (TeaCache, MagCache)):
             missing = self.calibration.covers(experts)
             if missing is not None:
                 raise InvalidRequestError("cache", f"the folder's calibration lacks {missing}",
