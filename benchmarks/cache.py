@@ -26,7 +26,7 @@ from vidloom.default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_SAMPLING  # n
 
 PROMPTS = ["a red circle moving right", "a blue square moving left", "a green triangle moving up",
            "a yellow circle moving down", "a purple square moving right"]
-CACHES = ["block:F1B0:0.05", "block:F1B0:0.1", "block:F1B0:0.2", "block:F1B1:0.1", "block:F1B1:0.2",
+CACHES = ["teacache:0.1", "teacache:0.2", "magcache:0.1", "magcache:0.2:K3", "pab:2:4", "block:F1B0:0.05", "block:F1B0:0.1", "block:F1B0:0.2", "block:F1B1:0.1", "block:F1B1:0.2",
           "block:F1B1:0.4", "block:F2B1:0.2", "cfg-gate:0.5", "cfg-gate:0.3", "block:F1B1:0.2+cfg-gate:0.5"]
 
 
@@ -50,6 +50,18 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return float(s.mean())
+
+
+def skipped_share(r: dict) -> float:
+    """What share of its work a run skipped: blocks (block cache, TeaCache, MagCache), attention
+    evaluations (PAB), else unconditional forwards (CFG gate alone)."""
+    blocks = r.get("blocks_computed", 0) + r.get("blocks_skipped", 0)
+    if blocks:
+        return r.get("blocks_skipped", 0) / blocks
+    attention = r.get("attention_computed", 0) + r.get("attention_reused", 0)
+    if attention:
+        return r.get("attention_reused", 0) / attention
+    return r.get("uncond_skipped", 0) / max(r.get("forwards", 0) + r.get("uncond_skipped", 0), 1)
 
 
 def main() -> None:
@@ -81,9 +93,7 @@ def main() -> None:
                 psnrs.append(min(psnr(cached.frames, plain.frames), 99.0))
                 ssims.append(ssim(cached.frames, plain.frames))
                 r = cached.cache
-                blocks = r.get("blocks_computed", 0) + r.get("blocks_skipped", 0)
-                skipped.append(r.get("blocks_skipped", 0) / blocks if blocks else
-                               r.get("uncond_skipped", 0) / max(r.get("forwards", 0) + r.get("uncond_skipped", 0), 1))
+                skipped.append(skipped_share(r))
                 est.append(r.get("estimated_change", 0.0))
             row = dict(steps=steps, cache=cache, speedup=float(np.mean(speed)), psnr=float(np.mean(psnrs)),
                        ssim=float(np.mean(ssims)), skipped=float(np.mean(skipped)), estimate=float(np.mean(est)))
