@@ -3,10 +3,12 @@ speed-up against the uncached run of the same request in the same process, and t
 PSNR and SSIM of the video against the uncached video of the same seed (frames in [0, 1]).
 
     python benchmarks/cache.py [--model DIR] [--steps 40,20] [--prompts 3] [--caches SPEC,SPEC,...]
+                               [--plot outputs/cache.png]
 
 Each cached request runs right after its uncached twin (same prompt, seed and size), so the
 speed-up compares neighbours; figures are means over the prompts. The last lines name the
-fastest setting at PSNR >= 30 dB and at PSNR >= 35 dB.
+fastest setting at PSNR >= 30 dB and at PSNR >= 35 dB. ``--plot`` draws speed-up against PSNR,
+one colour per step count, each point labelled with its setting, the 30 and 35 dB lines dashed.
 """
 
 from __future__ import annotations
@@ -64,12 +66,56 @@ def skipped_share(r: dict) -> float:
     return r.get("uncond_skipped", 0) / max(r.get("forwards", 0) + r.get("uncond_skipped", 0), 1)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Speed-up (x) against PSNR (y) as a PNG, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 900, 600, 60
+    xs = [r["speedup"] for r in rows] + [1.0]
+    ys = [min(r["psnr"], 60.0) for r in rows] + [25.0]
+    x0, x1, y0, y1 = min(xs) - 0.1, max(xs) + 0.2, min(ys) - 2, max(ys) + 2
+
+    def at(x, y):
+        return (margin + (x - x0) / (x1 - x0) * (width - 2 * margin),
+                height - margin - (y - y0) / (y1 - y0) * (height - 2 * margin))
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    for level in (30.0, 35.0):
+        if y0 < level < y1:
+            (a, b), (c, _) = at(x0, level), at(x1, level)
+            for start in range(int(a), int(c), 12):
+                draw.line([start, b, min(start + 6, c), b], fill="gray")
+            draw.text((margin + 4, b - 12), f"{level:g} dB", fill="gray")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for k, steps in enumerate(sorted({r["steps"] for r in rows}, reverse=True)):
+        colour = colours[k % len(colours)]
+        draw.text((width - margin - 120, margin + 8 + 14 * k), f"{steps} steps", fill=colour)
+        for r in rows:
+            if r["steps"] == steps:
+                x, y = at(r["speedup"], min(r["psnr"], 60.0))
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+                draw.text((x + 6, y - 6), r["cache"], fill=colour)
+    draw.text((width // 2 - 80, height - margin + 20), "denoising speed-up vs uncached (x)", fill="black")
+    draw.text((8, margin - 30), "PSNR vs the uncached video (dB, capped at 60)", fill="black")
+    for tick in np.arange(np.ceil(x0 * 2) / 2, x1, 0.5):
+        x, _ = at(tick, y0)
+        draw.text((x - 8, height - margin + 4), f"{tick:g}", fill="black")
+    for tick in range(int(np.ceil(y0 / 5) * 5), int(y1) + 1, 5):
+        _, y = at(x0, tick)
+        draw.text((margin - 24, y - 6), str(tick), fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--steps", default="40,20")
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--caches", default=",".join(CACHES))
+    parser.add_argument("--plot", type=Path, default=Path("outputs/cache.png"))
     args = parser.parse_args()
 
     from vidloom import VideoGenerator
@@ -106,6 +152,8 @@ def main() -> None:
             best = max(ok, key=lambda r: r["speedup"], default=None)
             text = "none" if best is None else f"{best['cache']}: {best['speedup']:.2f}x at {best['psnr']:.1f} dB"
             print(f"fastest at PSNR >= {floor:g} dB, {steps} steps: {text}")
+    plot(rows, args.plot)
+    print(f"plot: {args.plot}")
     write_result("cache", dict(machine=machine_description(), model=str(folder), rows=rows))
 
 
