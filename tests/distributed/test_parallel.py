@@ -224,12 +224,20 @@ def test_two_stage_with_sp2_equals_one_process(tiny_wan_dir, tmp_path):
     assert_two_processes_equal_one(tiny_wan_dir, request, latents, {"sp_size": 2}, tmp_path)
 
 
-def test_a_feature_cache_with_sp2_equals_one_process(tiny_wan_dir, tmp_path):
-    """The block cache's skip decisions are measured over the whole (padded, sharded) sequence:
-    two processes skip the same steps as one and give its video."""
+@pytest.mark.parametrize("engine", [{"sp_size": 2}, {"cfg_parallel": True}], ids=["sp2", "cfg2"])
+def test_a_feature_cache_on_two_processes_equals_one_process(tiny_wan_dir, tmp_path, engine):
+    """SP: the block cache's skip decisions are measured over the whole (padded, sharded)
+    sequence. CFG parallel: each process keeps its branch's block cache; once the gate opens the
+    unconditional process computes nothing and both complete its prediction from the exchanged
+    conditional one. Either way two processes skip the same steps as one, give its video and
+    report the same counts (summed over both branches' processes)."""
     request = dict(prompt="a red circle moving left", height=48, width=48, num_frames=9, num_inference_steps=6,
                    guidance_scale=4.0, cache="block:F1B0:0.3+cfg-gate:0.6")
     latents = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     one = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32").generate(latents=latents, **request)
     assert one.cache["blocks_skipped"] > 0 and one.cache["uncond_skipped"] > 0  # the cache really skipped
-    assert_two_processes_equal_one(tiny_wan_dir, request, latents, {"sp_size": 2}, tmp_path)
+    assert_two_processes_equal_one(tiny_wan_dir, request, latents, engine, tmp_path)
+    two = json.loads((tmp_path / "out.npy.cache.json").read_text())
+    assert two.keys() == one.cache.keys()
+    for name, value in one.cache.items():
+        assert two[name] == pytest.approx(value, rel=1e-4), name

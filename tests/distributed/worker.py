@@ -34,7 +34,10 @@ def main() -> None:
     gen = VideoGenerator.from_pretrained(model_dir, dtype="fp32", **engine)
     stage = gen.pipeline.denoising
     print(f"rank {rank}: sequence={type(stage.call.sequence).__name__} cfg={type(stage.cfg).__name__}", flush=True)
-    gen.generate(request.pop("prompt"), latents=latents, output_path=out, callback=callback, **request)
+    video = gen.generate(request.pop("prompt"), latents=latents, output_path=out, callback=callback, **request)
+    if gen.is_main_process and video.cache:  # the feature cache's report, as the request's result has it
+        with open(out + ".cache.json", "w") as f:
+            json.dump(video.cache, f)
 
 
 def decode_tiles(model_dir: str, engine: dict, request: dict, out: str) -> None:

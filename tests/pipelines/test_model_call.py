@@ -31,6 +31,9 @@ class CountingCall:
     def batch_key(self, batch, expert):
         return None if self.refuse else self.inner.batch_key(batch, expert)
 
+    def exchanged(self, prediction, rows):
+        return self.inner.exchanged(prediction, rows)
+
     @property
     def sizes(self) -> list[int]:
         """The batch size (rows) of every forward so far."""
@@ -209,6 +212,9 @@ class FailsOnce:
 
     def batch_key(self, batch, expert):
         return self.inner.batch_key(batch, expert)
+
+    def exchanged(self, prediction, rows):
+        return self.inner.exchanged(prediction, rows)
 
 
 def test_a_denoising_step_that_fails_can_be_run_again(tiny_generator, monkeypatch):

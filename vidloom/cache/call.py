@@ -34,12 +34,14 @@ class CachingCall:
     """Wraps the stage's ``PlainCall`` (``inner``); ``sequence``: its sequence-parallel object,
     under which composed forwards run too."""
 
-    def __init__(self, inner, sequence=None, calibration=None):
+    def __init__(self, inner, sequence=None, calibration=None, cfg=None):
         """``calibration``: the folder's ``cache.calibrate.Calibration`` (TeaCache's polynomial,
-        MagCache's ratios), or None."""
+        MagCache's ratios), or None; ``cfg``: the CFG-parallel object when each process computes
+        one branch (the gate then completes the predictions after their exchange, ``exchanged``)."""
         self.inner = inner
         self.sequence = sequence
         self.calibration = calibration
+        self.cfg = cfg
 
     def batch_key(self, batch, expert):
         if parse_cache(batch.params.cache) is not None:
@@ -52,14 +54,27 @@ class CachingCall:
         if spec is None:
             return self.inner(model, x, t, context_kv, rows)
         gate = spec.cfg_gate
-        if gate is not None and owner.step >= math.ceil(gate.after * owner.num_steps):
+        if gate is not None and _gate_open(gate, owner, rows.expert):
             gated = self._gated(model, x, t, context_kv, rows, spec, owner)
             if gated is not None:
                 return gated
         out = self._computed(model, x, t, context_kv, rows, spec, owner)
-        if gate is not None:
+        if gate is not None and self.cfg is None:  # under CFG parallel: once both are here (exchanged)
             self._remember_difference(out, rows, owner)
         return out
+
+    def exchanged(self, prediction, rows):
+        """CFG parallel: the gate's unconditional prediction from this step's conditional one
+        (the unconditional process computed nothing), or, on a computed step, the difference a
+        later gated step reuses. Both processes hold the same state, so they decide alike."""
+        owner = rows.owners[0]
+        spec = parse_cache(owner.params.cache) if owner is not None and owner.params is not None else None
+        if spec is None or spec.cfg_gate is None:
+            return prediction
+        if _gate_open(spec.cfg_gate, owner, rows.expert):
+            return {COND: prediction[COND], UNCOND: prediction[COND] - owner.values[("cfg-gate", "diff", rows.expert)]}
+        owner.values[("cfg-gate", "diff", rows.expert)] = prediction[COND] - prediction[UNCOND]
+        return prediction
 
     # --- CFG gating -----------------------------------------------------------------------------
     def _remember_difference(self, out: torch.Tensor, rows: Rows, owner: PolicyState) -> None:
@@ -76,10 +91,13 @@ class CachingCall:
 
     def _gated(self, model, x, t, context_kv, rows: Rows, spec: CacheSpec, owner: PolicyState):
         """This forward with the unconditional rows not computed (None: it cannot be gated: no
-        difference yet, or the conditional output of this step is on another process)."""
+        difference yet, or, with split CFG, no conditional output of this step)."""
         diff = owner.values.get(("cfg-gate", "diff", rows.expert))
         if diff is None or UNCOND not in rows.branches:
             return None
+        if rows.branches == (UNCOND,) and self.cfg is not None:  # the other process computes the conditional
+            _add(owner.report, uncond_skipped=1)
+            return torch.zeros_like(diff)  # a stand-in for the exchange; ``exchanged`` replaces it
         if rows.branches == (UNCOND,):  # split CFG: the conditional rows ran just before
             step, cond = owner.values.get(("cfg-gate", "cond", rows.expert), (None, None))
             if step != owner.step:
@@ -104,6 +122,12 @@ class CachingCall:
         with sequence_parallel(self.sequence):
             return skipping_forward(model, x, t, context_kv, rows, owner, policy_for(spec.blocks, self.calibration),
                                     self.sequence)
+
+
+def _gate_open(gate, owner: PolicyState, expert: str) -> bool:
+    """Whether this step of ``expert`` skips the unconditional branch: past the gate's fraction
+    of the steps, with a difference of the two branches known."""
+    return owner.step >= math.ceil(gate.after * owner.num_steps) and ("cfg-gate", "diff", expert) in owner.values
 
 
 def skipping_forward(model, x, t, context_kv, rows: Rows, owner: PolicyState, policy, sequence=None) -> torch.Tensor:

@@ -26,3 +26,10 @@ class CFGParallel:
         parts = [torch.empty_like(mine) for _ in range(2)]
         dist.all_gather(parts, mine.contiguous(), group=self.group)
         return parts[0], parts[1]
+
+    def summed(self, counts: dict[str, float]) -> dict[str, float]:
+        """Per-process counts -> their sums over the group, the same on both ranks."""
+        parts = [None, None]
+        dist.all_gather_object(parts, counts, group=self.group)
+        names = sorted(set(parts[0]) | set(parts[1]))
+        return {name: parts[0].get(name, 0) + parts[1].get(name, 0) for name in names}

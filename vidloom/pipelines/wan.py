@@ -51,7 +51,7 @@ class WanT2VPipeline(ComposedPipeline):
         model_input = variant.model_input(dit.config.patch_size)
         # the one model call both denoising passes run every forward through: each request's feature
         # cache (``SamplingParams.cache``) around the plain forward
-        call = CachingCall(PlainCall(sequence), sequence, calibration)
+        call = CachingCall(PlainCall(sequence), sequence, calibration, cfg)
         self.sequence, self.calibration = sequence, calibration
         self.denoising = DenoisingStage(variant.experts(components), components["scheduler"], config.batch_cfg,
                                         config.check_finite, cfg=cfg, model_input=model_input, call=call)

@@ -176,7 +176,10 @@ class DenoisingStage(IterativeStage):
 
     def end(self, batch: ForwardBatch) -> ForwardBatch:
         self.model_input.finish(batch)
-        for name, value in batch.policy_state.report.items():  # what the call's policy did, summed over phases
+        report = batch.policy_state.report
+        if self.cfg is not None:  # each process counted its own branch's work: the request's is their sum
+            report = self.cfg.summed(report)
+        for name, value in report.items():  # what the call's policy did, summed over phases
             batch.policy_report[name] = batch.policy_report.get(name, 0) + value
         return super().end(batch)
 
@@ -200,7 +203,7 @@ class DenoisingStage(IterativeStage):
         if self.cfg is not None:  # one branch here, the other on the CFG partner
             rows = Rows.of(batch, (self.cfg.branch,), name)
             mine = self.call(model, x, timestep, _rows(kv, self.cfg.rows(b)), rows)
-            return dict(zip((COND, UNCOND), self.cfg.exchange(mine)))
+            return self.call.exchanged(dict(zip((COND, UNCOND), self.cfg.exchange(mine))), rows)
         if self.batch_cfg:  # both branches in one forward: x (2B, C, F, H, W), rows [cond; uncond] as kv's
             rows = Rows.of(batch, (COND, UNCOND), name)
             both = self.call(model, torch.cat([x, x]), torch.cat([timestep, timestep]), kv, rows)

@@ -57,6 +57,10 @@ class ModelCall(Protocol):
     def batch_key(self, batch: ForwardBatch, expert: Expert) -> Hashable | None:
         """What must be equal for two requests' rows to share a forward (None: never shared)."""
 
+    def exchanged(self, prediction: dict[str, torch.Tensor], rows: Rows) -> dict[str, torch.Tensor]:
+        """Under CFG parallelism, after the exchange: both branches' predictions (``rows``: this
+        process's branch) as the call completes them, the same on both processes."""
+
 
 class PlainCall:
     """The transformer's own forward, under the sequence-parallel exchange when one is given."""
@@ -70,6 +74,9 @@ class PlainCall:
 
     def batch_key(self, batch, expert):
         return ()  # any rows may share a forward
+
+    def exchanged(self, prediction, rows):
+        return prediction
 
 
 def split_rows(out: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
