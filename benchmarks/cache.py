@@ -3,7 +3,13 @@ speed-up against the uncached run of the same request in the same process, and t
 PSNR and SSIM of the video against the uncached video of the same seed (frames in [0, 1]).
 
     python benchmarks/cache.py [--model DIR] [--steps 40,20] [--prompts 3] [--caches SPEC,SPEC,...]
-                               [--plot outputs/cache.png]
+                               [--plot outputs/cache.png] [--size WxH --frames N]
+    python benchmarks/cache.py --wan13b --steps 20 --prompts 1 --size 112x64 --frames 9
+
+``--wan13b``: the Wan2.1-T2V-1.3B architecture (30 DiT blocks, a 2-layer UMT5 of the real width)
+with random weights, built once outside the repository (as ``benchmarks/gpu.py`` builds it) and
+calibrated once on two prompts at the first step count: its speed-ups are the measure (its
+videos are noise, so its PSNR says only how far the cached run drifted).
 
 Each cached request runs right after its uncached twin (same prompt, seed and size), so the
 speed-up compares neighbours; figures are means over the prompts. The last lines name the
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +116,25 @@ def plot(rows: list[dict], path: Path) -> None:
     image.save(path)
 
 
+def wan13b_folder(sampling: dict, steps: int) -> Path:
+    """The random-weight Wan2.1-T2V-1.3B folder, calibrated (once) at this size and step count."""
+    from gpu import ensure_model_folder
+
+    from vidloom import VideoGenerator
+    from vidloom.cache.calibrate import CALIBRATION_FILE, calibrate, write_calibration
+
+    folder = ensure_model_folder(30, torch.device("cpu"))
+    if not (folder / CALIBRATION_FILE).exists():
+        start = time.perf_counter()
+        gen = VideoGenerator.from_pretrained(folder, dtype="fp32")
+        calibration, _ = calibrate(gen, PROMPTS[3:5], steps, **{k: v for k, v in sampling.items()
+                                                                 if k != "num_inference_steps"})
+        write_calibration(folder, calibration)
+        print(f"calibrated {folder} on 2 prompts x {steps} steps in {time.perf_counter() - start:.0f} s")
+        del gen
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, default=None)
@@ -116,20 +142,29 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--caches", default=",".join(CACHES))
     parser.add_argument("--plot", type=Path, default=Path("outputs/cache.png"))
+    parser.add_argument("--size", default=None, help="WxH (default: the shipped model's)")
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--wan13b", action="store_true", help="the Wan2.1-1.3B architecture, random weights")
     args = parser.parse_args()
 
     from vidloom import VideoGenerator
 
-    folder = args.model or DEFAULT_MODEL_DIR
+    base = dict(DEFAULT_MODEL_SAMPLING)
+    if args.size:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+        base.update(width=width, height=height)
+    if args.frames:
+        base.update(num_frames=args.frames)
+    folder = args.model or (wan13b_folder(base, int(args.steps.split(",")[0])) if args.wan13b else DEFAULT_MODEL_DIR)
     gen = VideoGenerator.from_pretrained(folder, dtype="fp32")
     print(f"machine: {machine_description()}")
-    print(f"model: {folder}; {DEFAULT_MODEL_SAMPLING['width']}x{DEFAULT_MODEL_SAMPLING['height']}, "
-          f"{DEFAULT_MODEL_SAMPLING['num_frames']} frames, fp32, {args.prompts} prompts")
+    print(f"model: {folder}; {base['width']}x{base['height']}, {base['num_frames']} frames, fp32, "
+          f"{args.prompts} prompts")
     print(f"{'steps':>5} {'cache':32} {'speed-up':>8} {'PSNR dB':>8} {'SSIM':>6} {'skipped':>8} {'est.':>7}")
     rows = []
-    gen.generate(PROMPTS[0], **dict(DEFAULT_MODEL_SAMPLING, num_inference_steps=2))  # warm-up
+    gen.generate(PROMPTS[0], **dict(base, num_inference_steps=2))  # warm-up
     for steps in (int(s) for s in args.steps.split(",")):
-        sampling = dict(DEFAULT_MODEL_SAMPLING, num_inference_steps=steps)
+        sampling = dict(base, num_inference_steps=steps)
         for cache in args.caches.split(","):
             speed, psnrs, ssims, skipped, est = [], [], [], [], []
             for i, prompt in enumerate(PROMPTS[:args.prompts]):
