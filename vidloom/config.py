@@ -87,6 +87,13 @@ class EngineConfig:
     # two-expert models: only the expert serving the current step on the device, the other in CPU
     # memory (moved at the switch, once per request); halves the device memory the experts take
     offload_experts: bool = False
+    # the embeddings of this many recent prompts kept (0: none), so a repeated prompt (the negative
+    # prompt above all) needs no text encoder; at most 256 MiB of them
+    prompt_cache_size: int = 32
+    # how much of the model is kept in memory (vidloom.memory.levels): 0 every component resident;
+    # 1 the VAE decodes one frame per step; 2 one model component in memory at a time, each
+    # loaded when used. Out-of-memory recovery runs the failed unit again one level higher.
+    low_mem_level: int = 0
 
     def __post_init__(self):
         self.device = resolve_device(self.device)
@@ -106,6 +113,10 @@ class EngineConfig:
         if not (_is_int(self.vae_tile_overlap) and 0 <= self.vae_tile_overlap < self.vae_tile_size):
             raise ValueError(f"vae_tile_overlap: expected an integer in 0..{self.vae_tile_size - 1} (pixels, less "
                              f"than vae_tile_size), got {self.vae_tile_overlap!r}")
+        if not (_is_int(self.low_mem_level) and 0 <= self.low_mem_level <= 2):
+            raise ValueError(f"low_mem_level: expected an integer in 0..2, got {self.low_mem_level!r}")
+        if not (_is_int(self.prompt_cache_size) and 0 <= self.prompt_cache_size <= 4096):
+            raise ValueError(f"prompt_cache_size: expected an integer in 0..4096 (prompts), got {self.prompt_cache_size!r}")
         if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
             raise ValueError(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
         if self.refine_model is not None and not isinstance(self.refine_model, (str, os.PathLike)):

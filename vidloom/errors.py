@@ -53,18 +53,22 @@ class ResourceExhausted(VidloomError, MemoryError):
     size or with a lower-memory configuration; the engine itself is left usable."""
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error: torch's (CUDA's), Python's MemoryError (ours
+    included), or torch's CPU allocator's, which is a plain RuntimeError ("DefaultCPUAllocator:
+    can't allocate memory") - the one error recognised by more than its type."""
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        type(exc) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(exc))
+
+
 def engine_error(exc: BaseException) -> BaseException:
     """An error raised while a unit of work ran, as the engine's own type where it has one:
     torch's and the allocators' out-of-memory errors become ResourceExhausted (the cause kept).
     The one place an error is recognised by more than its type: torch's CPU allocator raises a
     plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
-    import torch
-
-    if isinstance(exc, VidloomError):
-        return exc
-    out_of_memory = isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
-        type(exc) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(exc))
-    if not out_of_memory:
+    if isinstance(exc, VidloomError) or not is_out_of_memory(exc):
         return exc
     error = ResourceExhausted(f"out of memory: {' '.join(str(exc).split())[:300]}")
     error.__cause__ = exc

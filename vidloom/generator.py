@@ -17,10 +17,12 @@ import torch
 
 from .config import EngineConfig, RequestLimits, SamplingParams
 from .parallel.state import check_layout, world_size_from_env
-from .errors import ModelLoadError, TaskCancelled, VidloomError, engine_error
+from .errors import ModelLoadError, TaskCancelled, VidloomError, engine_error, is_out_of_memory
 from .loader.plan import load_components, plan_folder
 from .loader.weights import changed_mapped_files
 from .memory import residency_for
+from .memory.levels import unit_level
+from .memory.recovery import run_again_higher
 from .pipelines.base import ComposedPipeline, Cursor, Phase, WorkUnit, run_units
 from .pipelines.batch import ForwardBatch
 from .request import CheckedRequest, checked_requests
@@ -79,6 +81,7 @@ class Task:
     result: VideoOutput | None = None
     created: float = field(default_factory=time.time)
     cursor: Cursor = (0, 0)  # where the next unit of work is (``ComposedPipeline.unit_at``)
+    memory_level: int = 0  # the memory level its units run at (raised by out-of-memory recovery)
     _cancel_requested: bool = False
 
     @property
@@ -188,10 +191,9 @@ class VideoGenerator:
             config = dataclasses.replace(config, device=str(local_device(config.torch_device)))
             parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device)
         residency = residency_for(config)  # where each component lives while the stages use it
-        residency.add(load_components(plan.plans, config, residency.load_device))
+        load_components(plan.plans, config, residency)
         if plan.refine is not None:
-            refine_device = lambda name: residency.load_device(f"refine.{name}")  # noqa: E731
-            residency.add(load_components(plan.refine.plans, config, refine_device), "refine.")
+            load_components(plan.refine.plans, config, residency, "refine.")
         pipeline = plan.pipeline(residency, config, plan.limits, plan.variant, parallel,
                                  refine=plan.refine.variant if plan.refine else None, calibration=plan.calibration)
         return cls(pipeline, config, Path(path), parallel)
@@ -233,7 +235,8 @@ class VideoGenerator:
         self.check_weight_files()
         batch = ForwardBatch.for_request(checked.params, checked.images)
         return Task(id=f"task-{next(self._ids)}", params=checked.params, batch=batch,
-                    total_units=self.pipeline.total_units(batch), callback=callback)
+                    total_units=self.pipeline.total_units(batch), callback=callback,
+                    memory_level=self.config.low_mem_level)
 
     def step(self, task: Task) -> Task:
         """Do exactly one unit of work of ``task`` (text encoding, one denoising step, decoding, export)."""
@@ -304,7 +307,12 @@ class VideoGenerator:
         whose unit fails is FAILED with the error, its batch as it was before the unit."""
         for task, unit in pairs:
             task.state = _PHASE_STATES[unit.stage.phase]
-        results = run_units([unit for _, unit in pairs], [task.batch for task, _ in pairs])
+        with unit_level(max(task.memory_level for task, _ in pairs)):
+            results = run_units([unit for _, unit in pairs], [task.batch for task, _ in pairs])
+        for k, ((task, unit), result) in enumerate(zip(pairs, results)):
+            if is_out_of_memory(result):  # run again alone, at the next memory levels
+                results[k], task.memory_level = run_again_higher(unit, task.batch, task.memory_level, result,
+                                                                 self.config.torch_device)
         for (task, unit), result in zip(pairs, results):
             if isinstance(result, Exception):  # out of memory as ResourceExhausted: callers tell errors by type
                 task.state, task.error = TaskState.FAILED, engine_error(result)

@@ -89,7 +89,7 @@ def test_stages_hold_handles_and_every_use_goes_through_the_policy(tiny_wan_dir,
     assert np.array_equal(out.frames, tiny_generator.generate("a cat", **kwargs).frames)
     # several requests: each shared step is one use of the transformer
     policy.events.clear()
-    tasks = gen.submit_many(["a cat", "a dog"], **kwargs)
+    tasks = gen.submit_many(["a bird", "a dog"], **kwargs)  # prompts not seen (not in the prompt cache)
     gen.run_many(tasks)
     assert policy.uses().count("transformer") == 1 + 1 + 2  # each request's first step alone, then shared
     assert policy.uses().count("text_encoder") == 2 and policy.uses().count("vae") == 2 and policy.balanced()

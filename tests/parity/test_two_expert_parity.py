@@ -214,12 +214,12 @@ def test_offload_experts_keeps_one_expert_on_the_device(two_expert_dir, monkeypa
     moves are recorded instead of made (the compute device stands in as "meta"); the video is the
     one without offload."""
     from vidloom.memory.expert_offload import ExpertOffload
-    from vidloom.memory.residency import Residency
+    from vidloom.memory.levels import LevelResidency
 
     plain = VideoGenerator.from_pretrained(two_expert_dir, dtype="fp32")
     gen = VideoGenerator.from_pretrained(two_expert_dir, dtype="fp32", offload_experts=True)
     residency = gen.pipeline.residency
-    assert isinstance(residency, ExpertOffload) and type(plain.pipeline.residency) is Residency
+    assert isinstance(residency, ExpertOffload) and type(plain.pipeline.residency) is LevelResidency
     assert residency.load_device("transformer_2") == torch.device("cpu")  # it waits in CPU memory
     moves, where = [], {}
     for i, name in enumerate(("transformer", "transformer_2")):

@@ -45,13 +45,15 @@ from .weights import SafetensorsFile, check_layer_counts, find_weight_files, loa
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[torch.device, torch.dtype, bool], Any]  # (device, dtype, map_weights) -> component
+# (device, dtype, map_weights, stored) -> component; ``stored``: a model's repeated blocks keep
+# their checkpoint dtype and compute in ``dtype`` block by block (``loader.stored``); others ignore it
+Loader = Callable[..., Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class ComponentPlan:
     """A checked component: ``config`` is what later checks and limits read (an architecture
-    config, a dict of facts, or None); ``load(device, dtype, map_weights)`` builds it."""
+    config, a dict of facts, or None); ``load(device, dtype, map_weights, stored=False)`` builds it."""
 
     name: str
     library: str
@@ -132,7 +134,17 @@ def _plan_dit(folder: Path):
     from ..models.wan_dit import WanDiT
 
     prepared = prepare_model(WanDiT, folder)
-    return prepared.config, lambda device, dtype, map_weights: load_prepared(prepared, device, dtype, map_weights)
+
+    def load(device, dtype, map_weights, stored=False):
+        transforms = None
+        if stored:
+            from .stored import StoredBlocks
+            from .transforms import default_transforms
+
+            transforms = default_transforms() + (StoredBlocks(dtype, WanDiT.keep_fp32),)
+        return load_prepared(prepared, device, dtype, map_weights, transforms)
+
+    return prepared.config, load
 
 
 def _plan_vae(folder: Path):
@@ -140,7 +152,8 @@ def _plan_vae(folder: Path):
 
     prepared = prepare_model(WanVAE, folder)
     _check_rgb_video(prepared.config, folder / "config.json")
-    return prepared.config, lambda device, dtype, map_weights: load_prepared(prepared, device, dtype, map_weights)
+    return prepared.config, lambda device, dtype, map_weights, stored=False: load_prepared(prepared, device, dtype,
+                                                                                          map_weights)
 
 
 RGB_CHANNELS = 3
@@ -177,6 +190,7 @@ class TransformersModel:
     layers: tuple[tuple[str, Callable], ...]
     shapes: Callable[[dict], dict[str, tuple[int, ...]]]
     tied: tuple[str, ...] = ()  # key suffixes a checkpoint may omit (tied to another tensor)
+    blocks: str | None = None  # the module path of its repeated blocks (``loader.stored``)
 
 
 UMT5 = TransformersModel(
@@ -186,6 +200,7 @@ UMT5 = TransformersModel(
     ((r"encoder\.block\.(\d+)\.", lambda config: config["num_layers"]),),
     lambda c: {key: (c["vocab_size"], c["d_model"]) for key in ("shared.weight", "encoder.embed_tokens.weight")},
     tied=("embed_tokens.weight",),  # UMT5's encoder embedding is stored once as "shared"
+    blocks="encoder.block",
 )
 
 
@@ -224,15 +239,18 @@ def _plan_transformers_model(spec: TransformersModel, folder: Path):
             raise ModelLoadError(f"shape mismatch: checkpoint {shapes[key]} vs config {shape}", file=str(files[0]),
                                  key=key)
 
-    def load(device, dtype, map_weights):
-        return _load_transformers_model(spec, folder, device, dtype)
+    def load(device, dtype, map_weights, stored=False):
+        return _load_transformers_model(spec, folder, device, dtype, stored)
 
     return config, load
 
 
-def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtype):
+def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtype, stored: bool = False):
     import transformers
 
+    compute = dtype
+    if stored and spec.blocks is not None:  # the checkpoint's dtype kept in the blocks (loader.stored)
+        dtype = _stored_dtype(folder) or dtype
     try:
         model, info = getattr(transformers, spec.class_name).from_pretrained(
             str(folder), dtype=dtype, output_loading_info=True, local_files_only=True, use_safetensors=True,
@@ -249,8 +267,21 @@ def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtyp
         if not p.dtype.is_floating_point:
             raise ModelLoadError(f"{spec.what} parameter stored as {p.dtype}", file=str(folder), key=name)
     model = model.to(device).eval().requires_grad_(False)
+    if compute is not None and dtype != compute:
+        from .stored import keep_transformers_blocks_stored
+
+        keep_transformers_blocks_stored(model, model.get_submodule(spec.blocks), compute)
     # without a dtype asked for, transformers keeps the checkpoint's: decided here, once
-    return record_compute_dtype(model, dtype if dtype is not None else model.dtype)
+    return record_compute_dtype(model, compute if compute is not None else model.dtype)
+
+
+def _stored_dtype(folder: Path) -> torch.dtype | None:
+    """The one floating dtype of a transformers checkpoint's tensors (None: several or none)."""
+    dtypes = set()
+    for file in find_weight_files(folder, stems=("model",)):
+        with SafetensorsFile(file) as st:
+            dtypes |= {entry.dtype for entry in st.entries if entry.dtype.is_floating_point}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def refuse_custom_code(config: dict[str, Any], path: Path) -> None:
@@ -297,7 +328,7 @@ def _plan_tokenizer(folder: Path):
     if isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw < UNSET_MAX_LENGTH:
         facts["model_max_length"] = raw
 
-    def load(device, dtype, map_weights):
+    def load(device, dtype, map_weights, stored=False):
         from transformers import AutoTokenizer
 
         try:
@@ -453,7 +484,7 @@ def _plan_image_processor(folder: Path):
     _refuse_custom_code_in(folder, "config.json")
     facts = _read_image_processor(data, path)
 
-    def load(device, dtype, map_weights):
+    def load(device, dtype, map_weights, stored=False):
         from transformers import AutoImageProcessor
 
         try:
@@ -472,7 +503,7 @@ def _plan_scheduler(folder: Path):
         scheduler = scheduler_from_config(read_json_object(path, "scheduler_config.json"))
     except ValueError as exc:
         raise ModelLoadError(f"unsupported scheduler config ({exc})", file=str(path)) from exc
-    return scheduler.config, lambda device, dtype, map_weights: scheduler
+    return scheduler.config, lambda device, dtype, map_weights, stored=False: scheduler
 
 
 # (library, class name) -> planner(folder) -> (config, load)

@@ -143,14 +143,38 @@ def _plan_one(path: Path, config: EngineConfig) -> FolderPlan:
                       calibration=read_calibration(path))
 
 
-def load_components(plans: dict[str, ComponentPlan], config: EngineConfig,
-                    device_for: Callable[[str], torch.device]) -> dict:
-    """Every planned component, in its resolved dtype, on ``device_for(name)`` (the residency
-    policy's ``load_device``)."""
+def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, residency, prefix: str = "") -> None:
+    """Give the residency policy (``memory.residency``) every planned component, names prefixed
+    with ``prefix``: tokenizers, schedulers and image processors loaded now; the models (the
+    transformers, text and image encoders, VAE) as plans, each loaded in its resolved dtype when
+    the policy decides (with the engine, or at its first use)."""
+    from ..memory.residency import Planned
+
     dtypes = config.resolved_dtypes()
-    components = {}
+    small, models = {}, {}
     for name, plan in plans.items():
-        dtype = dtypes.get(COMPONENT_DTYPE.get(name, ""), torch.float32)
-        log.info("loading %s (%s.%s) as %s", name, plan.library, plan.class_name, dtype)
-        components[name] = plan.load(device_for(name), dtype, config.map_weights)
-    return components
+        if name not in COMPONENT_DTYPE:
+            small[name] = plan.load(residency.load_device(prefix + name), torch.float32, config.map_weights)
+            continue
+        dtype = dtypes[COMPONENT_DTYPE[name]]
+        models[name] = Planned(plan.config, dtype, plan.class_name,
+                               _loader(plan, dtype, config.map_weights, stored_blocks(config, dtype)))
+    residency.add(small, prefix)
+    residency.add_planned(models, prefix)
+
+
+def stored_blocks(config: EngineConfig, dtype: torch.dtype) -> bool:
+    """Whether models keep their blocks' checkpoint dtype (``loader.stored``): from memory level
+    2, for components computing in float32 (bf16 checkpoints are then never widened whole)."""
+    from ..memory.levels import ONE_COMPONENT
+
+    return config.low_mem_level >= ONE_COMPONENT and dtype == torch.float32
+
+
+def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: bool) -> Callable[[torch.device], Any]:
+    def load(device: torch.device):
+        log.info("loading %s (%s.%s) as %s%s", plan.name, plan.library, plan.class_name, dtype,
+                 ", blocks as stored" if stored else "")
+        return plan.load(device, dtype, map_weights, stored=stored)
+
+    return load

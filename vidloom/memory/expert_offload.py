@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import torch
 
-from .residency import Residency
+from .levels import ONE_COMPONENT, LevelResidency, level_now
 
 CPU = torch.device("cpu")
 # the experts that take turns on the device: a folder's, and a refine folder's
 EXPERT_PAIRS = (("transformer", "transformer_2"), ("refine.transformer", "refine.transformer_2"))
 
 
-class ExpertOffload(Residency):
+class ExpertOffload(LevelResidency):
     def load_device(self, name: str) -> torch.device:
         return CPU if name.endswith("transformer_2") else self.device
 
     def acquire(self, name: str) -> torch.nn.Module:
-        module = self._components[name]
+        if level_now(self.level) >= ONE_COMPONENT:  # a unit run again higher: one component at a time
+            return super().acquire(name)
+        module = self.loaded(name)
         for pair in EXPERT_PAIRS:
             if name in pair:
                 for other in pair:

@@ -19,7 +19,7 @@ from .base import ComposedPipeline, parallel_parts, tile_spreader
 from .stages.model_call import PlainCall
 from .stages import (
     DecodingStage, DenoisingStage, FirstFrameStage, ImageEncodingStage, InputValidationStage, LatentPreparationStage,
-    RefineStage, TextEncodingStage, TimestepPreparationStage,
+    PromptCache, RefineStage, TextEncodingStage, TimestepPreparationStage,
 )
 from .wan_variant import WanVariant, check_refine_fits, first_transformer
 
@@ -67,10 +67,10 @@ class WanT2VPipeline(ComposedPipeline):
         # the latents are the VAE's (for text-to-video the DiT takes them as they are)
         self.input_validation = InputValidationStage(limits, vae.config.z_dim)
         self.decoding = DecodingStage(vae, config.vae_tiling, config.vae_tile_size, config.vae_tile_overlap,
-                                      map_tiles=tile_spreader(parallel))
+                                      map_tiles=tile_spreader(parallel), level=config.low_mem_level)
         super().__init__(
             [
-                TextEncodingStage(text_encoder, dit.dtype, device),
+                TextEncodingStage(text_encoder, dit.dtype, device, PromptCache(config.prompt_cache_size)),
                 *self.conditioning_stages(components, config, dit.dtype, variant),
                 TimestepPreparationStage(components["scheduler"], device),
                 LatentPreparationStage(vae.config.z_dim, vae.config.spatial_factor, limits.temporal_factor, device),

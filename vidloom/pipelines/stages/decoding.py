@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ...memory.levels import STREAMING_DECODE, level_now
 from ...memory.residency import handle_of
 from ..base import Phase, PipelineStage, VerificationResult, is_tensor
 from ..batch import ForwardBatch
@@ -12,15 +13,18 @@ class DecodingStage(PipelineStage):
 
     ``output_type="latent"`` skips it. The VAE runs in its own dtype (fp32 by default).
     ``map_tiles`` (``parallel.vae.TileSpreader`` in a multi-process run) spreads the tiles of the
-    tiled decode over the processes; the decode is then always tiled.
+    tiled decode over the processes; the decode is then always tiled. From memory level 1
+    (``memory.levels``; ``level``: the engine's) the whole decode runs one frame per step.
     """
 
     name = "decoding"
     phase = Phase.DECODING
 
-    def __init__(self, vae, tiling: bool = False, tile_size: int = 256, tile_overlap: int = 64, map_tiles=None):
+    def __init__(self, vae, tiling: bool = False, tile_size: int = 256, tile_overlap: int = 64, map_tiles=None,
+                 level: int = 0):
         """``vae``: the VAE's handle (``memory.residency``), or the module itself."""
         self.vae = handle_of(vae, "vae")
+        self.level = level
         self.tiling = tiling or map_tiles is not None
         self.map_tiles = map_tiles
         self.tile_size = tile_size
@@ -44,6 +48,10 @@ class DecodingStage(PipelineStage):
                 tile, overlap = self.tile_size // factor, self.tile_overlap // factor
                 video = vae.decode_tiled(z, tile_latent=(tile, tile), overlap_latent=(overlap, overlap),
                                          map_tiles=self.map_tiles)
+            elif level_now(self.level) >= STREAMING_DECODE:
+                stream = vae.stream_decoder()
+                stream.step_elements = 1  # one frame per step at every stage: the smallest working set
+                video = stream.push(z)
             else:
                 video = vae.decode(z)
         return (video.float() * 0.5 + 0.5).clamp(0, 1)
