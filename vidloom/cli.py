@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a model folder")
     info.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    info.add_argument("--height", type=int, default=None, help="the request the memory estimate is for "
+                      "(default: the folder's default size)")
+    info.add_argument("--width", type=int, default=None)
+    info.add_argument("--num-frames", type=int, default=None)
+    _add_dataclass_flags(info.add_argument_group("engine"), EngineConfig, dest_prefix="e_")
 
     serve = sub.add_parser("serve", help="serve the OpenAI Videos API (/v1/videos) over a durable job queue")
     serve.add_argument("--model", type=Path, default=None, help="default: the shipped model")
@@ -390,7 +395,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, spec in index.items():
         if not name.startswith("_"):
             print(f"  {printable(name)}: {printable(spec)}")
+    print_memory_estimate(folder, args)
     return 0
+
+
+def print_memory_estimate(folder: Path, args: argparse.Namespace) -> None:
+    """Each model component's bytes in memory and the estimated peak of a request at each level."""
+    from .loader.plan import COMPONENT_DTYPE, plan_folder, stored_blocks
+    from .memory.budget import level_peaks
+    from .memory.estimate import GIB, component_bytes, machine_memory
+
+    config = EngineConfig.from_options(**_collect(args, "e_"))
+    try:
+        plan = plan_folder(folder, config)
+    except (VidloomError, ValueError) as exc:
+        print(f"memory: not estimated ({printable(str(exc))})")
+        return
+    size = {"num_frames": SamplingParams.num_frames, "height": SamplingParams.height, "width": SamplingParams.width,
+            **sampling_defaults(folder)}
+    frames, height, width = (args.num_frames or size["num_frames"], args.height or size["height"],
+                             args.width or size["width"])
+    dtypes = config.resolved_dtypes()
+    print(f"memory (a {frames}x{height}x{width} request, guided; {machine_memory(config.torch_device) / GIB:.1f} GiB "
+          "available now):")
+    for name, component in plan.plans.items():
+        if name in COMPONENT_DTYPE:
+            dtype = dtypes[COMPONENT_DTYPE[name]]
+            widened = component_bytes(component.folder, name, dtype, False)
+            stored = component_bytes(component.folder, name, dtype, True)
+            note = f" ({stored / GIB:.2f} GiB with blocks as stored, level 2)" if stored != widened else ""
+            print(f"  {printable(name):14} {widened / GIB:7.2f} GiB as {str(dtype).removeprefix('torch.')}{note}")
+    for level, peak in level_peaks(plan.plans, config, frames, height, width).items():
+        print(f"  low_mem_level {level}: estimated peak {peak / GIB:.2f} GiB")
 
 
 def printable(value) -> str:

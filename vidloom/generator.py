@@ -21,6 +21,7 @@ from .errors import ModelLoadError, TaskCancelled, VidloomError, engine_error, i
 from .loader.plan import load_components, plan_folder
 from .loader.weights import changed_mapped_files
 from .memory import residency_for
+from .memory.budget import engine_level, request_level
 from .memory.levels import unit_level
 from .memory.recovery import run_again_higher
 from .pipelines.base import ComposedPipeline, Cursor, Phase, WorkUnit, run_units
@@ -168,6 +169,8 @@ class VideoGenerator:
         self.model_path = model_path
         self.parallel = parallel  # parallel.ParallelState when several processes share the work
         self._ids = itertools.count(1)
+        self.budget = None  # memory.budget.Budget the requests are held to (from_pretrained sets it)
+        self._plans: dict = {}
 
     @property
     def is_main_process(self) -> bool:
@@ -181,6 +184,10 @@ class VideoGenerator:
         elif engine_options:
             raise ValueError("pass either config= or engine options, not both")
         plan = plan_folder(path, config)
+        from .default_model import sampling_defaults
+
+        # the memory level, from the budget (max_memory, or the memory available) before loading
+        config, budget = engine_level(plan, config, sampling_defaults(path), processes=world_size_from_env())
         parallel = None
         if config.sp_size > 1 or config.cfg_parallel or world_size_from_env() > 1:
             from .parallel.state import ParallelState, local_device
@@ -196,7 +203,9 @@ class VideoGenerator:
             load_components(plan.refine.plans, config, residency, "refine.")
         pipeline = plan.pipeline(residency, config, plan.limits, plan.variant, parallel,
                                  refine=plan.refine.variant if plan.refine else None, calibration=plan.calibration)
-        return cls(pipeline, config, Path(path), parallel)
+        generator = cls(pipeline, config, Path(path), parallel)
+        generator.budget, generator._plans = budget, plan.plans
+        return generator
 
     @staticmethod
     def request_limits(path: str | Path, config: EngineConfig | None = None) -> RequestLimits:
@@ -217,7 +226,13 @@ class VideoGenerator:
         many of the requests give it."""
         for params in requests:
             self.pipeline.validate_request(params)
+            self._memory_level(params)  # a request no memory level fits is refused here
         return checked_requests(requests, self.pipeline.limits)
+
+    def _memory_level(self, params: SamplingParams) -> int:
+        """The memory level a request starts at (``memory.budget``)."""
+        return request_level(self._plans, self.config, self.budget, params) if self.budget else \
+            self.config.low_mem_level or 0
 
     # --- task API -------------------------------------------------------------------------------
     def submit(self, prompt: str | CheckedRequest = "", callback: StepCallback | None = None, **sampling) -> Task:
@@ -236,7 +251,7 @@ class VideoGenerator:
         batch = ForwardBatch.for_request(checked.params, checked.images)
         return Task(id=f"task-{next(self._ids)}", params=checked.params, batch=batch,
                     total_units=self.pipeline.total_units(batch), callback=callback,
-                    memory_level=self.config.low_mem_level)
+                    memory_level=self._memory_level(checked.params))
 
     def step(self, task: Task) -> Task:
         """Do exactly one unit of work of ``task`` (text encoding, one denoising step, decoding, export)."""

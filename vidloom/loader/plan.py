@@ -168,7 +168,7 @@ def stored_blocks(config: EngineConfig, dtype: torch.dtype) -> bool:
     2, for components computing in float32 (bf16 checkpoints are then never widened whole)."""
     from ..memory.levels import ONE_COMPONENT
 
-    return config.low_mem_level >= ONE_COMPONENT and dtype == torch.float32
+    return (config.low_mem_level or 0) >= ONE_COMPONENT and dtype == torch.float32
 
 
 def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: bool) -> Callable[[torch.device], Any]:

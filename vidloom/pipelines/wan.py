@@ -67,7 +67,7 @@ class WanT2VPipeline(ComposedPipeline):
         # the latents are the VAE's (for text-to-video the DiT takes them as they are)
         self.input_validation = InputValidationStage(limits, vae.config.z_dim)
         self.decoding = DecodingStage(vae, config.vae_tiling, config.vae_tile_size, config.vae_tile_overlap,
-                                      map_tiles=tile_spreader(parallel), level=config.low_mem_level)
+                                      map_tiles=tile_spreader(parallel), level=config.low_mem_level or 0)
         super().__init__(
             [
                 TextEncodingStage(text_encoder, dit.dtype, device, PromptCache(config.prompt_cache_size)),
