@@ -401,7 +401,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def print_memory_estimate(folder: Path, args: argparse.Namespace) -> None:
     """Each model component's bytes in memory and the estimated peak of a request at each level."""
-    from .loader.plan import COMPONENT_DTYPE, plan_folder, stored_blocks
+    from .loader.plan import COMPONENT_DTYPE, plan_folder
     from .memory.budget import level_peaks
     from .memory.estimate import GIB, component_bytes, machine_memory
 
@@ -421,8 +421,8 @@ def print_memory_estimate(folder: Path, args: argparse.Namespace) -> None:
     for name, component in plan.plans.items():
         if name in COMPONENT_DTYPE:
             dtype = dtypes[COMPONENT_DTYPE[name]]
-            widened = component_bytes(component.folder, name, dtype, False)
-            stored = component_bytes(component.folder, name, dtype, True)
+            sizes = component_bytes(component.folder, name, dtype)
+            widened, stored = sizes.widened, sizes.stored
             note = f" ({stored / GIB:.2f} GiB with blocks as stored, level 2)" if stored != widened else ""
             print(f"  {printable(name):14} {widened / GIB:7.2f} GiB as {str(dtype).removeprefix('torch.')}{note}")
     for level, peak in level_peaks(plan.plans, config, frames, height, width).items():

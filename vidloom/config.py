@@ -92,7 +92,8 @@ class EngineConfig:
     prompt_cache_size: int = 32
     # how much of the model is kept in memory (vidloom.memory.levels): 0 every component resident;
     # 1 the VAE decodes one frame per step; 2 one model component in memory at a time, each
-    # loaded when used. None: the lowest level whose estimate fits the memory available (or
+    # loaded when used; 3 the DiT's and text encoder's blocks streamed (their mapped pages released
+    # after each block). None: the lowest level whose estimate fits the memory available (or
     # max_memory). Out-of-memory recovery runs the failed unit again one level higher.
     low_mem_level: int | None = None
     # a memory budget ("8GiB", "512MiB", "16GB" or bytes): the engine's level, and each request's,
@@ -117,8 +118,8 @@ class EngineConfig:
         if not (_is_int(self.vae_tile_overlap) and 0 <= self.vae_tile_overlap < self.vae_tile_size):
             raise ValueError(f"vae_tile_overlap: expected an integer in 0..{self.vae_tile_size - 1} (pixels, less "
                              f"than vae_tile_size), got {self.vae_tile_overlap!r}")
-        if self.low_mem_level is not None and not (_is_int(self.low_mem_level) and 0 <= self.low_mem_level <= 2):
-            raise ValueError(f"low_mem_level: expected an integer in 0..2 (or none: chosen by memory), "
+        if self.low_mem_level is not None and not (_is_int(self.low_mem_level) and 0 <= self.low_mem_level <= 3):
+            raise ValueError(f"low_mem_level: expected an integer in 0..3 (or none: chosen by memory), "
                              f"got {self.low_mem_level!r}")
         if self.max_memory is not None:
             from .memory.estimate import parse_bytes

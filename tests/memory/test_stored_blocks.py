@@ -16,8 +16,7 @@ from vidloom import VideoGenerator
 KW = dict(height=32, width=48, num_frames=9, num_inference_steps=3, guidance_scale=4.0, seed=3)
 
 
-@pytest.fixture(scope="module")
-def bf16_dir(tiny_wan_dir, tmp_path_factory):
+def bf16_copy(tiny_wan_dir, tmp_path_factory):
     """The tiny folder with every floating tensor stored in bf16 (the VAE's too)."""
     folder = tmp_path_factory.mktemp("tiny_bf16") / "model"
     shutil.copytree(tiny_wan_dir, folder)
@@ -25,6 +24,11 @@ def bf16_dir(tiny_wan_dir, tmp_path_factory):
         tensors = load_file(str(path))
         save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}, str(path))
     return folder
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tiny_wan_dir, tmp_path_factory):
+    return bf16_copy(tiny_wan_dir, tmp_path_factory)
 
 
 def test_blocks_stay_bf16_and_the_video_is_the_widened_models(bf16_dir):

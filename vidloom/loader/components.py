@@ -191,6 +191,7 @@ class TransformersModel:
     shapes: Callable[[dict], dict[str, tuple[int, ...]]]
     tied: tuple[str, ...] = ()  # key suffixes a checkpoint may omit (tied to another tensor)
     blocks: str | None = None  # the module path of its repeated blocks (``loader.stored``)
+    tied_to: dict[str, str] = dataclasses.field(default_factory=dict)  # a key a checkpoint may omit -> its source
 
 
 UMT5 = TransformersModel(
@@ -201,6 +202,7 @@ UMT5 = TransformersModel(
     lambda c: {key: (c["vocab_size"], c["d_model"]) for key in ("shared.weight", "encoder.embed_tokens.weight")},
     tied=("embed_tokens.weight",),  # UMT5's encoder embedding is stored once as "shared"
     blocks="encoder.block",
+    tied_to={"encoder.embed_tokens.weight": "shared.weight"},
 )
 
 
@@ -250,6 +252,8 @@ def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtyp
 
     compute = dtype
     if stored and spec.blocks is not None:  # the checkpoint's dtype kept in the blocks (loader.stored)
+        if torch.device(device).type == "cpu":
+            return _load_transformers_mapped(spec, folder, compute)
         dtype = _stored_dtype(folder) or dtype
     try:
         model, info = getattr(transformers, spec.class_name).from_pretrained(
@@ -273,6 +277,59 @@ def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtyp
         keep_transformers_blocks_stored(model, model.get_submodule(spec.blocks), compute)
     # without a dtype asked for, transformers keeps the checkpoint's: decided here, once
     return record_compute_dtype(model, compute if compute is not None else model.dtype)
+
+
+def _load_transformers_mapped(spec: TransformersModel, folder: Path, compute: torch.dtype):
+    """A transformers model built on meta and filled with views of its mapped safetensors files
+    as stored (no copy), checked as transformers checks a checkpoint (every parameter filled, no
+    key left over, shapes equal); its blocks then computed in ``compute`` block by block and the
+    rest widened (``loader.stored.keep_transformers_blocks_stored``). On the CPU only."""
+    import transformers
+
+    from .stored import keep_transformers_blocks_stored
+    from .weights import FileSnapshot
+
+    cls = getattr(transformers, spec.class_name)
+    try:
+        with torch.device("meta"):
+            model = cls(cls.config_class.from_pretrained(str(folder), local_files_only=True))
+    except Exception as exc:
+        raise ModelLoadError(f"{spec.what} failed to load ({one_line(exc)})", file=str(folder)) from exc
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    values: dict[str, torch.Tensor] = {}
+    snapshots, storages = [], set()
+    for path in find_weight_files(folder, stems=("model",)):
+        with SafetensorsFile(path) as file:
+            mapping = file.mapping()
+            snapshots.append(FileSnapshot.of(path))
+            storages.add(mapping.data_ptr())
+            for entry in file.entries:
+                if entry.key not in expected:
+                    raise ModelLoadError(f"{spec.what} checkpoint has unexpected keys", file=str(folder), key=entry.key)
+                if tuple(expected[entry.key].shape) != entry.shape or not entry.dtype.is_floating_point:
+                    raise ModelLoadError(f"{spec.what} checkpoint has mismatched keys", file=str(folder), key=entry.key)
+                if entry.offset % entry.dtype.itemsize:
+                    raise ModelLoadError(f"{spec.what} tensor is not aligned for its dtype", file=str(folder),
+                                         key=entry.key)
+                values[entry.key] = file.view(mapping, entry)
+    for name, tied in spec.tied_to.items():
+        if name not in values and tied in values:
+            values[name] = values[tied]
+    missing = [name for name in expected if name not in values]
+    if missing:
+        raise ModelLoadError(f"{spec.what} checkpoint has missing keys", file=str(folder), key=missing[0])
+    parameters: dict[int, torch.nn.Parameter] = {}  # one Parameter per stored tensor: ties stay tied
+    for name, value in values.items():
+        owner, _, leaf = name.rpartition(".")
+        param = parameters.setdefault(id(value), torch.nn.Parameter(value, requires_grad=False))
+        modules[owner]._parameters[leaf] = param
+    if any(b.is_meta for b in model.buffers()):
+        raise ModelLoadError(f"{spec.what} has buffers the checkpoint cannot fill", file=str(folder))
+    model = model.eval().requires_grad_(False)
+    keep_transformers_blocks_stored(model, model.get_submodule(spec.blocks), compute)
+    model.mapped_files, model.mapped_storages = tuple(snapshots), storages
+    return record_compute_dtype(model, compute)
 
 
 def _stored_dtype(folder: Path) -> torch.dtype | None:

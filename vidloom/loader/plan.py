@@ -158,7 +158,8 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
             continue
         dtype = dtypes[COMPONENT_DTYPE[name]]
         models[name] = Planned(plan.config, dtype, plan.class_name,
-                               _loader(plan, dtype, config.map_weights, stored_blocks(config, dtype)))
+                               _loader(plan, dtype, config.map_weights, stored_blocks(config, dtype),
+                                       config.low_mem_level or 0))
     residency.add(small, prefix)
     residency.add_planned(models, prefix)
 
@@ -171,10 +172,18 @@ def stored_blocks(config: EngineConfig, dtype: torch.dtype) -> bool:
     return (config.low_mem_level or 0) >= ONE_COMPONENT and dtype == torch.float32
 
 
-def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: bool) -> Callable[[torch.device], Any]:
+def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: bool,
+            level: int) -> Callable[[torch.device], Any]:
+    """``plan``'s loader; a model with mapped blocks releases their pages after each block runs
+    while the work runs at memory level 3 (``level``: the engine's; a unit may run higher)."""
+    from ..memory.levels import STREAMING_BLOCKS, level_now
+    from .stored import stream_blocks
+
     def load(device: torch.device):
         log.info("loading %s (%s.%s) as %s%s", plan.name, plan.library, plan.class_name, dtype,
                  ", blocks as stored" if stored else "")
-        return plan.load(device, dtype, map_weights, stored=stored)
+        module = plan.load(device, dtype, map_weights, stored=stored)
+        stream_blocks(module, lambda: level_now(level) >= STREAMING_BLOCKS)
+        return module
 
     return load

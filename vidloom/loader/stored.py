@@ -111,3 +111,36 @@ def keep_transformers_blocks_stored(model: torch.nn.Module, blocks: torch.nn.Mod
     compute_blocks_in(blocks, compute)
     compute_embeddings_in(model, compute)
     return model
+
+
+def block_list(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """A model's repeated blocks: vidloom's DiT's ``blocks``, a T5 encoder's ``encoder.block``."""
+    for path in ("blocks", "encoder.block"):
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, torch.nn.ModuleList):
+            return blocks
+    return None
+
+
+def stream_blocks(model: torch.nn.Module, active) -> None:
+    """After each block's forward, while ``active()`` (the memory level streams blocks), the
+    pages of its parameters that are views of the model's file mappings are released
+    (``loader.pages``); the next use reads them from the file again."""
+    from .pages import mapped, release_pages
+
+    storages = getattr(model, "mapped_storages", set())
+    blocks = block_list(model)
+    if not storages or blocks is None:
+        return
+
+    def release(block, args, output):
+        if active():
+            for p in block.parameters():
+                if mapped(p, storages):
+                    release_pages(p)
+
+    for block in blocks:
+        block.register_forward_hook(release, always_call=True)

@@ -480,6 +480,7 @@ def load_prepared(prepared: PreparedModel, device="cpu", dtype=torch.float32, ma
     modules = dict(model.named_modules())
     filled: set[str] = set()  # checkpoint keys consumed
     mapped: list[FileSnapshot] = []
+    storages: set[int] = set()  # the mappings' addresses (what ``loader.pages`` may release)
     for path in prepared.files:
         with SafetensorsFile(path) as file:
             jobs, mapping = [], None
@@ -492,12 +493,14 @@ def load_prepared(prepared: PreparedModel, device="cpu", dtype=torch.float32, ma
                     if mapping is None:
                         mapping = file.mapping()
                         mapped.append(FileSnapshot.of(path))
+                        storages.add(mapping.data_ptr())
                     _set_tensor(modules, name, file.view(mapping, entry))
                 else:
                     jobs.append((entry, _destination(modules, fill, expected[name]), fill.convert))
             _read_all(file, jobs)
     _check_filled(model, model_cls, expected, filled, folder)
     model.mapped_files = tuple(mapped)
+    model.mapped_storages = storages
     record_compute_dtype(model, dtype)
     return model.eval()
 

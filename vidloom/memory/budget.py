@@ -17,7 +17,7 @@ from ..config import EngineConfig, SamplingParams
 from ..errors import InvalidRequestError
 from ..loader.plan import COMPONENT_DTYPE, stored_blocks
 from .estimate import GIB, Sizes, component_sizes, estimate, machine_memory, parse_bytes
-from .levels import LEVELS, ONE_COMPONENT
+from .levels import LEVELS, ONE_COMPONENT, STREAMING_BLOCKS
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def level_peaks(plans: dict, config: EngineConfig, num_frames: int, height: int,
         at = level if loaded_level is None else loaded_level
         stored = {name: at >= ONE_COMPONENT and stored_blocks(dataclasses.replace(config, low_mem_level=at), dtype)
                   for name, dtype in dtypes.items()}
-        peaks[level] = estimate(plans, sizes, stored, num_frames, height, width).peak(level)
+        streamed = level >= STREAMING_BLOCKS and config.torch_device.type == "cpu"
+        peaks[level] = estimate(plans, sizes, stored, num_frames, height, width, streamed=streamed).peak(level)
     return peaks
 
 
@@ -82,8 +83,10 @@ def engine_level(plan, config: EngineConfig, nominal: dict, processes: int = 1) 
         log.warning("this folder's estimated peaks (%s) exceed the %s; running at low_mem_level %d", table,
                     budget.describe(), level)
     elif config.low_mem_level is None or level != config.low_mem_level:
-        log.warning("low_mem_level %d chosen: estimated peak %.1f GiB for a %dx%dx%d request, %s", level,
-                    peaks[level] / GIB, params.num_frames, params.height, params.width, budget.describe())
+        # a level above 0 is news to the user (the folder is bigger than the memory): a warning
+        log.log(logging.WARNING if level > 0 else logging.INFO,
+                "low_mem_level %d chosen: estimated peak %.1f GiB for a %dx%dx%d request, %s", level,
+                peaks[level] / GIB, params.num_frames, params.height, params.width, budget.describe())
     return dataclasses.replace(config, low_mem_level=level), budget
 
 

@@ -60,37 +60,50 @@ def machine_memory(device: torch.device | str = "cpu") -> int:
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """What one model component takes in memory: ``widened`` (every floating tensor in the
-    compute dtype), ``stored`` (its blocks' bf16/fp16 tensors as stored, ``loader.stored``)."""
+    compute dtype), ``stored`` (its blocks' bf16/fp16 tensors as stored, ``loader.stored``), of
+    which ``stored_blocks`` are its ``blocks`` blocks' (what level 3 streams)."""
 
     widened: int
     stored: int
+    stored_blocks: int = 0
+    blocks: int = 0
+
+    @property
+    def streamed(self) -> int:
+        """In memory with its blocks streamed: the rest, and one block."""
+        return self.stored - self.stored_blocks + self.stored_blocks // max(self.blocks, 1)
 
 
 def component_sizes(plans: dict, dtypes: dict[str, torch.dtype]) -> dict[str, Sizes]:
     """The sizes of the components in ``dtypes`` (name -> compute dtype), from their weight
     files' headers: read once, when the engine is planned."""
-    return {name: Sizes(component_bytes(plan.folder, name, dtypes[name], False),
-                        component_bytes(plan.folder, name, dtypes[name], True))
-            for name, plan in plans.items() if name in dtypes}
+    return {name: component_bytes(plan.folder, name, dtypes[name]) for name, plan in plans.items() if name in dtypes}
 
 
-def component_bytes(folder: Path, name: str, dtype: torch.dtype, stored_blocks: bool) -> int:
+def component_bytes(folder: Path, name: str, dtype: torch.dtype) -> Sizes:
     """What component ``name`` (its weight files in ``folder``) takes loaded in ``dtype``: its
-    floating tensors widened or narrowed to ``dtype``, or, with ``stored_blocks``, its blocks'
-    bf16/fp16 tensors as stored (``loader.stored``)."""
-    total, item = 0, torch.tensor([], dtype=dtype).element_size()
+    floating tensors widened or narrowed to ``dtype``, or its blocks' bf16/fp16 tensors as stored
+    (``loader.stored``)."""
+    widened = stored = in_blocks = 0
+    item = torch.tensor([], dtype=dtype).element_size()
+    prefix = BLOCKS.get(name)
+    indices = set()
     for path in find_weight_files(folder):
         with SafetensorsFile(path) as file:
             for entry in file.entries:
                 numel = math.prod(entry.shape)
+                block = prefix is not None and entry.key.startswith(prefix)
+                if block:
+                    indices.add(entry.key[len(prefix):].split(".", 1)[0])
                 if not entry.dtype.is_floating_point:
-                    total += entry.nbytes
-                elif stored_blocks and entry.key.startswith(BLOCKS.get(name, "\0")) and entry.dtype in (
-                        torch.bfloat16, torch.float16):
-                    total += entry.nbytes
+                    size = as_stored = entry.nbytes
                 else:
-                    total += numel * item
-    return total
+                    size = numel * item
+                    as_stored = entry.nbytes if block and entry.dtype in (torch.bfloat16, torch.float16) else size
+                widened += size
+                stored += as_stored
+                in_blocks += as_stored if block else 0
+    return Sizes(widened, stored, in_blocks, len(indices))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,11 +137,12 @@ class Estimate:
 
 
 def estimate(plans: dict, sizes: dict[str, Sizes], stored: dict[str, bool], num_frames: int, height: int,
-             width: int, cfg: bool = True) -> Estimate:
+             width: int, cfg: bool = True, streamed: bool = False) -> Estimate:
     """The estimate of a request of this shape on the components planned in ``plans``
     (``loader.components.ComponentPlan``) of ``sizes`` (``component_sizes``), blocks kept as
-    stored where ``stored`` says."""
-    components = {name: size.stored if stored.get(name) else size.widened for name, size in sizes.items()}
+    stored where ``stored`` says, and with ``streamed`` (level 3) one block of them in memory."""
+    components = {name: (size.streamed if streamed and name in BLOCKS else size.stored) if stored.get(name)
+                  else size.widened for name, size in sizes.items()}
     rows = 2 if cfg else 1
     stages = {}
     te = plans.get("text_encoder")

@@ -8,7 +8,11 @@ level moves bytes, never changes numbers: every level gives the same video.
   released when another one is used (the text encoder after encoding, the inactive expert of a
   two-expert model, the image encoder, the VAE until decoding). Releasing drops the module; it is
   loaded again from its (mapped) files when next used. With the prompt cache
-  (``EngineConfig.prompt_cache_size``) a repeated prompt needs no text encoder at all.
+  (``EngineConfig.prompt_cache_size``) a repeated prompt needs no text encoder at all. A bf16
+  checkpoint computed in float32 keeps its blocks stored (``loader.stored``), mapped from the file.
+- 3: as 2, and the DiT's and the text encoder's blocks streamed: on the CPU, once a block has run,
+  the pages of its mapped weights are released (``loader.pages``), so the weights in memory are
+  about one block's, not the model's. (On CUDA the blocks are on the device: level 3 is level 2.)
 
 The engine's level is where every request starts; out-of-memory recovery runs a unit of work
 again one level higher (``unit_level``), for that request only.
@@ -17,7 +21,9 @@ again one level higher (``unit_level``), for that request only.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
+import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
 
@@ -25,9 +31,9 @@ import torch
 
 from .residency import Residency
 
-LEVELS = (0, 1, 2)
+LEVELS = (0, 1, 2, 3)
 HIGHEST = LEVELS[-1]
-STREAMING_DECODE, ONE_COMPONENT = 1, 2  # the levels from which each measure applies
+STREAMING_DECODE, ONE_COMPONENT, STREAMING_BLOCKS = 1, 2, 3  # the levels from which each measure applies
 
 _unit_level: ContextVar[int | None] = ContextVar("vidloom_memory_level", default=None)
 
@@ -49,10 +55,29 @@ def level_now(engine_level: int) -> int:
 
 
 def return_memory(device: torch.device) -> None:
-    """Give freed memory back: collect what only cycles hold, empty CUDA's cache."""
+    """Give freed memory back: collect what only cycles hold, hand the C heap's free memory back
+    to the system (glibc keeps freed blocks below its mmap threshold, which grows as large
+    blocks are freed), empty CUDA's cache."""
     gc.collect()
+    _trim_heap()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+_malloc_trim = None
+
+
+def _trim_heap() -> None:
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim  # glibc; absent elsewhere (musl)
+            except (OSError, AttributeError):
+                pass
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 class LevelResidency(Residency):

@@ -1,0 +1,249 @@
+"""Memory levels on Wan2.1-T2V-1.3B-sized folders: peak resident memory, time and output per
+level, each level in a fresh process, and diffusers on the same folder.
+
+    python benchmarks/memory.py [--folders dit,real] [--runs level:0,level:1,level:2,level:3,auto,budget:8GiB]
+                                [--steps 2] [--size 128x128 --frames 17] [--no-diffusers]
+
+Two folders, built once outside the repository (``VIDLOOM_MEMORY_BENCH_CACHE``, default
+/tmp/vidloom-memory-bench), random weights:
+
+- ``dit``: the 1.3B DiT (bf16) and the real VAE (fp32) with a 2-layer UMT5 of the real width
+  (``benchmarks/gpu.py``'s folder): every level fits, so levels are compared with level 0.
+- ``real``: the real Wan2.1-T2V-1.3B sizes: UMT5-XXL (d_model 4096, d_ff 10240, 24 layers, 64
+  heads, vocab 256384; 5.7 B parameters, bf16, 11.4 GB), the 1.3B DiT (bf16), the real VAE.
+
+Runs: ``level:N`` (``low_mem_level=N``), ``auto`` (no memory option: the engine picks), and
+``budget:8GiB`` (``max_memory``). Each prints the peak resident set of its process
+(``ru_maxrss``: file pages of mapped weights count once touched), the engine's estimate for the
+level it ran at, its wall time (load and generation) and whether its video equals the first run's
+(levels move bytes, not numbers: level 1 decodes in one-frame steps, equal up to float rounding).
+A level whose estimate does not fit this machine's available memory is not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WAN_1_3B_TRANSFORMER, WAN_VAE, machine_description  # noqa: E402
+
+CACHE = Path(os.environ.get("VIDLOOM_MEMORY_BENCH_CACHE", "/tmp/vidloom-memory-bench"))
+UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                vocab_size=256384)
+PROMPT, NEGATIVE = "a red circle moving right", "blurry, static"
+GIB = 2**30
+SHARD_BYTES = 2 * GIB
+
+
+def ensure_real_folder() -> Path:
+    """The real-size folder: UMT5-XXL written shard by shard (never the whole model in memory),
+    the DiT and VAE with diffusers."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from safetensors.torch import save_file
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from vidloom import tiny
+
+    folder = CACHE / "wan2.1-t2v-1.3b-realsize-v1"
+    if (folder / "COMPLETE").is_file():
+        return folder
+    start = time.perf_counter()
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        import shutil
+
+        shutil.rmtree(partial)
+    tokenizer = tiny.build_tokenizer(partial / "tokenizer")
+    config = UMT5Config(**{**UMT5_XXL, "vocab_size": UMT5_XXL["vocab_size"]})
+    config.architectures = ["UMT5EncoderModel"]
+    config.dtype = "bfloat16"
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in UMT5EncoderModel(config).state_dict().items()
+                  if name != "encoder.embed_tokens.weight"}  # tied to "shared", stored once
+    (partial / "text_encoder").mkdir(parents=True)
+    config.save_pretrained(str(partial / "text_encoder"))
+    generator = torch.Generator().manual_seed(0)
+    shard, shard_bytes, index, files = {}, 0, {}, []
+
+    def flush():
+        nonlocal shard, shard_bytes
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(partial / "text_encoder" / name), metadata={"format": "pt"})
+        index.update({key: name for key in shard})
+        files.append(name)
+        shard, shard_bytes = {}, 0
+
+    for name, shape in shapes.items():
+        if "layer_norm" in name:
+            tensor = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        shard[name] = tensor
+        shard_bytes += tensor.numel() * 2
+        if shard_bytes >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    total = sum(int(np.prod(s)) * 2 for s in shapes.values())
+    (partial / "text_encoder" / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
+    del tokenizer
+    torch.manual_seed(0)
+    dit = WanTransformer3DModel(**WAN_1_3B_TRANSFORMER).to(torch.bfloat16)
+    dit.save_pretrained(str(partial / "transformer"))
+    del dit
+    gc.collect()
+    AutoencoderKLWan(**WAN_VAE).save_pretrained(str(partial / "vae"))
+    tiny.write_json(partial / "scheduler" / "scheduler_config.json",
+                    {**tiny.UNIPC_FLOW_CONFIG, "_diffusers_version": "0.42.1"})
+    tiny.write_json(partial / "model_index.json", tiny.WAN_T2V_INDEX)
+    (partial / "COMPLETE").write_text("real Wan2.1-T2V-1.3B sizes, random weights\n")
+    partial.rename(folder)
+    print(f"wrote {folder} in {time.perf_counter() - start:.0f} s")
+    return folder
+
+
+def ensure_dit_folder() -> Path:
+    os.environ.setdefault("VIDLOOM_GPU_BENCH_CACHE", str(CACHE))
+    from gpu import ensure_model_folder
+
+    return ensure_model_folder(30, torch.device("cpu"))
+
+
+def sampling(args) -> dict:
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    return dict(height=height, width=width, num_frames=args.frames, num_inference_steps=args.steps,
+                guidance_scale=5.0, seed=0)
+
+
+# ------------------------------------------------------------------------------------- one run
+
+
+def child(kind: str, folder: str, out: str, request: dict) -> None:
+    """One run in this (fresh) process: ``kind`` "level:N", "auto", "budget:SIZE" or "diffusers"."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    start = time.perf_counter()
+    level, estimate = None, None
+    if kind == "diffusers":
+        frames = run_diffusers(folder, request)
+    else:
+        from vidloom import VideoGenerator
+        from vidloom.memory.budget import level_peaks
+
+        options = {"level": {"low_mem_level": int(kind.split(":")[-1])}, "auto": {},
+                   "budget": {"max_memory": kind.split(":")[-1]}}[kind.split(":")[0]]
+        gen = VideoGenerator.from_pretrained(folder, **options)
+        task = gen.submit(PROMPT, negative_prompt=NEGATIVE, **request)
+        level = task.memory_level
+        estimate = level_peaks(gen._plans, gen.config, request["num_frames"], request["height"], request["width"],
+                               loaded_level=gen.config.low_mem_level)[level]
+        frames = gen.run(task).frames
+    seconds = time.perf_counter() - start
+    np.save(out, np.asarray(frames, dtype=np.float32))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"kind": kind, "seconds": seconds, "peak": peak, "level": level, "estimate": estimate}))
+
+
+def run_diffusers(folder: str, request: dict) -> np.ndarray:
+    """diffusers' best on this CPU without fast bf16: the text encoder and DiT loaded and run in
+    bf16 (fp32 would widen UMT5-XXL to 22.8 GB), the VAE in fp32; no offload (CPU only)."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(folder, vae=vae, torch_dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(request["seed"])
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=request["height"], width=request["width"],
+               num_frames=request["num_frames"], num_inference_steps=request["num_inference_steps"],
+               guidance_scale=request["guidance_scale"], generator=generator, output_type="np")
+    return out.frames[0]
+
+
+def launch(kind: str, folder: Path, request: dict, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, str(folder), str(out), json.dumps(request)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"kind": kind, "error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:200],
+                "rc": proc.returncode}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def folder_peaks(folder: Path, request: dict) -> dict[int, int]:
+    """The engine's estimated peak of ``request`` at each level (each level loading as it does)."""
+    from vidloom import EngineConfig
+    from vidloom.loader.plan import plan_folder
+    from vidloom.memory.budget import level_peaks
+
+    config = EngineConfig(low_mem_level=0)
+    return level_peaks(plan_folder(folder, config).plans, config, request["num_frames"], request["height"],
+                       request["width"])
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--folders", default="dit,real")
+    parser.add_argument("--runs", default="level:0,level:1,level:2,level:3,auto,budget:8GiB")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--size", default="128x128")
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, folder, out, request = args.child
+        child(kind, folder, out, json.loads(request))
+        return
+    from vidloom.memory.estimate import machine_memory
+
+    request = sampling(args)
+    print(f"machine: {machine_description()}; memory {machine_memory() / GIB:.1f} GiB")
+    print(f"request: {args.size}, {args.frames} frames, {args.steps} steps, CFG; fp32 compute")
+    for name in args.folders.split(","):
+        folder = ensure_dit_folder() if name == "dit" else ensure_real_folder()
+        print(f"\nfolder {name}: {folder}")
+        print(f"{'run':14} {'level':>5} {'peak GiB':>9} {'est. GiB':>9} {'time s':>8}  video")
+        first = None
+        kinds = args.runs.split(",") + ([] if args.no_diffusers else ["diffusers"])
+        peaks = folder_peaks(folder, request)
+        for kind in kinds:
+            if kind.startswith("level:") and peaks[int(kind[6:])] > machine_memory():
+                print(f"{kind:14} {kind[6:]:>5} {'-':>9} {peaks[int(kind[6:])] / GIB:>9.2f} {'-':>8}  not run: the "
+                      f"estimate exceeds the {machine_memory() / GIB:.1f} GiB available", flush=True)
+                continue
+            out = CACHE / f"{name}-{kind.replace(':', '')}.npy"
+            result = launch(kind, folder, request, out)
+            if "error" in result:
+                print(f"{kind:14} {'-':>5} {'-':>9} {'-':>9} {'-':>8}  failed (rc {result['rc']}): {result['error']}",
+                      flush=True)
+                continue
+            frames = np.load(out)
+            if first is None and kind != "diffusers":
+                first, same = frames, "reference"
+            elif kind == "diffusers" or first is None:
+                same = "(bf16 compute: not compared)"
+            else:
+                err = float(np.abs(frames - first).max())
+                same = "identical" if err == 0 else f"max abs diff {err:.2e}"
+            level = "-" if result["level"] is None else str(result["level"])
+            est = "-" if result["estimate"] is None else f"{result['estimate'] / GIB:.2f}"
+            print(f"{kind:14} {level:>5} {result['peak'] / GIB:>9.2f} {est:>9} {result['seconds']:>8.1f}  {same}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
