@@ -132,18 +132,19 @@ def sampling(args) -> dict:
 
 
 def child(kind: str, folder: str, out: str, request: dict) -> None:
-    """One run in this (fresh) process: ``kind`` "level:N", "auto", "budget:SIZE" or "diffusers"."""
+    """One run in this (fresh) process: ``kind`` "level:N", "auto", "budget:SIZE" or
+    "diffusers:fp32" / "diffusers:bf16"."""
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
     level, estimate = None, None
-    if kind == "diffusers":
-        frames = run_diffusers(folder, request)
+    if kind.startswith("diffusers"):
+        frames = run_diffusers(folder, request, torch.bfloat16 if kind.endswith("bf16") else torch.float32)
     else:
         from vidloom import VideoGenerator
         from vidloom.memory.budget import level_peaks
 
-        options = {"level": {"low_mem_level": int(kind.split(":")[-1])}, "auto": {},
-                   "budget": {"max_memory": kind.split(":")[-1]}}[kind.split(":")[0]]
+        what, _, value = kind.partition(":")
+        options = {"low_mem_level": int(value)} if what == "level" else {"max_memory": value} if what == "budget" else {}
         gen = VideoGenerator.from_pretrained(folder, **options)
         task = gen.submit(PROMPT, negative_prompt=NEGATIVE, **request)
         level = task.memory_level
@@ -156,13 +157,14 @@ def child(kind: str, folder: str, out: str, request: dict) -> None:
     print(json.dumps({"kind": kind, "seconds": seconds, "peak": peak, "level": level, "estimate": estimate}))
 
 
-def run_diffusers(folder: str, request: dict) -> np.ndarray:
-    """diffusers' best on this CPU without fast bf16: the text encoder and DiT loaded and run in
-    bf16 (fp32 would widen UMT5-XXL to 22.8 GB), the VAE in fp32; no offload (CPU only)."""
+def run_diffusers(folder: str, request: dict, dtype: torch.dtype) -> np.ndarray:
+    """diffusers on the CPU (its offload needs an accelerator): the text encoder and DiT in
+    ``dtype`` (fp32 where it fits; bf16 where fp32 would not, as for UMT5-XXL's 22.8 GB), the VAE
+    in fp32."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
     vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
-    pipe = WanPipeline.from_pretrained(folder, vae=vae, torch_dtype=torch.bfloat16)
+    pipe = WanPipeline.from_pretrained(folder, vae=vae, torch_dtype=dtype)
     generator = torch.Generator().manual_seed(request["seed"])
     out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=request["height"], width=request["width"],
                num_frames=request["num_frames"], num_inference_steps=request["num_inference_steps"],
@@ -218,8 +220,9 @@ def main() -> None:
         print(f"\nfolder {name}: {folder}")
         print(f"{'run':14} {'level':>5} {'peak GiB':>9} {'est. GiB':>9} {'time s':>8}  video")
         first = None
-        kinds = args.runs.split(",") + ([] if args.no_diffusers else ["diffusers"])
         peaks = folder_peaks(folder, request)
+        fits = peaks[0] <= machine_memory()  # diffusers widens as level 0 does
+        kinds = args.runs.split(",") + ([] if args.no_diffusers else [f"diffusers:{'fp32' if fits else 'bf16'}"])
         for kind in kinds:
             if kind.startswith("level:") and peaks[int(kind[6:])] > machine_memory():
                 print(f"{kind:14} {kind[6:]:>5} {'-':>9} {peaks[int(kind[6:])] / GIB:>9.2f} {'-':>8}  not run: the "
@@ -232,9 +235,9 @@ def main() -> None:
                       flush=True)
                 continue
             frames = np.load(out)
-            if first is None and kind != "diffusers":
+            if first is None and not kind.startswith("diffusers"):
                 first, same = frames, "reference"
-            elif kind == "diffusers" or first is None:
+            elif kind == "diffusers:bf16" or first is None:
                 same = "(bf16 compute: not compared)"
             else:
                 err = float(np.abs(frames - first).max())

@@ -255,7 +255,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return launch(args.nproc, args.argv)
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
-    generator = VideoGenerator.from_pretrained(args.model, config=engine)
+    size = {k: sampling.get(k, getattr(SamplingParams, k)) for k in ("height", "width", "num_frames")}
+    generator = VideoGenerator.from_pretrained(args.model, config=engine, size_hint=size)
     load_s = time.perf_counter() - start
     tasks = generator.submit_many(prompt, args.num_videos_per_prompt, output_path=args.output, **sampling)
     quiet = args.quiet or not generator.is_main_process  # one progress bar and one report, from rank 0

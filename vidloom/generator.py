@@ -178,7 +178,12 @@ class VideoGenerator:
         return self.parallel is None or self.parallel.is_main
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **engine_options) -> "VideoGenerator":
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, size_hint: dict | None = None,
+                        **engine_options) -> "VideoGenerator":
+        """Load a Diffusers-format folder. ``size_hint``: the size of the requests to expect
+        (``height``, ``width``, ``num_frames``; default: the folder's default size), for which the
+        memory level is chosen when it is left to the engine or a ``max_memory`` budget; with a
+        budget no level fits it in, an error before any weight is read."""
         if config is None:
             config = EngineConfig.from_options(**engine_options)
         elif engine_options:
@@ -187,7 +192,8 @@ class VideoGenerator:
         from .default_model import sampling_defaults
 
         # the memory level, from the budget (max_memory, or the memory available) before loading
-        config, budget = engine_level(plan, config, sampling_defaults(path), processes=world_size_from_env())
+        config, budget = engine_level(plan, config, {**sampling_defaults(path), **(size_hint or {})},
+                                      processes=world_size_from_env(), strict=size_hint is not None)
         parallel = None
         if config.sp_size > 1 or config.cfg_parallel or world_size_from_env() > 1:
             from .parallel.state import ParallelState, local_device

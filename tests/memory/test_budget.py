@@ -53,7 +53,8 @@ def test_a_budget_no_level_fits_is_an_error_before_loading(tiny_wan_dir, peaks, 
     import vidloom.generator as generator
 
     monkeypatch.setattr(generator, "load_components", lambda *a, **k: pytest.fail("weights were loaded"))
-    with pytest.raises(ValueError, match=r"max_memory: 1000 fits no memory level .*level 2: [0-9.]+ GiB"):
+    with pytest.raises(ValueError, match=r"max_memory: 1000 fits no memory level: even the smallest request needs an "
+                                         r"estimated [0-9.]+ GiB at level 3"):
         VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", max_memory=1000)
 
 
@@ -96,3 +97,32 @@ def test_info_prints_component_sizes_and_peaks(tiny_wan_dir, capsys):
         assert any(line.strip().startswith(name) and "GiB as float32" in line for line in out.splitlines())
     assert [line.split(":")[0].strip() for line in out.splitlines() if "estimated peak" in line] == \
         [f"low_mem_level {level}" for level in (0, 1, 2, 3)]
+
+
+def test_a_budget_the_default_size_does_not_fit_runs_at_the_highest_level(tiny_wan_dir, peaks, caplog):
+    """A budget smaller than the default (81x480x832) request needs at every level, but enough for
+    small requests: the engine loads at the highest level and holds each request to the budget."""
+    small = level_peaks(plan_folder(tiny_wan_dir, EngineConfig(dtype="fp32")).plans, EngineConfig(dtype="fp32"),
+                        **SMALL)
+    limit = (small[3] + peaks[3]) // 2
+    assert small[3] < limit < peaks[3]
+    with caplog.at_level(logging.WARNING):
+        gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", max_memory=limit)
+    assert gen.config.low_mem_level == 3 and "requests held to the budget" in caplog.text
+    assert gen.generate("a cat", num_inference_steps=2, **SMALL).frames.shape == (9, 32, 48, 3)
+    with pytest.raises(InvalidRequestError, match="num_frames"):
+        gen.check("a cat")  # the default size: no level fits it
+
+
+def test_a_size_hint_no_level_fits_is_an_error_before_loading(tiny_wan_dir, peaks, monkeypatch, capsys):
+    """What the CLI does: the request's size is known, so a budget it cannot fit fails before any
+    weight is read."""
+    import vidloom.generator as generator
+
+    monkeypatch.setattr(generator, "load_components", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ValueError, match=r"max_memory: .* fits no memory level for a 81x480x832 request"):
+        VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", max_memory=peaks[3] - 2**20,
+                                       size_hint=dict(num_frames=81, height=480, width=832))
+    assert cli_main(["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat", "--height", "480", "--width",
+                     "832", "--num-frames", "81", "--max-memory", str(peaks[3] - 2**20)]) == 2
+    assert "fits no memory level for a 81x480x832 request" in capsys.readouterr().err

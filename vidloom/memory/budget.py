@@ -59,11 +59,13 @@ class Budget:
             f"{self.limit / GIB:.1f} GiB available"
 
 
-def engine_level(plan, config: EngineConfig, nominal: dict, processes: int = 1) -> tuple[EngineConfig, Budget | None]:
+def engine_level(plan, config: EngineConfig, nominal: dict, processes: int = 1,
+                 strict: bool = False) -> tuple[EngineConfig, Budget | None]:
     """``config`` with its level decided (an explicit ``low_mem_level`` is kept, unless a given
     budget needs a higher one), and the budget requests are held to (None: none). With several
     processes and no budget given, level 0 unless one is given: the processes must agree, and
-    the memory each sees available need not."""
+    the memory each sees available need not. ``strict``: ``nominal`` is the size of the requests
+    to come (not a default), so a given budget it fits at no level is an error now."""
     given = config.max_memory is not None
     if not given and (config.low_mem_level is not None or processes > 1):
         return dataclasses.replace(config, low_mem_level=config.low_mem_level or 0), None
@@ -75,13 +77,19 @@ def engine_level(plan, config: EngineConfig, nominal: dict, processes: int = 1) 
     level = next((lv for lv in LEVELS if lv >= start and peaks[lv] <= limit), None)
     if level is None:
         table = ", ".join(f"level {lv}: {peaks[lv] / GIB:.1f} GiB" for lv in LEVELS)
-        if given:
-            raise ValueError(f"max_memory: {config.max_memory} fits no memory level for a {params.num_frames}x"
-                             f"{params.height}x{params.width} request (estimated peaks {table}): give more, or "
-                             "use a smaller size by default")
         level = LEVELS[-1]
-        log.warning("this folder's estimated peaks (%s) exceed the %s; running at low_mem_level %d", table,
-                    budget.describe(), level)
+        smallest = level_peaks(plan.plans, config, 1, plan.limits.spatial_factor, plan.limits.spatial_factor,
+                               sizes=budget.sizes)[level]
+        if given and strict:
+            raise ValueError(f"max_memory: {config.max_memory} fits no memory level for a {params.num_frames}x"
+                             f"{params.height}x{params.width} request (estimated peaks {table})")
+        if given and smallest > limit:  # the components alone do not fit: no request would
+            raise ValueError(f"max_memory: {config.max_memory} fits no memory level: even the smallest request "
+                             f"needs an estimated {smallest / GIB:.1f} GiB at level {level} (a {params.num_frames}x"
+                             f"{params.height}x{params.width} request: {table})")
+        log.warning("a %dx%dx%d request fits no level of the %s (estimated peaks %s): running at low_mem_level %d, "
+                    "requests held to the budget", params.num_frames, params.height, params.width,
+                    budget.describe(), table, level)
     elif config.low_mem_level is None or level != config.low_mem_level:
         # a level above 0 is news to the user (the folder is bigger than the memory): a warning
         log.log(logging.WARNING if level > 0 else logging.INFO,

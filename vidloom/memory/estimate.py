@@ -22,6 +22,8 @@ from .levels import LEVELS, ONE_COMPONENT, STREAMING_DECODE
 GIB = 2**30
 RUNTIME_BYTES = 600 * 2**20  # the interpreter, torch and the libraries, before any model (measured: ~0.5 GiB)
 BLOCKS = {"transformer": "blocks.", "transformer_2": "blocks.", "text_encoder": "encoder.block."}
+# token tables kept as stored when the blocks are (``loader.stored``: a lookup widens its rows)
+EMBEDDINGS = {"text_encoder": ("shared.weight", "encoder.embed_tokens.weight")}
 VAE_CACHE_PLANES = 24  # the decoder's causal cache, in full-resolution planes of its top width
 VAE_LIVE_PLANES = 6  # activations live in one step of the decoder's top stage, in such planes
 DECODE_STEP_ELEMENTS = 2 * 256 * 256 * 96  # the VAE's default step (models.causal3d.STEP_ELEMENTS)
@@ -99,7 +101,8 @@ def component_bytes(folder: Path, name: str, dtype: torch.dtype) -> Sizes:
                     size = as_stored = entry.nbytes
                 else:
                     size = numel * item
-                    as_stored = entry.nbytes if block and entry.dtype in (torch.bfloat16, torch.float16) else size
+                    kept = block or entry.key in EMBEDDINGS.get(name, ())
+                    as_stored = entry.nbytes if kept and entry.dtype in (torch.bfloat16, torch.float16) else size
                 widened += size
                 stored += as_stored
                 in_blocks += as_stored if block else 0
