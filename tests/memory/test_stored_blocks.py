@@ -62,3 +62,33 @@ def test_a_layer_called_alone_widens_its_own_weights(bf16_dir):
     for a, b in zip(ours, theirs):
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
     assert dit.blocks[0].attn2.to_k.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("where", ["forward", "widening"])
+def test_a_block_that_fails_is_left_stored(bf16_dir, where):
+    """Out of memory inside a block's forward, or while its weights are being widened (after some
+    of them were): the widened weights are dropped all the same, and the next run computes as
+    before."""
+    stored = VideoGenerator.from_pretrained(bf16_dir, dtype="fp32", low_mem_level=2)
+    expected = stored.generate("a cat", **KW).frames
+    dit = stored.pipeline.residency.loaded("transformer")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+
+    if where == "forward":
+        target, name, real = type(dit.blocks[1].ffn), "forward", type(dit.blocks[1].ffn).forward
+    else:  # the last weight of block 1 to be widened fails: the ones before it were widened
+        target, name, real = dit.blocks[1].ffn.fc_out.weight, "to", None
+    setattr(target, name, out_of_memory)
+    try:
+        with pytest.raises(Exception):
+            stored.generate("a cat", **KW)
+    finally:
+        if real is not None:
+            setattr(target, name, real)
+        else:
+            delattr(target, name)
+    assert {p.dtype for n, p in dit.blocks.named_parameters() if ".norm" not in n and "scale_shift" not in n} \
+        == {torch.bfloat16}
+    assert np.array_equal(stored.generate("a cat", **KW).frames, expected)

@@ -28,14 +28,15 @@ def _own(module: torch.nn.Module, compute: torch.dtype) -> list[tuple[torch.nn.M
             if p is not None and p.dtype in NARROW and p.dtype != compute]
 
 
-def _widen(pairs: list[tuple[torch.nn.Module, str]], compute: torch.dtype) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
-    stored = []
+def _widen(pairs: list[tuple[torch.nn.Module, str]], compute: torch.dtype,
+           stored: list[tuple[torch.nn.Module, str, torch.Tensor]]) -> None:
+    """Widen each parameter, noting the stored one in ``stored`` first: if a widening fails (out
+    of memory), what was widened is still restored after the forward."""
     for owner, name in pairs:
         p = owner._parameters[name]
         if p.dtype != compute:
             stored.append((owner, name, p))
             owner._parameters[name] = torch.nn.Parameter(p.to(compute), requires_grad=False)
-    return stored
 
 
 def _restore(stored: list[tuple[torch.nn.Module, str, torch.Tensor]]) -> None:
@@ -55,10 +56,13 @@ class _Widening:
             module.register_forward_hook(self.after, always_call=True)
 
     def before(self, module, args):
-        self.stored.append(_widen([pair for m in self.modules for pair in _own(m, self.compute)], self.compute))
+        stored = []
+        self.stored.append(stored)
+        _widen([pair for m in self.modules for pair in _own(m, self.compute)], self.compute, stored)
 
     def after(self, module, args, output):
-        _restore(self.stored.pop())
+        if self.stored:  # (torch calls it also when ``before`` or the forward raised)
+            _restore(self.stored.pop())
 
 
 def compute_blocks_in(blocks: Iterable[torch.nn.Module], compute: torch.dtype) -> None:
