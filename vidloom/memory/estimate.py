@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..loader.weights import SafetensorsFile, find_weight_files
-from .levels import LEVELS, ONE_COMPONENT, STREAMING_DECODE
+from .levels import ONE_COMPONENT, STREAMING_DECODE
 
 GIB = 2**30
 RUNTIME_BYTES = 600 * 2**20  # the interpreter, torch and the libraries, before any model (measured: ~0.5 GiB)
@@ -129,14 +129,6 @@ class Estimate:
                 self.stage_bytes(s, level) for s in self.stages)
         return RUNTIME_BYTES + max(sum(self.components[c] for c in uses) + self.stage_bytes(stage, level)
                                    for stage, (uses, _) in self.stages.items())
-
-    def lowest_fitting(self, budget: int, start: int = 0) -> int | None:
-        return next((level for level in LEVELS if level >= start and self.peak(level) <= budget), None)
-
-    def table(self) -> str:
-        lines = [f"  {name:16} {size / GIB:8.2f} GiB" for name, size in self.components.items()]
-        lines += [f"  peak at level {level}: {self.peak(level) / GIB:.2f} GiB" for level in LEVELS]
-        return "\n".join(lines)
 
 
 def estimate(plans: dict, sizes: dict[str, Sizes], stored: dict[str, bool], num_frames: int, height: int,
