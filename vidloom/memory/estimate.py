@@ -1,10 +1,11 @@
 """Memory estimates, from a folder's weight headers and a request's shape, before any loading:
 what each model component takes in memory, what each stage needs on top while it runs, and so
-each memory level's peak; the lowest level that fits a budget.
+each memory level's peak (``memory.budget`` picks the lowest level that fits).
 
 The stage costs are formulas over the architecture's sizes (activations of one forward, the
-DiT's text keys and values, the VAE's causal cache and output) with constants set from measured
-runs (``benchmarks/memory.py`` prints the estimate beside the measured peak).
+DiT's text keys and values, the VAE's causal cache and output) with round constants, checked
+against measured peaks by ``benchmarks/memory.py`` (which prints the estimate beside the peak;
+on the 1.3B folders at 17x128x128 the estimates were within 10 % or above the measured peaks).
 """
 
 from __future__ import annotations
