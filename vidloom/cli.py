@@ -402,9 +402,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def print_memory_estimate(folder: Path, args: argparse.Namespace) -> None:
     """Each model component's bytes in memory and the estimated peak of a request at each level."""
-    from .loader.plan import COMPONENT_DTYPE, plan_folder
-    from .memory.budget import level_peaks
-    from .memory.estimate import GIB, component_bytes, machine_memory
+    from .loader.plan import plan_folder
+    from .memory.budget import level_peaks, model_dtypes
+    from .memory.estimate import GIB, component_sizes, machine_memory
 
     config = EngineConfig.from_options(**_collect(args, "e_"))
     try:
@@ -416,17 +416,15 @@ def print_memory_estimate(folder: Path, args: argparse.Namespace) -> None:
             **sampling_defaults(folder)}
     frames, height, width = (args.num_frames or size["num_frames"], args.height or size["height"],
                              args.width or size["width"])
-    dtypes = config.resolved_dtypes()
+    dtypes = model_dtypes(plan.plans, config)
+    sizes = component_sizes(plan.plans, dtypes)  # the weight headers read once, for both tables
     print(f"memory (a {frames}x{height}x{width} request, guided; {machine_memory(config.torch_device) / GIB:.1f} GiB "
           "available now):")
-    for name, component in plan.plans.items():
-        if name in COMPONENT_DTYPE:
-            dtype = dtypes[COMPONENT_DTYPE[name]]
-            sizes = component_bytes(component.folder, name, dtype)
-            widened, stored = sizes.widened, sizes.stored
-            note = f" ({stored / GIB:.2f} GiB with blocks as stored, level 2)" if stored != widened else ""
-            print(f"  {printable(name):14} {widened / GIB:7.2f} GiB as {str(dtype).removeprefix('torch.')}{note}")
-    for level, peak in level_peaks(plan.plans, config, frames, height, width).items():
+    for name, size in sizes.items():
+        note = f" ({size.stored / GIB:.2f} GiB with blocks as stored, level 2)" if size.stored != size.widened else ""
+        print(f"  {printable(name):14} {size.widened / GIB:7.2f} GiB as "
+              f"{str(dtypes[name]).removeprefix('torch.')}{note}")
+    for level, peak in level_peaks(plan.plans, config, frames, height, width, sizes=sizes).items():
         print(f"  low_mem_level {level}: estimated peak {peak / GIB:.2f} GiB")
 
 

@@ -158,18 +158,19 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
             continue
         dtype = dtypes[COMPONENT_DTYPE[name]]
         models[name] = Planned(plan.config, dtype, plan.class_name,
-                               _loader(plan, dtype, config.map_weights, stored_blocks(config, dtype),
+                               _loader(plan, dtype, config.map_weights, stored_blocks(config.low_mem_level or 0, dtype),
                                        config.low_mem_level or 0))
     residency.add(small, prefix)
     residency.add_planned(models, prefix)
 
 
-def stored_blocks(config: EngineConfig, dtype: torch.dtype) -> bool:
-    """Whether models keep their blocks' checkpoint dtype (``loader.stored``): from memory level
-    2, for components computing in float32 (bf16 checkpoints are then never widened whole)."""
+def stored_blocks(level: int, dtype: torch.dtype) -> bool:
+    """Whether models loaded at memory ``level`` keep their blocks' checkpoint dtype
+    (``loader.stored``): from level 2, for components computing in float32 (bf16 checkpoints are
+    then never widened whole)."""
     from ..memory.levels import ONE_COMPONENT
 
-    return (config.low_mem_level or 0) >= ONE_COMPONENT and dtype == torch.float32
+    return level >= ONE_COMPONENT and dtype == torch.float32
 
 
 def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: bool,

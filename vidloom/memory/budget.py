@@ -17,7 +17,7 @@ from ..config import EngineConfig, SamplingParams
 from ..errors import InvalidRequestError
 from ..loader.plan import COMPONENT_DTYPE, stored_blocks
 from .estimate import GIB, Sizes, component_sizes, estimate, machine_memory, parse_bytes
-from .levels import LEVELS, ONE_COMPONENT, STREAMING_BLOCKS
+from .levels import LEVELS, STREAMING_BLOCKS
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def level_peaks(plans: dict, config: EngineConfig, num_frames: int, height: int,
     peaks = {}
     for level in LEVELS:
         at = level if loaded_level is None else loaded_level
-        stored = {name: at >= ONE_COMPONENT and stored_blocks(dataclasses.replace(config, low_mem_level=at), dtype)
-                  for name, dtype in dtypes.items()}
+        stored = {name: stored_blocks(at, dtype) for name, dtype in dtypes.items()}
         streamed = level >= STREAMING_BLOCKS and config.torch_device.type == "cpu"
         peaks[level] = estimate(plans, sizes, stored, num_frames, height, width, streamed=streamed).peak(level)
     return peaks
