@@ -141,6 +141,7 @@ def child(kind: str, folder: str, out: str, request: dict) -> None:
         frames = run_diffusers(folder, request, torch.bfloat16 if kind.endswith("bf16") else torch.float32)
     else:
         from vidloom import VideoGenerator
+        from vidloom.loader.plan import plan_folder
         from vidloom.memory.budget import level_peaks
 
         what, _, value = kind.partition(":")
@@ -148,7 +149,8 @@ def child(kind: str, folder: str, out: str, request: dict) -> None:
         gen = VideoGenerator.from_pretrained(folder, **options)
         task = gen.submit(PROMPT, negative_prompt=NEGATIVE, **request)
         level = task.memory_level
-        estimate = level_peaks(gen._plans, gen.config, request["num_frames"], request["height"], request["width"],
+        plans = plan_folder(folder, gen.config).plans  # (a budget holds them; an explicit level has none)
+        estimate = level_peaks(plans, gen.config, request["num_frames"], request["height"], request["width"],
                                loaded_level=gen.config.low_mem_level)[level]
         frames = gen.run(task).frames
     seconds = time.perf_counter() - start

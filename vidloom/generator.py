@@ -170,7 +170,6 @@ class VideoGenerator:
         self.parallel = parallel  # parallel.ParallelState when several processes share the work
         self._ids = itertools.count(1)
         self.budget = None  # memory.budget.Budget the requests are held to (from_pretrained sets it)
-        self._plans: dict = {}
 
     @property
     def is_main_process(self) -> bool:
@@ -210,7 +209,7 @@ class VideoGenerator:
         pipeline = plan.pipeline(residency, config, plan.limits, plan.variant, parallel,
                                  refine=plan.refine.variant if plan.refine else None, calibration=plan.calibration)
         generator = cls(pipeline, config, Path(path), parallel)
-        generator.budget, generator._plans = budget, plan.plans
+        generator.budget = budget
         return generator
 
     @staticmethod
@@ -237,8 +236,7 @@ class VideoGenerator:
 
     def _memory_level(self, params: SamplingParams) -> int:
         """The memory level a request starts at (``memory.budget``)."""
-        return request_level(self._plans, self.config, self.budget, params) if self.budget else \
-            self.config.low_mem_level or 0
+        return request_level(self.config, self.budget, params)
 
     # --- task API -------------------------------------------------------------------------------
     def submit(self, prompt: str | CheckedRequest = "", callback: StepCallback | None = None, **sampling) -> Task:

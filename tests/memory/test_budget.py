@@ -71,7 +71,7 @@ def test_requests_are_held_to_the_budget(tiny_wan_dir, peaks):
     # a request that fits only from a higher level runs there (the engine stays at 0)
     sizes = [(f, h, w) for f in range(81, 122, 4) for h, w in ((480, 832), (480, 896), (512, 896), (544, 960))]
     fitting = [(f, h, w) for f, h, w in sizes if (lambda p: p[1] <= gen.budget.limit < p[0])(
-        level_peaks(gen._plans, gen.config, f, h, w, loaded_level=0))]
+        level_peaks(gen.budget.plans, gen.config, f, h, w, loaded_level=0))]
     assert fitting, "no size between the levels' peaks"
     medium = dict(zip(("num_frames", "height", "width"), fitting[0]))
     assert gen.submit("a cat", **medium).memory_level == 1

@@ -48,10 +48,12 @@ def level_peaks(plans: dict, config: EngineConfig, num_frames: int, height: int,
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """``limit``: the bytes requests must fit; ``given``: whether the user gave it (max_memory);
-    ``sizes``: the components' (read from the headers once, so a request's estimate reads no file)."""
+    ``plans``: the folder's component plans and ``sizes`` their sizes (read from the headers once,
+    so a request's estimate reads no file)."""
 
     limit: int
     given: bool
+    plans: dict
     sizes: dict
     def describe(self) -> str:
         return f"max_memory {self.limit / GIB:.1f} GiB" if self.given else \
@@ -69,7 +71,7 @@ def engine_level(plan, config: EngineConfig, nominal: dict, processes: int = 1,
     if not given and (config.low_mem_level is not None or processes > 1):
         return dataclasses.replace(config, low_mem_level=config.low_mem_level or 0), None
     limit = parse_bytes(config.max_memory) if given else int(machine_memory(config.torch_device) * AVAILABLE_SHARE)
-    budget = Budget(limit, given, component_sizes(plan.plans, model_dtypes(plan.plans, config)))
+    budget = Budget(limit, given, plan.plans, component_sizes(plan.plans, model_dtypes(plan.plans, config)))
     params = SamplingParams(**{k: v for k, v in nominal.items() if k in ("num_frames", "height", "width")})
     peaks = level_peaks(plan.plans, config, params.num_frames, params.height, params.width, sizes=budget.sizes)
     start = config.low_mem_level or 0
@@ -97,12 +99,12 @@ def engine_level(plan, config: EngineConfig, nominal: dict, processes: int = 1,
     return dataclasses.replace(config, low_mem_level=level), budget
 
 
-def request_level(plans: dict, config: EngineConfig, budget: Budget | None, params: SamplingParams) -> int:
+def request_level(config: EngineConfig, budget: Budget | None, params: SamplingParams) -> int:
     """The level a request starts at: the engine's, or the lowest above it that fits the budget;
     InvalidRequestError (naming the size) when none does."""
     if budget is None:
-        return config.low_mem_level
-    peaks = level_peaks(plans, config, params.num_frames, params.height, params.width,
+        return config.low_mem_level or 0  # (a generator built without from_pretrained has no level yet)
+    peaks = level_peaks(budget.plans, config, params.num_frames, params.height, params.width,
                         loaded_level=config.low_mem_level, sizes=budget.sizes)
     level = next((lv for lv in LEVELS if lv >= config.low_mem_level and peaks[lv] <= budget.limit), None)
     if level is None:
