@@ -6,6 +6,7 @@ print ratios: these machines are shared and noisy, so only same-run ratios mean 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -53,6 +54,30 @@ def ensure_transformer_folder(name: str, config: dict, dtype=torch.bfloat16, see
     del model
     gc.collect()
     return folder
+
+
+def is_built(folder: Path) -> bool:
+    """Whether ``building(folder, ...)`` finished writing ``folder``."""
+    return (folder / "COMPLETE").is_file()
+
+
+@contextlib.contextmanager
+def building(folder: Path, note: str):
+    """Write a folder that is built once and reused: the block writes into the yielded (fresh)
+    ``<folder>.partial``, which becomes ``folder``, marked COMPLETE with ``note``, only once the
+    block has finished, so an interrupted build is never taken for a finished one."""
+    import shutil
+
+    start = time.perf_counter()
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    yield partial
+    (partial / "COMPLETE").write_text(note + "\n")
+    partial.rename(folder)
+    gc.collect()
+    print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
 
 
 def timed(fn, repeats: int = 3, warmup: int = 1) -> float:

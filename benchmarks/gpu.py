@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WAN_1_3B_TRANSFORMER, WAN_VAE, machine_description  # noqa: E402
+from common import WAN_1_3B_TRANSFORMER, WAN_VAE, building, is_built, machine_description  # noqa: E402
 from dit import step_flops  # noqa: E402
 
 CACHE = Path(os.environ.get("VIDLOOM_GPU_BENCH_CACHE", "/tmp/vidloom-gpu-bench"))
@@ -84,38 +84,29 @@ def ensure_model_folder(layers: int, build_device: torch.device) -> Path:
     from vidloom.models.wan_vae import WanVAE, WanVAEConfig
 
     folder = CACHE / f"wan2.1-t2v-1.3b-L{layers}-{FOLDER_VERSION}"
-    if (folder / "COMPLETE").is_file():
+    if is_built(folder):
         return folder
-    start = time.perf_counter()
-    partial = folder.with_name(folder.name + ".partial")
-    if partial.exists():
-        import shutil
-
-        shutil.rmtree(partial)
-    tokenizer = tiny.build_tokenizer(partial / "tokenizer")
-    torch.manual_seed(0)
-    with torch.device(build_device):
-        dit = WanDiT(WanDiTConfig.from_dict({**WAN_1_3B_TRANSFORMER, "num_layers": layers}))
-    save_model(dit.to(torch.bfloat16), partial / "transformer")  # stored bf16: what both load
-    del dit
-    with torch.device(build_device):
-        vae = WanVAE(WanVAEConfig.from_dict(WAN_VAE))
-    save_model(vae, partial / "vae")  # fp32
-    del vae
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT_ENCODER))
-    with torch.no_grad():  # random UMT5 embeddings are ~0.01; scale them so the prompt matters
-        text_encoder.encoder.final_layer_norm.weight.mul_(40.0)
-    text_encoder.to(torch.bfloat16).save_pretrained(str(partial / "text_encoder"))
-    del text_encoder
-    tiny.write_json(partial / "scheduler" / "scheduler_config.json",
-                    {**tiny.UNIPC_FLOW_CONFIG, "_diffusers_version": "0.42.1"})
-    tiny.write_json(partial / "model_index.json", tiny.WAN_T2V_INDEX)
-    (partial / "COMPLETE").write_text(f"layers={layers} built on {build_device}\n")
-    partial.rename(folder)
-    gc.collect()
+    with building(folder, f"layers={layers} built on {build_device}") as partial:
+        tokenizer = tiny.build_tokenizer(partial / "tokenizer")
+        torch.manual_seed(0)
+        with torch.device(build_device):
+            dit = WanDiT(WanDiTConfig.from_dict({**WAN_1_3B_TRANSFORMER, "num_layers": layers}))
+        save_model(dit.to(torch.bfloat16), partial / "transformer")  # stored bf16: what both load
+        del dit
+        with torch.device(build_device):
+            vae = WanVAE(WanVAEConfig.from_dict(WAN_VAE))
+        save_model(vae, partial / "vae")  # fp32
+        del vae
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT_ENCODER))
+        with torch.no_grad():  # random UMT5 embeddings are ~0.01; scale them so the prompt matters
+            text_encoder.encoder.final_layer_norm.weight.mul_(40.0)
+        text_encoder.to(torch.bfloat16).save_pretrained(str(partial / "text_encoder"))
+        del text_encoder
+        tiny.write_json(partial / "scheduler" / "scheduler_config.json",
+                        {**tiny.UNIPC_FLOW_CONFIG, "_diffusers_version": "0.42.1"})
+        tiny.write_json(partial / "model_index.json", tiny.WAN_T2V_INDEX)
     if build_device.type == "cuda":
         torch.cuda.empty_cache()
-    print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
     return folder
 
 

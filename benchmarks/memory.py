@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WAN_1_3B_TRANSFORMER, WAN_VAE, machine_description  # noqa: E402
+from common import WAN_1_3B_TRANSFORMER, WAN_VAE, building, is_built, machine_description  # noqa: E402
 
 CACHE = Path(os.environ.get("VIDLOOM_MEMORY_BENCH_CACHE", "/tmp/vidloom-memory-bench"))
 UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
@@ -51,36 +51,48 @@ def ensure_real_folder() -> Path:
     """The real-size folder: UMT5-XXL written shard by shard (never the whole model in memory),
     the DiT and VAE with diffusers."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from safetensors.torch import save_file
-    from transformers import UMT5Config, UMT5EncoderModel
 
     from vidloom import tiny
 
     folder = CACHE / "wan2.1-t2v-1.3b-realsize-v1"
-    if (folder / "COMPLETE").is_file():
+    if is_built(folder):
         return folder
-    start = time.perf_counter()
-    partial = folder.with_name(folder.name + ".partial")
-    if partial.exists():
-        import shutil
+    with building(folder, "real Wan2.1-T2V-1.3B sizes, random weights") as partial:
+        tiny.build_tokenizer(partial / "tokenizer")
+        write_umt5_xxl(partial / "text_encoder")
+        torch.manual_seed(0)
+        dit = WanTransformer3DModel(**WAN_1_3B_TRANSFORMER).to(torch.bfloat16)
+        dit.save_pretrained(str(partial / "transformer"))
+        del dit
+        gc.collect()
+        AutoencoderKLWan(**WAN_VAE).save_pretrained(str(partial / "vae"))
+        tiny.write_json(partial / "scheduler" / "scheduler_config.json",
+                        {**tiny.UNIPC_FLOW_CONFIG, "_diffusers_version": "0.42.1"})
+        tiny.write_json(partial / "model_index.json", tiny.WAN_T2V_INDEX)
+    return folder
 
-        shutil.rmtree(partial)
-    tokenizer = tiny.build_tokenizer(partial / "tokenizer")
-    config = UMT5Config(**{**UMT5_XXL, "vocab_size": UMT5_XXL["vocab_size"]})
+
+def write_umt5_xxl(folder: Path) -> None:
+    """UMT5-XXL with random bf16 weights in transformers' layout (config.json, sharded
+    model-*.safetensors and their index), one shard in memory at a time."""
+    from safetensors.torch import save_file
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(**UMT5_XXL)
     config.architectures = ["UMT5EncoderModel"]
     config.dtype = "bfloat16"
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in UMT5EncoderModel(config).state_dict().items()
                   if name != "encoder.embed_tokens.weight"}  # tied to "shared", stored once
-    (partial / "text_encoder").mkdir(parents=True)
-    config.save_pretrained(str(partial / "text_encoder"))
+    folder.mkdir(parents=True)
+    config.save_pretrained(str(folder))
     generator = torch.Generator().manual_seed(0)
     shard, shard_bytes, index, files = {}, 0, {}, []
 
     def flush():
         nonlocal shard, shard_bytes
         name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shard, str(partial / "text_encoder" / name), metadata={"format": "pt"})
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
         index.update({key: name for key in shard})
         files.append(name)
         shard, shard_bytes = {}, 0
@@ -97,22 +109,8 @@ def ensure_real_folder() -> Path:
     if shard:
         flush()
     total = sum(int(np.prod(s)) * 2 for s in shapes.values())
-    (partial / "text_encoder" / "model.safetensors.index.json").write_text(
+    (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
-    del tokenizer
-    torch.manual_seed(0)
-    dit = WanTransformer3DModel(**WAN_1_3B_TRANSFORMER).to(torch.bfloat16)
-    dit.save_pretrained(str(partial / "transformer"))
-    del dit
-    gc.collect()
-    AutoencoderKLWan(**WAN_VAE).save_pretrained(str(partial / "vae"))
-    tiny.write_json(partial / "scheduler" / "scheduler_config.json",
-                    {**tiny.UNIPC_FLOW_CONFIG, "_diffusers_version": "0.42.1"})
-    tiny.write_json(partial / "model_index.json", tiny.WAN_T2V_INDEX)
-    (partial / "COMPLETE").write_text("real Wan2.1-T2V-1.3B sizes, random weights\n")
-    partial.rename(folder)
-    print(f"wrote {folder} in {time.perf_counter() - start:.0f} s")
-    return folder
 
 
 def ensure_dit_folder() -> Path:
