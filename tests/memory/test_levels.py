@@ -50,6 +50,25 @@ class Watching(LevelResidency):
         return module
 
 
+class OutOfMemoryWhen:
+    """The stage's model call, which runs out of memory (torch's error, allocating ``asked``)
+    whenever ``when(rows)`` says so."""
+
+    def __init__(self, inner, when, asked: str):
+        self.inner, self.when, self.asked = inner, when, asked
+
+    def __call__(self, model, x, t, context_kv, rows):
+        if self.when(rows):
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {self.asked} (injected)")
+        return self.inner(model, x, t, context_kv, rows)
+
+    def batch_key(self, batch, expert):
+        return self.inner.batch_key(batch, expert)
+
+    def exchanged(self, prediction, rows):
+        return self.inner.exchanged(prediction, rows)
+
+
 def watched(folder, level, monkeypatch, **options) -> tuple[VideoGenerator, Watching]:
     import vidloom.memory.residency as residency_mod
 
@@ -140,20 +159,13 @@ def test_out_of_memory_in_a_denoising_step_is_recovered_at_the_next_levels(tiny_
     stage, residency = gen.pipeline.denoising, gen.pipeline.residency
     inner, failures = stage.call, []
 
-    class Crowded:
-        def __call__(self, model, x, t, context_kv, rows):
-            if residency.in_memory() != ["transformer"]:
-                failures.append(level_now(0))
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
-            return inner(model, x, t, context_kv, rows)
+    def crowded(rows):
+        if residency.in_memory() != ["transformer"]:
+            failures.append(level_now(0))
+            return True
+        return False
 
-        def batch_key(self, batch, expert):
-            return inner.batch_key(batch, expert)
-
-        def exchanged(self, prediction, rows):
-            return prediction
-
-    stage.call = Crowded()
+    stage.call = OutOfMemoryWhen(inner, crowded, "1.00 GiB")
     task = gen.submit("a cat", **KW)
     out = gen.run(task)
     assert failures == [0, 1] and task.memory_level == 2
@@ -198,19 +210,8 @@ def test_the_server_survives_an_out_of_memory_job_and_runs_the_next(tiny_wan_dir
     stage = gen.pipeline.denoising
     inner = stage.call
 
-    class Hungry:
-        def __call__(self, model, x, t, context_kv, rows):
-            if any(owner.params.prompt == "a huge cat" for owner in rows.owners):
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (injected)")
-            return inner(model, x, t, context_kv, rows)
-
-        def batch_key(self, batch, expert):
-            return inner.batch_key(batch, expert)
-
-        def exchanged(self, prediction, rows):
-            return prediction
-
-    stage.call = Hungry()
+    stage.call = OutOfMemoryWhen(inner, lambda rows: any(o.params.prompt == "a huge cat" for o in rows.owners),
+                                 "9.00 GiB")
     store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
     request = dict(height=32, width=48, num_frames=5, num_inference_steps=2)
     for k, prompt in enumerate(("a huge cat", "a dog", "a bird")):
