@@ -75,7 +75,7 @@ class EngineConfig:
     vae_tile_overlap: int = 64  # overlap in pixels when tiling
     batch_cfg: bool = True  # conditional and unconditional passes in one batched forward
     check_finite: bool = True  # stop with an error naming the step when latents turn NaN/Inf
-    sp_size: int = 1  # Ulysses sequence-parallel degree (processes sharing one forward)
+    sp_size: int = 1  # sequence-parallel degree (processes sharing one forward)
     cfg_parallel: bool = False  # conditional and unconditional passes on different processes
     # weights used as stored are pages of the mapped file (fast load, shared page cache); the file
     # must then not change while the engine lives (see README, "Mapped weights")
@@ -99,6 +99,13 @@ class EngineConfig:
     # a memory budget ("8GiB", "512MiB", "16GB" or bytes): the engine's level, and each request's,
     # is the lowest whose estimated peak fits it; a request that no level fits is refused
     max_memory: str | None = None  # (an int count of bytes is taken too)
+    # the attention kernel (vidloom.models.attention): sdpa, flex, flash (CUDA, flash-attn), sage
+    # (CUDA, SageAttention: not exact), auto (the fastest exact one present), or sliding_tile
+    # (every request's self-attention in sliding tiles of sta_window unless it gives its own)
+    attention_backend: str = "sdpa"
+    # the default sliding-tile window "F,H,W" in tokens (frames, rows, columns after patching) of
+    # requests that give none; None: dense attention unless a request asks for a window
+    sta_window: str | None = None
 
     def __post_init__(self):
         self.device = resolve_device(self.device)
@@ -125,6 +132,17 @@ class EngineConfig:
             from .memory.estimate import parse_bytes
 
             parse_bytes(self.max_memory)
+        from .models.attention import BACKENDS, ENGINE_CHOICES
+
+        if self.attention_backend not in (*BACKENDS, *ENGINE_CHOICES):
+            raise ValueError(f"attention_backend: unknown {self.attention_backend!r} "
+                             f"(allowed: {', '.join([*BACKENDS, *ENGINE_CHOICES])})")
+        from .models.sliding_tile import parse_window
+
+        window = parse_window(self.sta_window)
+        if self.attention_backend == "sliding_tile" and window is None:
+            raise ValueError("attention_backend 'sliding_tile' needs sta_window (e.g. '3,6,6': frames, rows, "
+                             "columns in tokens)")
         if not (_is_int(self.prompt_cache_size) and 0 <= self.prompt_cache_size <= 4096):
             raise ValueError(f"prompt_cache_size: expected an integer in 0..4096 (prompts), got {self.prompt_cache_size!r}")
         if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
@@ -313,6 +331,9 @@ class SamplingParams:
     decode_trajectory: bool = False
     refine: RefineParams | None = None  # two-stage generation (see RefineParams); a dict of its fields works too
     cache: str | None = None  # feature caching, e.g. "block:F1B0:0.08+cfg-gate:0.5" (vidloom.cache.spec); None: exact
+    # sliding-tile attention window "F,H,W" in tokens (or a 3-tuple); None: the engine's default
+    # (dense unless it sets one); "dense": dense attention whatever the engine's default
+    sta_window: str | tuple | None = None  # (the CLI's --sta-window is the engine's default)
 
     @property
     def do_cfg(self) -> bool:
@@ -365,6 +386,14 @@ class SamplingParams:
             spec = parse_cache(self.cache)
             if spec is not None:
                 spec.check_fits(limits.transformer_blocks)
+        if self.sta_window is not None and self.sta_window != "dense":
+            from .models.sliding_tile import parse_window
+
+            try:
+                self.sta_window = parse_window(self.sta_window)
+            except ValueError as exc:
+                raise InvalidRequestError("sta_window", f"got {_short(self.sta_window)}",
+                                          "'F,H,W' token counts (e.g. '3,6,6'), 'dense' or None") from exc
         if self.refine is not None:
             self.refine = RefineParams.coerce(self.refine)
             self.refine.validate(self, limits)

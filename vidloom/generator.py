@@ -24,6 +24,8 @@ from .memory import residency_for
 from .memory.budget import engine_level, request_level
 from .memory.levels import unit_level
 from .memory.recovery import run_again_higher
+from .models.attention import AttentionContext, attention_context, engine_backend
+from .models.sliding_tile import parse_window
 from .pipelines.base import ComposedPipeline, Cursor, Phase, WorkUnit, run_units
 from .pipelines.batch import ForwardBatch
 from .request import CheckedRequest, checked_requests
@@ -170,6 +172,8 @@ class VideoGenerator:
         self.parallel = parallel  # parallel.ParallelState when several processes share the work
         self._ids = itertools.count(1)
         self.budget = None  # memory.budget.Budget the requests are held to (from_pretrained sets it)
+        # what attention runs with in this engine's units: the kernel and the default sliding-tile window
+        self.attention = AttentionContext()
 
     @property
     def is_main_process(self) -> bool:
@@ -193,6 +197,9 @@ class VideoGenerator:
         # the memory level, from the budget (max_memory, or the memory available) before loading
         config, budget = engine_level(plan, config, {**sampling_defaults(path), **(size_hint or {})},
                                       processes=world_size_from_env(), strict=size_hint is not None)
+        # the attention kernel, checked before loading (flash on a CPU is an error here)
+        backend = engine_backend(config.attention_backend, config.torch_device, config.resolved_dtypes()["transformer"])
+        attention = AttentionContext(backend=backend, window=parse_window(config.sta_window))
         parallel = None
         if config.sp_size > 1 or config.cfg_parallel or world_size_from_env() > 1:
             from .parallel.state import ParallelState, local_device
@@ -210,6 +217,7 @@ class VideoGenerator:
                                  refine=plan.refine.variant if plan.refine else None, calibration=plan.calibration)
         generator = cls(pipeline, config, Path(path), parallel)
         generator.budget = budget
+        generator.attention = attention
         return generator
 
     @staticmethod
@@ -326,12 +334,13 @@ class VideoGenerator:
         whose unit fails is FAILED with the error, its batch as it was before the unit."""
         for task, unit in pairs:
             task.state = _PHASE_STATES[unit.stage.phase]
-        with unit_level(max(task.memory_level for task, _ in pairs)):
-            results = run_units([unit for _, unit in pairs], [task.batch for task, _ in pairs])
-        for k, ((task, unit), result) in enumerate(zip(pairs, results)):
-            if is_out_of_memory(result):  # run again alone, at the next memory levels
-                results[k], task.memory_level = run_again_higher(unit, task.batch, task.memory_level, result,
-                                                                 self.config.torch_device)
+        with attention_context(self.attention):
+            with unit_level(max(task.memory_level for task, _ in pairs)):
+                results = run_units([unit for _, unit in pairs], [task.batch for task, _ in pairs])
+            for k, ((task, unit), result) in enumerate(zip(pairs, results)):
+                if is_out_of_memory(result):  # run again alone, at the next memory levels
+                    results[k], task.memory_level = run_again_higher(unit, task.batch, task.memory_level, result,
+                                                                     self.config.torch_device)
         for (task, unit), result in zip(pairs, results):
             if isinstance(result, Exception):  # out of memory as ResourceExhausted: callers tell errors by type
                 task.state, task.error = TaskState.FAILED, engine_error(result)

@@ -3,7 +3,7 @@
 The OpenAI fields: ``prompt``, ``model``, ``seconds`` (a string: "4"), ``size`` ("WxH"),
 ``input_reference`` (an uploaded image: image-to-video). vidloom's own fields map one to one onto
 ``SamplingParams`` (``negative_prompt``, ``num_frames``, ``fps``, ``num_inference_steps``,
-``guidance_scale``, ``guidance_scale_2``, ``seed``, ``flow_shift``, and ``last_image`` as a second
+``guidance_scale``, ``guidance_scale_2``, ``seed``, ``flow_shift``, ``cache``, ``sta_window``, and ``last_image`` as a second
 upload). Form values arrive as strings and are converted by the field's type; anything else is
 a 400 naming the field. ``seconds`` x ``fps`` becomes the nearest 4k+1 frame count when
 ``num_frames`` is not given.
@@ -21,7 +21,7 @@ from ..errors import InvalidRequestError
 
 # the SamplingParams fields a request may set, beside the OpenAI ones
 SERVED_FIELDS = ("negative_prompt", "num_frames", "fps", "num_inference_steps", "guidance_scale", "guidance_scale_2",
-                 "seed", "flow_shift", "cache")
+                 "seed", "flow_shift", "cache", "sta_window")
 _ALLOWED = {str: "a string", int: "an integer", float: "a number"}
 
 

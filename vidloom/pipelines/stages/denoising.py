@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -8,6 +9,7 @@ import torch
 
 from ...config import SamplingParams
 from ...errors import NumericalError
+from ...models.attention import sliding_window
 from ...memory.residency import Fixed, Handle, handle_of
 from ..base import IterativeStage, Phase, VerificationResult, is_tensor
 from ..batch import ForwardBatch, PolicyState
@@ -188,7 +190,7 @@ class DenoisingStage(IterativeStage):
         """The guided model prediction at timestep ``t``."""
         index = self.expert_index(t)
         expert = self.experts[index]
-        with expert.transformer.use() as model:
+        with expert.transformer.use() as model, request_window(batch.params):
             return guided(self._branches(batch, t, model, index), expert.guidance_scale(batch.params))
 
     def _branches(self, batch: ForwardBatch, t: torch.Tensor, model: torch.nn.Module, index: int) -> dict:
@@ -248,7 +250,8 @@ class DenoisingStage(IterativeStage):
         call_key = self.call.batch_key(batch, self.experts[expert])
         if call_key is None:
             return None
-        return (expert, tuple(batch.latents.shape[1:]), batch.latents.dtype, batch.params.do_cfg, call_key)
+        return (expert, tuple(batch.latents.shape[1:]), batch.latents.dtype, batch.params.do_cfg,
+                batch.params.sta_window, call_key)
 
     @torch.no_grad()
     def step_many(self, batches: list[ForwardBatch], indices: list[int]) -> list[ForwardBatch | BaseException]:
@@ -260,7 +263,7 @@ class DenoisingStage(IterativeStage):
             batch.policy_state.step = i
         index = self.expert_index(ts[0])
         expert = self.experts[index]
-        with expert.transformer.use() as model:
+        with expert.transformer.use() as model, request_window(batches[0].params):  # equal in the group
             xs, steps, kvs, owned = [], [], [], []
             for batch, t in zip(batches, ts):
                 x, timestep = self.model_input.prepare(batch, t)
@@ -286,6 +289,14 @@ class DenoisingStage(IterativeStage):
         return VerificationResult(self.name, "output").check(
             "step_index", batch.step_index == batch.num_steps, f"must reach {batch.num_steps}"
         )
+
+
+def request_window(params) -> contextlib.AbstractContextManager:
+    """The request's sliding-tile window around its forwards: its own, dense for "dense", or (None)
+    the engine's default, which the context around the unit already holds."""
+    if params.sta_window is None:
+        return contextlib.nullcontext()
+    return sliding_window(None if params.sta_window == "dense" else params.sta_window)
 
 
 def _rows(context_kv, rows: slice):
