@@ -77,6 +77,9 @@ class EngineConfig:
     check_finite: bool = True  # stop with an error naming the step when latents turn NaN/Inf
     sp_size: int = 1  # sequence-parallel degree (processes sharing one forward)
     cfg_parallel: bool = False  # conditional and unconditional passes on different processes
+    # ring-attention degree inside sp_size (USP: sp_size / ring_size Ulysses ranks x ring_size ring
+    # ranks); 1: Ulysses alone, which needs sp_size to divide the head count; ring works for any
+    ring_size: int = 1
     # weights used as stored are pages of the mapped file (fast load, shared page cache); the file
     # must then not change while the engine lives (see README, "Mapped weights")
     map_weights: bool = True
@@ -118,6 +121,10 @@ class EngineConfig:
             setattr(self, name, parse_dtype(getattr(self, name), name))
         if not (_is_int(self.sp_size) and 1 <= self.sp_size <= MAX_PROCESSES):
             raise ValueError(f"sp_size: expected an integer in 1..{MAX_PROCESSES}, got {self.sp_size!r}")
+        if not (_is_int(self.ring_size) and 1 <= self.ring_size <= self.sp_size and self.sp_size % self.ring_size == 0):
+            raise ValueError(f"ring_size: expected a divisor of sp_size={self.sp_size} "
+                             f"(allowed: {', '.join(str(d) for d in range(1, self.sp_size + 1) if self.sp_size % d == 0)}),"
+                             f" got {self.ring_size!r}")
         for name in ("vae_tiling", "batch_cfg", "check_finite", "cfg_parallel", "map_weights", "offload_experts"):
             _require_bool(name, getattr(self, name))
         if not (_is_int(self.vae_tile_size) and 32 <= self.vae_tile_size <= MAX_TILE):
@@ -140,6 +147,9 @@ class EngineConfig:
         from .models.sliding_tile import parse_window
 
         window = parse_window(self.sta_window)
+        if window is not None and self.ring_size > 1:
+            raise ValueError("sta_window: sliding-tile attention does not combine with ring attention "
+                             "(ring_size > 1); use Ulysses sequence parallelism (ring_size=1)")
         if self.attention_backend == "sliding_tile" and window is None:
             raise ValueError("attention_backend 'sliding_tile' needs sta_window (e.g. '3,6,6': frames, rows, "
                              "columns in tokens)")

@@ -206,9 +206,10 @@ class VideoGenerator:
 
             # a wrong layout is an error before any weight is read
             for heads in plan.transformer_heads():
-                check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), heads)
+                check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), heads, config.ring_size)
             config = dataclasses.replace(config, device=str(local_device(config.torch_device)))
-            parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device)
+            parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device,
+                                                ring_size=config.ring_size)
         residency = residency_for(config)  # where each component lives while the stages use it
         load_components(plan.plans, config, residency)
         if plan.refine is not None:
@@ -240,6 +241,9 @@ class VideoGenerator:
         for params in requests:
             self.pipeline.validate_request(params)
             self._memory_level(params)  # a request no memory level fits is refused here
+            if self.config.ring_size > 1 and params.sta_window not in (None, "dense"):
+                raise InvalidRequestError("sta_window", "sliding-tile attention does not combine with this engine's "
+                                          f"ring attention (ring_size={self.config.ring_size})", "None or 'dense'")
         return checked_requests(requests, self.pipeline.limits)
 
     def _memory_level(self, params: SamplingParams) -> int:

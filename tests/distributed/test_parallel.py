@@ -113,7 +113,9 @@ def test_layout_errors_name_the_options():
     check_layout(2, True, 4, num_heads=12)
     with pytest.raises(ValueError, match=r"sp_size=2 x cfg degree 2 .* needs 4 processes, but the world size is 3"):
         check_layout(2, True, 3)
-    with pytest.raises(ValueError, match=r"sp_size=5 must divide the transformer's 12 attention heads"):
+    with pytest.raises(ValueError, match=r"sp_size=5 with ring_size=1 splits the transformer's 12 attention heads "
+                                         r"over 5 Ulysses ranks, which must divide them \(allowed ring_size for "
+                                         r"sp_size=5: 5; ring attention works for any head count\)"):
         check_layout(5, False, 5, num_heads=12)
     with pytest.raises(ValueError, match="sp_size"):
         EngineConfig(sp_size=0)

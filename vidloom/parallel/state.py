@@ -20,9 +20,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_layout(sp_size: int, cfg_parallel: bool, world_size: int, num_heads: int | None = None) -> None:
-    """Raise ValueError, naming the options, unless ``world_size == sp_size x cfg_degree`` and the
-    attention heads divide among the sequence-parallel ranks."""
+def check_layout(sp_size: int, cfg_parallel: bool, world_size: int, num_heads: int | None = None,
+                 ring_size: int = 1) -> None:
+    """Raise ValueError, naming the options, unless ``world_size == sp_size x cfg_degree``, the ring
+    degree divides sp_size and the attention heads divide among the Ulysses ranks
+    (sp_size / ring_size)."""
     cfg_degree = 2 if cfg_parallel else 1
     if world_size != sp_size * cfg_degree:
         raise ValueError(
@@ -31,9 +33,15 @@ def check_layout(sp_size: int, cfg_parallel: bool, world_size: int, num_heads: i
             f"`torchrun --nproc-per-node {sp_size * cfg_degree} -m vidloom generate ...` or "
             f"`vidloom generate --nproc {sp_size * cfg_degree} ...`, or change sp_size / cfg_parallel"
         )
-    if num_heads is not None and num_heads % sp_size:
-        raise ValueError(f"sp_size={sp_size} must divide the transformer's {num_heads} attention heads "
-                         f"(allowed: {', '.join(str(d) for d in range(1, num_heads + 1) if num_heads % d == 0)})")
+    if sp_size % ring_size:
+        raise ValueError(f"ring_size={ring_size} must divide sp_size={sp_size} "
+                         f"(allowed: {', '.join(str(d) for d in range(1, sp_size + 1) if sp_size % d == 0)})")
+    ulysses = sp_size // ring_size
+    if num_heads is not None and num_heads % ulysses:
+        rings = [r for r in range(1, sp_size + 1) if sp_size % r == 0 and num_heads % (sp_size // r) == 0]
+        raise ValueError(f"sp_size={sp_size} with ring_size={ring_size} splits the transformer's {num_heads} attention "
+                         f"heads over {ulysses} Ulysses ranks, which must divide them (allowed ring_size for "
+                         f"sp_size={sp_size}: {', '.join(map(str, rings))}; ring attention works for any head count)")
 
 
 @dataclass
@@ -46,6 +54,9 @@ class ParallelState:
     cfg_degree: int
     sp_group: object
     cfg_group: object
+    ring_size: int = 1  # ring degree inside the sequence-parallel group (Ulysses degree: sp_size / ring_size)
+    ulysses_group: object = None  # the sp_size / ring_size neighbouring ranks of this rank's all-to-all
+    ring_ranks: tuple[int, ...] = ()  # the global ranks of this rank's ring, in ring order
 
     @property
     def sp_rank(self) -> int:
@@ -61,7 +72,7 @@ class ParallelState:
 
     @classmethod
     def initialize(cls, sp_size: int, cfg_parallel: bool, device: torch.device,
-                   timeout_s: float = 600.0) -> "ParallelState":
+                   timeout_s: float = 600.0, ring_size: int = 1) -> "ParallelState":
         """Join (or start) the default process group from the launcher's environment and build the
         sequence-parallel and CFG groups. NCCL on CUDA, gloo on CPU."""
         if device.type == "cuda":
@@ -77,12 +88,23 @@ class ParallelState:
             atexit.register(close_process_groups)
         world, rank = dist.get_world_size(), dist.get_rank()
         cfg_degree = 2 if cfg_parallel else 1
-        check_layout(sp_size, cfg_parallel, world)
+        check_layout(sp_size, cfg_parallel, world, ring_size=ring_size)
         # every rank creates every group, in the same order (torch.distributed requires it)
         sp_groups = [dist.new_group(list(range(c * sp_size, (c + 1) * sp_size))) for c in range(cfg_degree)]
         cfg_groups = [dist.new_group(list(range(s, world, sp_size))) for s in range(sp_size)]
+        ulysses, ulysses_group, ring_ranks = sp_size // ring_size, None, ()
+        if ring_size > 1:  # sp rank = ring index x ulysses + ulysses index
+            for c in range(cfg_degree):
+                base = c * sp_size
+                for r in range(ring_size):
+                    group = dist.new_group([base + r * ulysses + u for u in range(ulysses)])
+                    if rank // ulysses == (base // ulysses) + r:
+                        ulysses_group = group
+            sp_rank = rank % sp_size
+            ring_ranks = tuple(rank - sp_rank + r * ulysses + sp_rank % ulysses for r in range(ring_size))
         return cls(rank=rank, world_size=world, sp_size=sp_size, cfg_degree=cfg_degree,
-                   sp_group=sp_groups[rank // sp_size], cfg_group=cfg_groups[rank % sp_size])
+                   sp_group=sp_groups[rank // sp_size], cfg_group=cfg_groups[rank % sp_size],
+                   ring_size=ring_size, ulysses_group=ulysses_group, ring_ranks=ring_ranks)
 
 
 def close_process_groups() -> None:

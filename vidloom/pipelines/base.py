@@ -180,10 +180,14 @@ def parallel_parts(parallel) -> tuple[object | None, object | None]:
     if parallel is None:
         return None, None
     from ..parallel.cfg import CFGParallel
-    from ..parallel.sequence import UlyssesSequenceParallel
+    from ..parallel.sequence import RingSequenceParallel, UlyssesSequenceParallel
 
-    sequence = UlyssesSequenceParallel(parallel.sp_group, parallel.sp_size, parallel.sp_rank) \
-        if parallel.sp_size > 1 else None
+    sequence = None
+    if parallel.ring_size > 1:
+        sequence = RingSequenceParallel(parallel.sp_group, parallel.sp_size, parallel.sp_rank, parallel.ulysses_group,
+                                        parallel.sp_size // parallel.ring_size, list(parallel.ring_ranks))
+    elif parallel.sp_size > 1:
+        sequence = UlyssesSequenceParallel(parallel.sp_group, parallel.sp_size, parallel.sp_rank)
     cfg = CFGParallel(parallel.cfg_group, parallel.cfg_rank) if parallel.cfg_degree > 1 else None
     return sequence, cfg
 
