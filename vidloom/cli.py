@@ -169,7 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     defaults = sampling_defaults(args.model)  # a shipped model's own size and settings
     engine = EngineConfig.from_options(**_collect(args, "e_"))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        check_layout(engine.sp_size, engine.cfg_parallel, args.nproc, ring_size=engine.ring_size)
+        check_layout(engine.sp_size, engine.cfg_parallel, args.nproc, ring_size=engine.ring_size,
+                     tp_size=engine.tp_size)
         VideoGenerator.request_limits(args.model, engine)  # the folder checked before any process starts
         return launch(args.nproc, args.argv)
     if args.store is not None:
@@ -251,7 +252,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # the image files decoded once (bounded), before any weight is read; the requests take them decoded
     sampling.update(decode_images(sampling))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        check_layout(engine.sp_size, engine.cfg_parallel, args.nproc, ring_size=engine.ring_size)
+        check_layout(engine.sp_size, engine.cfg_parallel, args.nproc, ring_size=engine.ring_size,
+                     tp_size=engine.tp_size)
         return launch(args.nproc, args.argv)
     hf_logging.disable_progress_bar()
     start = time.perf_counter()

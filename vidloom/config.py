@@ -80,6 +80,9 @@ class EngineConfig:
     # ring-attention degree inside sp_size (USP: sp_size / ring_size Ulysses ranks x ring_size ring
     # ranks); 1: Ulysses alone, which needs sp_size to divide the head count; ring works for any
     ring_size: int = 1
+    # tensor-parallel degree: each process holds 1/tp_size of the transformer's heads and FFN units
+    # (world = tp_size x sp_size x cfg degree)
+    tp_size: int = 1
     # weights used as stored are pages of the mapped file (fast load, shared page cache); the file
     # must then not change while the engine lives (see README, "Mapped weights")
     map_weights: bool = True
@@ -121,6 +124,8 @@ class EngineConfig:
             setattr(self, name, parse_dtype(getattr(self, name), name))
         if not (_is_int(self.sp_size) and 1 <= self.sp_size <= MAX_PROCESSES):
             raise ValueError(f"sp_size: expected an integer in 1..{MAX_PROCESSES}, got {self.sp_size!r}")
+        if not (_is_int(self.tp_size) and 1 <= self.tp_size <= MAX_PROCESSES):
+            raise ValueError(f"tp_size: expected an integer in 1..{MAX_PROCESSES}, got {self.tp_size!r}")
         if not (_is_int(self.ring_size) and 1 <= self.ring_size <= self.sp_size and self.sp_size % self.ring_size == 0):
             raise ValueError(f"ring_size: expected a divisor of sp_size={self.sp_size} "
                              f"(allowed: {', '.join(str(d) for d in range(1, self.sp_size + 1) if self.sp_size % d == 0)}),"

@@ -201,19 +201,20 @@ class VideoGenerator:
         backend = engine_backend(config.attention_backend, config.torch_device, config.resolved_dtypes()["transformer"])
         attention = AttentionContext(backend=backend, window=parse_window(config.sta_window))
         parallel = None
-        if config.sp_size > 1 or config.cfg_parallel or world_size_from_env() > 1:
+        if config.sp_size > 1 or config.cfg_parallel or config.tp_size > 1 or world_size_from_env() > 1:
             from .parallel.state import ParallelState, local_device
 
             # a wrong layout is an error before any weight is read
             for heads in plan.transformer_heads():
-                check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), heads, config.ring_size)
+                check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), heads, config.ring_size,
+                             config.tp_size)
             config = dataclasses.replace(config, device=str(local_device(config.torch_device)))
             parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device,
-                                                ring_size=config.ring_size)
+                                                ring_size=config.ring_size, tp_size=config.tp_size)
         residency = residency_for(config)  # where each component lives while the stages use it
-        load_components(plan.plans, config, residency)
+        load_components(plan.plans, config, residency, parallel=parallel)
         if plan.refine is not None:
-            load_components(plan.refine.plans, config, residency, "refine.")
+            load_components(plan.refine.plans, config, residency, "refine.", parallel=parallel)
         pipeline = plan.pipeline(residency, config, plan.limits, plan.variant, parallel,
                                  refine=plan.refine.variant if plan.refine else None, calibration=plan.calibration)
         generator = cls(pipeline, config, Path(path), parallel)

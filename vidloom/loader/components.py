@@ -135,13 +135,15 @@ def _plan_dit(folder: Path):
 
     prepared = prepare_model(WanDiT, folder)
 
-    def load(device, dtype, map_weights, stored=False):
-        transforms = None
+    def load(device, dtype, map_weights, stored=False, extra=()):
+        """``extra``: transforms applied first (e.g. ``parallel.tensor.TensorParallel``)."""
+        from .transforms import default_transforms
+
+        transforms = tuple(extra) + default_transforms()
         if stored:
             from .stored import StoredBlocks
-            from .transforms import default_transforms
 
-            transforms = default_transforms() + (StoredBlocks(dtype, WanDiT.keep_fp32),)
+            transforms += (StoredBlocks(dtype, WanDiT.keep_fp32),)
         return load_prepared(prepared, device, dtype, map_weights, transforms)
 
     return prepared.config, load

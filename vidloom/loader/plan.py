@@ -143,11 +143,13 @@ def _plan_one(path: Path, config: EngineConfig) -> FolderPlan:
                       calibration=read_calibration(path))
 
 
-def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, residency, prefix: str = "") -> None:
+def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, residency, prefix: str = "",
+                    parallel=None) -> None:
     """Give the residency policy (``memory.residency``) every planned component, names prefixed
     with ``prefix``: tokenizers, schedulers and image processors loaded now; the models (the
     transformers, text and image encoders, VAE) as plans, each loaded in its resolved dtype when
-    the policy decides (with the engine, or at its first use)."""
+    the policy decides (with the engine, or at its first use). Under tensor parallelism
+    (``parallel.tp_size > 1``) the transformers are loaded sharded (``parallel.tensor``)."""
     from ..memory.residency import Planned
 
     dtypes = config.resolved_dtypes()
@@ -157,9 +159,14 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
             small[name] = plan.load(residency.load_device(prefix + name), torch.float32, config.map_weights)
             continue
         dtype = dtypes[COMPONENT_DTYPE[name]]
+        extra = ()
+        if parallel is not None and parallel.tp_size > 1 and COMPONENT_DTYPE[name] == "transformer":
+            from ..parallel.tensor import TensorParallel
+
+            extra = (TensorParallel(parallel.tp_group, parallel.tp_size, parallel.tp_rank),)
         models[name] = Planned(plan.config, dtype, plan.class_name,
                                _loader(plan, dtype, config.map_weights, stored_blocks(config.low_mem_level or 0, dtype),
-                                       config.low_mem_level or 0))
+                                       config.low_mem_level or 0, extra))
     residency.add(small, prefix)
     residency.add_planned(models, prefix)
 
@@ -174,7 +181,7 @@ def stored_blocks(level: int, dtype: torch.dtype) -> bool:
 
 
 def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: bool,
-            level: int) -> Callable[[torch.device], Any]:
+            level: int, extra: tuple = ()) -> Callable[[torch.device], Any]:
     """``plan``'s loader; a model with mapped blocks releases their pages after each block runs
     while the work runs at memory level 3 (``level``: the engine's; a unit may run higher)."""
     from ..memory.levels import STREAMING_BLOCKS, level_now
@@ -183,7 +190,7 @@ def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: 
     def load(device: torch.device):
         log.info("loading %s (%s.%s) as %s%s", plan.name, plan.library, plan.class_name, dtype,
                  ", blocks as stored" if stored else "")
-        module = plan.load(device, dtype, map_weights, stored=stored)
+        module = plan.load(device, dtype, map_weights, stored=stored, **({"extra": extra} if extra else {}))
         stream_blocks(module, lambda: level_now(level) >= STREAMING_BLOCKS)
         return module
 

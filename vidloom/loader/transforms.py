@@ -31,6 +31,8 @@ class Fill:
     input_major  (out, in) values laid out as a transposed (in, out) matrix (see ``InputMajorBf16``)
     convert      a function of the whole stored tensor (shape kept) whose result fills the
                  parameter (cast to ``dtype``); None: the stored values
+    shard        the slice of the stored tensor the parameter holds (``parallel.tensor.Shard``:
+                 dim, index, count); only that slice is read. None: the whole tensor
     """
 
     key: str
@@ -41,12 +43,13 @@ class Fill:
     device: torch.device
     input_major: bool = False
     convert: Callable[[torch.Tensor], torch.Tensor] | None = None
+    shard: object | None = None
 
     @property
     def as_stored(self) -> bool:
         """Whether the parameter can be the stored tensor itself (file dtype and layout, CPU)."""
         return (self.dtype == self.stored and self.device.type == "cpu" and not self.input_major
-                and self.convert is None)
+                and self.convert is None and self.shard is None)
 
 
 class ModelTransform:

@@ -292,10 +292,14 @@ class _Staging:
 
 
 def _read_tensor(file: SafetensorsFile, entry: StoredTensor, dst: torch.Tensor, staging: _Staging,
-                 convert=None) -> None:
+                 convert=None, shard=None) -> None:
     """Fill ``dst`` (shape ``entry.shape``, any dtype, device and strides) with ``entry``'s values,
-    or with ``convert`` of them (read whole, then converted: see ``transforms.Fill``)."""
+    or with ``convert`` of them (read whole, then converted: see ``transforms.Fill``), or with
+    the ``shard`` of them (``dst`` its shape)."""
     if entry.nbytes == 0:
+        return
+    if shard is not None:
+        _read_shard(file, entry, dst, staging, shard)
         return
     if convert is not None:
         stored = torch.empty(entry.shape, dtype=entry.dtype)
@@ -314,6 +318,24 @@ def _read_tensor(file: SafetensorsFile, entry: StoredTensor, dst: torch.Tensor, 
         chunk = staging.rows(n, row_shape, entry.dtype)
         file.read_into(_bytes_of(chunk), entry.offset + r0 * row_bytes, entry.key)
         _copy_rows(dst[r0:r0 + n], chunk)
+
+
+def _read_shard(file: SafetensorsFile, entry: StoredTensor, dst: torch.Tensor, staging: _Staging, shard) -> None:
+    """Read only ``shard``'s slice of ``entry`` into ``dst``: along dim 0 one byte range of rows,
+    along dim 1 each row's span (rows read in staged chunks, their other columns dropped)."""
+    start, stop = shard.span(entry.shape[shard.dim])
+    rows = entry.shape[0]
+    row_shape = tuple(entry.shape[1:])
+    row_bytes = entry.nbytes // rows
+    first, last = (start, stop) if shard.dim == 0 else (0, rows)
+    dst = dst.reshape(1) if dst.dim() == 0 else dst
+    step = max(1, STAGING_BYTES // row_bytes)
+    for r0 in range(first, last, step):
+        n = min(step, last - r0)
+        chunk = staging.rows(n, row_shape, entry.dtype)
+        file.read_into(_bytes_of(chunk), entry.offset + r0 * row_bytes, entry.key)
+        part = chunk if shard.dim == 0 else chunk[:, start:stop]
+        _copy_rows(dst[r0 - first:r0 - first + n], part)
 
 
 def _is_input_major(t: torch.Tensor) -> bool:
@@ -476,8 +498,10 @@ def load_prepared(prepared: PreparedModel, device="cpu", dtype=torch.float32, ma
     with _MetaBuild(), _gc_paused():  # modules a transform swaps in are built on meta too
         for transform in transforms:
             model = transform.apply(model)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # in this process
     modules = dict(model.named_modules())
+    expected = {name: stored_shape(modules[name.rpartition(".")[0]], name.rpartition(".")[2], shape)
+                for name, shape in shapes.items()}  # in the checkpoint (a shard's whole tensor)
     filled: set[str] = set()  # checkpoint keys consumed
     mapped: list[FileSnapshot] = []
     storages: set[int] = set()  # the mappings' addresses (what ``loader.pages`` may release)
@@ -496,13 +520,24 @@ def load_prepared(prepared: PreparedModel, device="cpu", dtype=torch.float32, ma
                         storages.add(mapping.data_ptr())
                     _set_tensor(modules, name, file.view(mapping, entry))
                 else:
-                    jobs.append((entry, _destination(modules, fill, expected[name]), fill.convert))
+                    jobs.append((entry, _destination(modules, fill, shapes[name]), fill.convert, fill.shard))
             _read_all(file, jobs)
-    _check_filled(model, model_cls, expected, filled, folder)
+    _check_filled(model, model_cls, shapes, filled, folder)
     model.mapped_files = tuple(mapped)
     model.mapped_storages = storages
     record_compute_dtype(model, dtype)
     return model.eval()
+
+
+def stored_shape(module: torch.nn.Module, param: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The checkpoint's shape of ``module``'s parameter ``param`` (``shape`` in this process): a
+    module holding a shard of it (``parallel.tensor``) names the slice in ``module.shards``."""
+    shard = getattr(module, "shards", {}).get(param)
+    if shard is None:
+        return shape
+    full = list(shape)
+    full[shard.dim] *= shard.count
+    return tuple(full)
 
 
 def _check_filled(model, model_cls, expected, filled: set[str], folder: Path) -> None:
@@ -539,7 +574,7 @@ def _read_all(file: SafetensorsFile, jobs: list[tuple[StoredTensor, torch.Tensor
                 if job is None:
                     return
                 try:
-                    _read_tensor(file, job[0], job[1], staging, job[2])
+                    _read_tensor(file, *job[:2], staging, *job[2:])
                 except BaseException as exc:  # handed to the calling thread
                     errors.append(exc)
 

@@ -405,6 +405,18 @@ class WanDiT(LoadableModel):
         (".image_embedder.ff.net.2.", ".image_embedder.ff.linear_2."),
     )
     keep_fp32 = ("condition_embedder.time_embedder.", "scale_shift_table", ".norm1.", ".norm2.")
+    # tensor parallelism (parallel.tensor): heads and FFN units split over the ranks; q/k norms span
+    # all heads, so they are sharded norms (their squared sums all-reduced)
+    tensor_parallel_plan = (
+        ("blocks.*.attn[12].to_[qkv]", "column"),
+        ("blocks.*.attn2.add_[kv]_proj", "column"),
+        ("blocks.*.attn[12].to_out", "row"),
+        ("blocks.*.attn[12].norm_[qk]", "norm"),
+        ("blocks.*.attn2.norm_added_k", "norm"),
+        ("blocks.*.attn[12]", "heads"),
+        ("blocks.*.ffn.fc_in.proj", "column"),
+        ("blocks.*.ffn.fc_out", "row"),
+    )
     layer_counts = ((r"blocks\.(\d+)\.", lambda config: config.num_layers),)
 
     def __init__(self, config: WanDiTConfig):

@@ -1,6 +1,8 @@
-"""The process layout: ``world_size = cfg_degree x sp_size`` ranks, each CFG half a contiguous
-block of ``sp_size`` ranks (rank = cfg_rank * sp_size + sp_rank), so that on GPUs the
-all-to-all of sequence parallelism stays among neighbours."""
+"""The process layout: ``world_size = cfg_degree x sp_size x tp_size`` ranks, rank =
+(cfg_rank x sp_size + sp_rank) x tp_size + tp_rank: tensor-parallel ranks (an all-reduce per
+layer) are the closest neighbours, then the sequence-parallel ones (whose Ulysses all-to-all is
+among neighbours too: sp rank = ring index x Ulysses degree + Ulysses index), and each CFG half
+is a contiguous block, so that on GPUs the heaviest traffic stays among neighbours."""
 
 from __future__ import annotations
 
@@ -21,18 +23,25 @@ def world_size_from_env() -> int:
 
 
 def check_layout(sp_size: int, cfg_parallel: bool, world_size: int, num_heads: int | None = None,
-                 ring_size: int = 1) -> None:
-    """Raise ValueError, naming the options, unless ``world_size == sp_size x cfg_degree``, the ring
-    degree divides sp_size and the attention heads divide among the Ulysses ranks
-    (sp_size / ring_size)."""
+                 ring_size: int = 1, tp_size: int = 1) -> None:
+    """Raise ValueError, naming the options, unless ``world_size == tp_size x sp_size x cfg_degree``,
+    the ring degree divides sp_size and the attention heads divide among the tensor-parallel and
+    Ulysses ranks (tp_size x sp_size / ring_size)."""
     cfg_degree = 2 if cfg_parallel else 1
-    if world_size != sp_size * cfg_degree:
+    needed = tp_size * sp_size * cfg_degree
+    if world_size != needed:
+        tp = f"tp_size={tp_size} x " if tp_size > 1 else ""
         raise ValueError(
-            f"sp_size={sp_size} x cfg degree {cfg_degree} (cfg_parallel={cfg_parallel}) needs "
-            f"{sp_size * cfg_degree} processes, but the world size is {world_size}: launch with "
-            f"`torchrun --nproc-per-node {sp_size * cfg_degree} -m vidloom generate ...` or "
-            f"`vidloom generate --nproc {sp_size * cfg_degree} ...`, or change sp_size / cfg_parallel"
+            f"{tp}sp_size={sp_size} x cfg degree {cfg_degree} (cfg_parallel={cfg_parallel}) needs "
+            f"{needed} processes, but the world size is {world_size}: launch with "
+            f"`torchrun --nproc-per-node {needed} -m vidloom generate ...` or "
+            f"`vidloom generate --nproc {needed} ...`, or change {'tp_size / ' if tp_size > 1 else ''}sp_size / cfg_parallel"
         )
+    if num_heads is not None and num_heads % tp_size:
+        raise ValueError(f"tp_size={tp_size} must divide the transformer's {num_heads} attention heads (allowed: "
+                         f"{', '.join(str(d) for d in range(1, num_heads + 1) if num_heads % d == 0)})")
+    if num_heads is not None:
+        num_heads //= tp_size  # each tensor-parallel rank's heads
     if sp_size % ring_size:
         raise ValueError(f"ring_size={ring_size} must divide sp_size={sp_size} "
                          f"(allowed: {', '.join(str(d) for d in range(1, sp_size + 1) if sp_size % d == 0)})")
@@ -40,7 +49,8 @@ def check_layout(sp_size: int, cfg_parallel: bool, world_size: int, num_heads: i
     if num_heads is not None and num_heads % ulysses:
         rings = [r for r in range(1, sp_size + 1) if sp_size % r == 0 and num_heads % (sp_size // r) == 0]
         raise ValueError(f"sp_size={sp_size} with ring_size={ring_size} splits the transformer's {num_heads} attention "
-                         f"heads over {ulysses} Ulysses ranks, which must divide them (allowed ring_size for "
+                         f"heads{f' (per tensor-parallel rank)' if tp_size > 1 else ''} "
+                         f"over {ulysses} Ulysses ranks, which must divide them (allowed ring_size for "
                          f"sp_size={sp_size}: {', '.join(map(str, rings))}; ring attention works for any head count)")
 
 
@@ -57,14 +67,20 @@ class ParallelState:
     ring_size: int = 1  # ring degree inside the sequence-parallel group (Ulysses degree: sp_size / ring_size)
     ulysses_group: object = None  # the sp_size / ring_size neighbouring ranks of this rank's all-to-all
     ring_ranks: tuple[int, ...] = ()  # the global ranks of this rank's ring, in ring order
+    tp_size: int = 1
+    tp_group: object = None
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
 
     @property
     def sp_rank(self) -> int:
-        return self.rank % self.sp_size
+        return self.rank // self.tp_size % self.sp_size
 
     @property
     def cfg_rank(self) -> int:
-        return self.rank // self.sp_size
+        return self.rank // (self.sp_size * self.tp_size)
 
     @property
     def is_main(self) -> bool:
@@ -72,9 +88,9 @@ class ParallelState:
 
     @classmethod
     def initialize(cls, sp_size: int, cfg_parallel: bool, device: torch.device,
-                   timeout_s: float = 600.0, ring_size: int = 1) -> "ParallelState":
+                   timeout_s: float = 600.0, ring_size: int = 1, tp_size: int = 1) -> "ParallelState":
         """Join (or start) the default process group from the launcher's environment and build the
-        sequence-parallel and CFG groups. NCCL on CUDA, gloo on CPU."""
+        tensor-parallel, sequence-parallel (Ulysses, ring) and CFG groups. NCCL on CUDA, gloo on CPU."""
         if device.type == "cuda":
             # this rank's GPU becomes the current one: NCCL's collectives and every CUDA query
             # would otherwise open a context on GPU 0 in every rank
@@ -88,23 +104,35 @@ class ParallelState:
             atexit.register(close_process_groups)
         world, rank = dist.get_world_size(), dist.get_rank()
         cfg_degree = 2 if cfg_parallel else 1
-        check_layout(sp_size, cfg_parallel, world, ring_size=ring_size)
-        # every rank creates every group, in the same order (torch.distributed requires it)
-        sp_groups = [dist.new_group(list(range(c * sp_size, (c + 1) * sp_size))) for c in range(cfg_degree)]
-        cfg_groups = [dist.new_group(list(range(s, world, sp_size))) for s in range(sp_size)]
-        ulysses, ulysses_group, ring_ranks = sp_size // ring_size, None, ()
-        if ring_size > 1:  # sp rank = ring index x ulysses + ulysses index
-            for c in range(cfg_degree):
-                base = c * sp_size
-                for r in range(ring_size):
-                    group = dist.new_group([base + r * ulysses + u for u in range(ulysses)])
-                    if rank // ulysses == (base // ulysses) + r:
-                        ulysses_group = group
-            sp_rank = rank % sp_size
-            ring_ranks = tuple(rank - sp_rank + r * ulysses + sp_rank % ulysses for r in range(ring_size))
-        return cls(rank=rank, world_size=world, sp_size=sp_size, cfg_degree=cfg_degree,
-                   sp_group=sp_groups[rank // sp_size], cfg_group=cfg_groups[rank % sp_size],
-                   ring_size=ring_size, ulysses_group=ulysses_group, ring_ranks=ring_ranks)
+        check_layout(sp_size, cfg_parallel, world, ring_size=ring_size, tp_size=tp_size)
+        ulysses = sp_size // ring_size
+
+        def at(c: int, s: int, t: int) -> int:
+            return (c * sp_size + s) * tp_size + t
+
+        def group_of(lists: list[list[int]]):
+            """Every rank creates every group, in the same order (torch.distributed requires it);
+            this rank keeps the one it belongs to."""
+            mine = None
+            for ranks in lists:
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    mine = group
+            return mine
+
+        cells = [(c, t) for c in range(cfg_degree) for t in range(tp_size)]
+        sp_group = group_of([[at(c, s, t) for s in range(sp_size)] for c, t in cells])
+        cfg_group = group_of([[at(c, s, t) for c in range(cfg_degree)] for s in range(sp_size) for t in range(tp_size)])
+        tp_group = group_of([[at(c, s, t) for t in range(tp_size)] for c in range(cfg_degree) for s in range(sp_size)]) \
+            if tp_size > 1 else None
+        state = cls(rank=rank, world_size=world, sp_size=sp_size, cfg_degree=cfg_degree, sp_group=sp_group,
+                    cfg_group=cfg_group, ring_size=ring_size, tp_size=tp_size, tp_group=tp_group)
+        if ring_size > 1:
+            state.ulysses_group = group_of([[at(c, r * ulysses + u, t) for u in range(ulysses)]
+                                            for c, t in cells for r in range(ring_size)])
+            c, s, t = state.cfg_rank, state.sp_rank, state.tp_rank
+            state.ring_ranks = tuple(at(c, r * ulysses + s % ulysses, t) for r in range(ring_size))
+        return state
 
 
 def close_process_groups() -> None:
