@@ -7,6 +7,7 @@ shorter name), so the CLI never restates an option's default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default="outputs/video.mp4",
                      help="output file: .mp4, .gif, .npy (float32 frames) or a folder for PNG frames")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                     help="profile the run with torch.profiler: a trace in DIR/trace.json (Perfetto, chrome://tracing) "
+                          "and the top operators per stage printed")
     gen.add_argument("--nproc", type=int, default=1,
                      help="start this many processes (as torchrun does) for --sp-size / --cfg-parallel")
     sampling = gen.add_argument_group("sampling")
@@ -269,7 +273,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             done = sum(t.is_finished for t in tasks)
             bar.set_postfix_str(tasks[0].status if len(tasks) == 1 else f"{done}/{len(tasks)} videos done")
 
-        outs = generator.run_many(tasks, on_round=advance)
+        with contextlib.ExitStack() as stack:
+            profile = None
+            if args.profile is not None:
+                from .profiling import profiling
+
+                rank = generator.parallel.rank if generator.parallel is not None else 0
+                profile = stack.enter_context(profiling(args.profile if rank == 0 else args.profile / f"rank-{rank}"))
+            outs = generator.run_many(tasks, on_round=advance)
+    if profile is not None and generator.is_main_process:
+        print(profile.summary())
     if not generator.is_main_process:
         return 0
     for out in outs:

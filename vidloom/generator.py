@@ -26,6 +26,7 @@ from .memory.levels import unit_level
 from .memory.recovery import run_again_higher
 from .models.attention import AttentionContext, attention_context, engine_backend
 from .models.sliding_tile import parse_window
+from .profiling import stage_range
 from .pipelines.base import ComposedPipeline, Cursor, Phase, WorkUnit, run_units
 from .pipelines.batch import ForwardBatch
 from .request import CheckedRequest, checked_requests
@@ -280,7 +281,8 @@ class VideoGenerator:
         unit = self.pipeline.unit_at(task.batch, task.cursor)
         try:
             if unit is None:
-                task.result = self._finish(task)
+                with stage_range("export"):
+                    task.result = self._finish(task)
                 task.state = TaskState.DONE
                 task.units_done += 1
             else:
@@ -340,7 +342,7 @@ class VideoGenerator:
         for task, unit in pairs:
             task.state = _PHASE_STATES[unit.stage.phase]
         with attention_context(self.attention):
-            with unit_level(max(task.memory_level for task, _ in pairs)):
+            with unit_level(max(task.memory_level for task, _ in pairs)), stage_range(pairs[0][1].stage.name):
                 results = run_units([unit for _, unit in pairs], [task.batch for task, _ in pairs])
             for k, ((task, unit), result) in enumerate(zip(pairs, results)):
                 if is_out_of_memory(result):  # run again alone, at the next memory levels
