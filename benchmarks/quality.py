@@ -3,7 +3,7 @@
     python benchmarks/quality.py --model DIR [--steps 4,8,20] [--guidance-scale 3,5] [--seeds 2]
                                  [--sheet quality.png] [--device cpu] [--dtype fp32]
                                  [--refine SCALE:STRENGTH[:STEPS]] [--i2v] [--ground-truth]
-                                 [--cache SPEC[,SPEC...]]
+                                 [--cache SPEC[,SPEC...]] [--sta F,H,W[/F,H,W...]]
 
 For a fixed list of prompts (the held-out combinations and as many trained ones), it generates
 videos and scores each from its pixels (``vidloom.world.score_clip``): the colour of the moving
@@ -27,6 +27,9 @@ the frame), and the columns add ``keep dB``, the PSNR of the generated first fra
 
 ``--cache block:F1B1:0.1,cfg-gate:0.5`` also runs each feature-cache setting (``SamplingParams.cache``)
 as its own mode, named by the spec (the mode column shows its first 9 characters).
+
+``--sta 3,4,4/1,2,2`` also runs sliding-tile attention with each window (``SamplingParams.sta_window``,
+tokens per axis) as its own mode, named ``sta F,H,W``.
 
 ``--refine 2:0.6`` also runs two-stage generation (``RefineParams(scale=2, strength=0.6)``: the base
 pass at half the size, the refine pass at full size) in the same run.
@@ -136,6 +139,8 @@ def main() -> None:
     parser.add_argument("--ground-truth", action="store_true", help="score the world's own clips first")
     parser.add_argument("--cache", default=None, metavar="SPEC[,SPEC...]",
                         help="also run with each feature-cache setting, each as its own mode")
+    parser.add_argument("--sta", default=None, metavar="F,H,W[/F,H,W...]",
+                        help="also run sliding-tile attention with each window (tokens), each as its own mode")
     args = parser.parse_args()
 
     from vidloom import RefineParams, VideoGenerator
@@ -144,12 +149,13 @@ def main() -> None:
 
     guidances = ([float(g) for g in args.guidance_scale.split(",")] if args.guidance_scale
                  else [DEFAULT_MODEL_SAMPLING["guidance_scale"]])
-    modes = [("one-stage", None, None)]
+    modes = [("one-stage", None, None, None)]  # (name, refine, cache, sliding-tile window)
     if args.refine:
         scale, strength, *steps = args.refine.split(":")
         modes.append(("two-stage", RefineParams(scale=int(scale), strength=float(strength),
-                                                steps=int(steps[0]) if steps else None), None))
-    modes += [(spec, None, spec) for spec in (args.cache.split(",") if args.cache else [])]
+                                                steps=int(steps[0]) if steps else None), None, None))
+    modes += [(spec, None, spec, None) for spec in (args.cache.split(",") if args.cache else [])]
+    modes += [(f"sta {w}", None, None, w) for w in (args.sta.split("/") if args.sta else [])]
 
     gen = VideoGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     prompts = prompt_list()
@@ -171,7 +177,7 @@ def main() -> None:
             print(row(0, 0, "world", split, s, None))
     all_steps = [int(s) for s in args.steps.split(",")]
     for cfg, steps in itertools.product(guidances, all_steps):
-        for mode, refine, cache in modes:
+        for mode, refine, cache, window in modes:
             tallies = {split: Tally() for split in SPLITS}
             start = time.perf_counter()
             for caption, spec, held in prompts:
@@ -179,11 +185,11 @@ def main() -> None:
                     image = first_frame(spec, seed, args.frames, args.size) if args.i2v else None
                     frames = gen.generate(caption, height=args.size, width=args.size, num_frames=args.frames,
                                           num_inference_steps=steps, guidance_scale=cfg, seed=seed,
-                                          refine=refine, image=image, cache=cache).frames
+                                          refine=refine, image=image, cache=cache, sta_window=window).frames
                     keep = psnr(frames[0], image) if image is not None else None
                     tallies["held-out" if held else "trained"].add(score_clip(frames), spec, keep)
                     if (steps == max(all_steps) and cfg == guidances[0] and seed == 0 and refine is None
-                            and cache is None):
+                            and cache is None and window is None):
                         picks = [0, 4, 8, 12, len(frames) - 1]
                         sheet_rows.append(frames[[p for p in picks if p < len(frames)]])
             per_video = (time.perf_counter() - start) / sum(len(t.rows) for t in tallies.values())

@@ -112,6 +112,9 @@ class EngineConfig:
     # the default sliding-tile window "F,H,W" in tokens (frames, rows, columns after patching) of
     # requests that give none; None: dense attention unless a request asks for a window
     sta_window: str | None = None
+    # compile the transformer's repeated block (torch.compile, regional), warmed up at load on a
+    # request of the expected size; memory levels 0-1 only (levels 2-3 stream blocks through hooks)
+    compile: bool = False
 
     def __post_init__(self):
         self.device = resolve_device(self.device)
@@ -130,7 +133,8 @@ class EngineConfig:
             raise ValueError(f"ring_size: expected a divisor of sp_size={self.sp_size} "
                              f"(allowed: {', '.join(str(d) for d in range(1, self.sp_size + 1) if self.sp_size % d == 0)}),"
                              f" got {self.ring_size!r}")
-        for name in ("vae_tiling", "batch_cfg", "check_finite", "cfg_parallel", "map_weights", "offload_experts"):
+        for name in ("vae_tiling", "batch_cfg", "check_finite", "cfg_parallel", "map_weights", "offload_experts",
+                     "compile"):
             _require_bool(name, getattr(self, name))
         if not (_is_int(self.vae_tile_size) and 32 <= self.vae_tile_size <= MAX_TILE):
             raise ValueError(f"vae_tile_size: expected an integer in 32..{MAX_TILE} (pixels), got {self.vae_tile_size!r}")
@@ -140,6 +144,9 @@ class EngineConfig:
         if self.low_mem_level is not None and not (_is_int(self.low_mem_level) and 0 <= self.low_mem_level <= 3):
             raise ValueError(f"low_mem_level: expected an integer in 0..3 (or none: chosen by memory), "
                              f"got {self.low_mem_level!r}")
+        if self.compile and self.low_mem_level is not None and self.low_mem_level >= 2:
+            raise ValueError(f"compile: runs at low_mem_level 0 or 1 (levels 2-3 stream the blocks), "
+                             f"got low_mem_level={self.low_mem_level}")
         if self.max_memory is not None:
             from .memory.estimate import parse_bytes
 

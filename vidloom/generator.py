@@ -198,6 +198,9 @@ class VideoGenerator:
         # the memory level, from the budget (max_memory, or the memory available) before loading
         config, budget = engine_level(plan, config, {**sampling_defaults(path), **(size_hint or {})},
                                       processes=world_size_from_env(), strict=size_hint is not None)
+        if config.compile and config.low_mem_level >= 2:
+            raise ValueError(f"compile: runs at low_mem_level 0 or 1, but this folder needs level {config.low_mem_level} "
+                             "to fit the memory available (give max_memory, or low_mem_level=1 to force it)")
         # the attention kernel, checked before loading (flash on a CPU is an error here)
         backend = engine_backend(config.attention_backend, config.torch_device, config.resolved_dtypes()["transformer"])
         attention = AttentionContext(backend=backend, window=parse_window(config.sta_window))
@@ -221,7 +224,23 @@ class VideoGenerator:
         generator = cls(pipeline, config, Path(path), parallel)
         generator.budget = budget
         generator.attention = attention
+        if config.compile:  # the first request does not pay the compilation
+            generator.warm_up({**sampling_defaults(path), **(size_hint or {})})
         return generator
+
+    def warm_up(self, size: dict | None = None) -> float:
+        """Run one guided denoising step of a request of ``size`` (height, width, num_frames; default:
+        the engine's default request) and drop it: compiled blocks are compiled by it, caches filled.
+        Returns its seconds."""
+        start = time.perf_counter()
+        size = {k: v for k, v in (size or {}).items() if k in ("height", "width", "num_frames")}
+        task = self.submit("", num_inference_steps=1, **size)
+        while not task.is_finished and task.batch.step_index < 1:
+            self.step(task)
+        task.cancel()
+        seconds = time.perf_counter() - start
+        log.info("warm-up (%s): %.1f s", ", ".join(f"{k}={v}" for k, v in size.items()) or "default size", seconds)
+        return seconds
 
     @staticmethod
     def request_limits(path: str | Path, config: EngineConfig | None = None) -> RequestLimits:

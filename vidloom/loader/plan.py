@@ -164,9 +164,10 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
             from ..parallel.tensor import TensorParallel
 
             extra = (TensorParallel(parallel.tp_group, parallel.tp_size, parallel.tp_rank),)
+        compiled = config.compile and COMPONENT_DTYPE[name] == "transformer"
         models[name] = Planned(plan.config, dtype, plan.class_name,
                                _loader(plan, dtype, config.map_weights, stored_blocks(config.low_mem_level or 0, dtype),
-                                       config.low_mem_level or 0, extra))
+                                       config.low_mem_level or 0, extra, compiled))
     residency.add(small, prefix)
     residency.add_planned(models, prefix)
 
@@ -181,9 +182,10 @@ def stored_blocks(level: int, dtype: torch.dtype) -> bool:
 
 
 def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: bool,
-            level: int, extra: tuple = ()) -> Callable[[torch.device], Any]:
+            level: int, extra: tuple = (), compiled: bool = False) -> Callable[[torch.device], Any]:
     """``plan``'s loader; a model with mapped blocks releases their pages after each block runs
-    while the work runs at memory level 3 (``level``: the engine's; a unit may run higher)."""
+    while the work runs at memory level 3 (``level``: the engine's; a unit may run higher).
+    ``compiled``: its blocks compiled instead (``models.compiled``; they are not streamed)."""
     from ..memory.levels import STREAMING_BLOCKS, level_now
     from .stored import stream_blocks
 
@@ -191,6 +193,10 @@ def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: 
         log.info("loading %s (%s.%s) as %s%s", plan.name, plan.library, plan.class_name, dtype,
                  ", blocks as stored" if stored else "")
         module = plan.load(device, dtype, map_weights, stored=stored, **({"extra": extra} if extra else {}))
+        if compiled:
+            from ..models.compiled import compile_blocks
+
+            return compile_blocks(module)
         stream_blocks(module, lambda: level_now(level) >= STREAMING_BLOCKS)
         return module
 

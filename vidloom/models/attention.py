@@ -322,6 +322,21 @@ _CONTEXT: contextvars.ContextVar[AttentionContext] = contextvars.ContextVar("att
                                                                             default=AttentionContext())
 
 
+# Compiled code (``torch.compile``: ``models.compiled``) cannot read a ContextVar (dynamo breaks
+# the graph at every ``get``); it reads this process-wide mirror of the innermost context entered
+# instead, each distinct context interned so that dynamo's guard on it holds across forwards. The
+# engine runs its forwards on one thread (the server's engine thread), where the two agree.
+_MIRROR: list[AttentionContext] = [AttentionContext()]
+_INTERNED: dict[AttentionContext, AttentionContext] = {}
+_INTERN_LIMIT = 1024
+
+
+def _interned(context: AttentionContext) -> AttentionContext:
+    if len(_INTERNED) >= _INTERN_LIMIT:
+        _INTERNED.clear()
+    return _INTERNED.setdefault(context, context)
+
+
 def current_context() -> AttentionContext:
     return _CONTEXT.get()
 
@@ -329,10 +344,13 @@ def current_context() -> AttentionContext:
 @contextlib.contextmanager
 def attention_context(context: AttentionContext):
     """Make ``context`` the one attention runs with inside the block."""
+    context = _interned(context)
     token = _CONTEXT.set(context)
+    previous, _MIRROR[0] = _MIRROR[0], context
     try:
         yield context
     finally:
+        _MIRROR[0] = previous
         _CONTEXT.reset(token)
 
 
@@ -364,7 +382,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: Litera
     """
     if kind not in ("self", "cross"):
         raise ValueError(f"attention kind: expected 'self' or 'cross', got {kind!r}")
-    context = _CONTEXT.get()
+    context = _MIRROR[0] if torch.compiler.is_compiling() else _CONTEXT.get()
     backend = context.backend if bias is None or context.backend.supports_bias else SDPA
     backend.check(q)
     local = backend.fn if backend.returns_lse else _with_lse_fallback(backend.fn)

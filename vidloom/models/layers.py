@@ -65,8 +65,10 @@ def linear_gelu_tanh(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     (``cpu.features().fused_linear_gelu``), one oneDNN matmul with the GELU fused as a post-op:
     the separate bf16 tanh-GELU pass cost ~9% of a Wan step (measured), the fused one almost
     nothing. Elsewhere the plain two ops. ``linear`` must be a plain ``nn.Linear`` (its weight and
-    bias are all it computes): a model calls this through ``GeluLinear``."""
-    if (x.device.type == "cpu" and x.dtype == torch.bfloat16 == linear.weight.dtype
+    bias are all it computes): a model calls this through ``GeluLinear``. Under ``torch.compile``
+    the plain ops (inductor fuses the GELU itself; it lowers the oneDNN op only for frozen
+    weights, and ``cpu.features()`` would break the graph)."""
+    if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16 == linear.weight.dtype
             and cpu.features().fused_linear_gelu):
         return _fused_linear_gelu(x, linear.weight, linear.bias)
     return F.gelu(linear(x), approximate="tanh")
