@@ -1,12 +1,16 @@
 """One denoising step with classifier-free guidance of the Wan2.1-T2V-1.3B transformer (random
-weights): one process vs sequence parallel (SP=2) vs CFG parallel, each layout launched with
-torch's launcher in the same run.
+weights): one process vs each parallel layout (Ulysses SP=2, ring SP=2, USP 2x2, CFG parallel,
+TP=2, TP=2 x SP=2) and vs compiled blocks, each launched with torch's launcher in the same run.
 
     python benchmarks/parallel.py [--size 17x128x128] [--dtype bf16] [--repeats 2] [--threads 2] [--layers 30]
+                                  [--layouts NAME,NAME...]
 
-The single process uses all ``--threads``; each of N processes gets threads/N (the same cores).
-On a GPU machine (``--device cuda``) each process takes its own GPU. Communication share: the
-seconds spent inside the all-to-all / all-gather calls over the step's seconds (rank 0).
+The single process uses all ``--threads``; each of N processes gets threads/N (the same cores;
+at least 1, so 4 processes on 2 cores oversubscribe them). On a GPU machine (``--device cuda``)
+each process takes its own GPU. Communication share: the seconds spent inside collectives
+(all-to-all, all-gather, all-reduce, waiting for the ring's sends) over the step's seconds (rank
+0). ``weights/rank``: the transformer's parameter bytes in rank 0. The compiled row's first step
+(the compilation) is reported apart.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WAN_1_3B_TRANSFORMER, ensure_transformer_folder, machine_description, write_result  # noqa: E402
 
-LAYOUTS = [("1 process", 1, {}), ("SP=2", 2, {"sp_size": 2}), ("CFG parallel", 2, {"cfg_parallel": True})]
+LAYOUTS = [("1 process", 1, {}), ("SP=2", 2, {"sp_size": 2}), ("ring SP=2", 2, {"sp_size": 2, "ring_size": 2}),
+           ("USP 2x2", 4, {"sp_size": 4, "ring_size": 2}), ("CFG parallel", 2, {"cfg_parallel": True}),
+           ("TP=2", 2, {"tp_size": 2}), ("TP=2 x SP=2", 4, {"tp_size": 2, "sp_size": 2}),
+           ("compiled", 1, {"compile": True})]
 TEXT_LEN = 512
 
 
@@ -36,6 +43,7 @@ def worker(args) -> None:
     from vidloom.loader.weights import load_model
     from vidloom.models.wan_dit import WanDiT
     from vidloom.pipelines.base import parallel_parts
+    from vidloom.pipelines.batch import PolicyState
     from vidloom.pipelines.stages import DenoisingStage
     from vidloom.pipelines.stages.model_call import PlainCall
     from vidloom.parallel.cfg import CFGParallel
@@ -46,12 +54,13 @@ def worker(args) -> None:
     device = local_device(torch.device(args.device))
     parallel = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        parallel = ParallelState.initialize(layout.get("sp_size", 1), layout.get("cfg_parallel", False), device)
+        parallel = ParallelState.initialize(layout.get("sp_size", 1), layout.get("cfg_parallel", False), device,
+                                            ring_size=layout.get("ring_size", 1), tp_size=layout.get("tp_size", 1))
     sequence, cfg = parallel_parts(parallel)
 
     comm = [0.0]  # seconds inside collectives on this rank
 
-    def timed_collective(fn):
+    def timed(fn):
         def run(*a, **k):
             start = time.perf_counter()
             out = fn(*a, **k)
@@ -61,12 +70,33 @@ def worker(args) -> None:
             return out
         return run
 
+    class TimedRequest:  # a ring send/receive, its wait timed
+        def __init__(self, request):
+            self.request = request
+
+        def wait(self):
+            return timed(self.request.wait)()
+
     for cls, name in ((UlyssesSequenceParallel, "_all_to_all"), (UlyssesSequenceParallel, "gather"),
                       (CFGParallel, "exchange")):
-        setattr(cls, name, timed_collective(getattr(cls, name)))
+        setattr(cls, name, timed(getattr(cls, name)))
+    dist.all_reduce = timed(dist.all_reduce)  # tensor parallel's (looked up at call time)
+    batch_isend_irecv = dist.batch_isend_irecv
+    dist.batch_isend_irecv = lambda ops: [TimedRequest(r) for r in batch_isend_irecv(ops)]
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    model = load_model(WanDiT, Path(args.model), device=device, dtype=dtype)
+    transforms = None
+    if parallel is not None and parallel.tp_size > 1:
+        from vidloom.loader.transforms import default_transforms
+        from vidloom.parallel.tensor import TensorParallel
+
+        transforms = (TensorParallel(parallel.tp_group, parallel.tp_size, parallel.tp_rank),) + default_transforms()
+    model = load_model(WanDiT, Path(args.model), device=device, dtype=dtype, transforms=transforms)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if layout.get("compile"):
+        from vidloom.models.compiled import compile_blocks
+
+        compile_blocks(model)
     f, h, w = (int(v) for v in args.size.split("x"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, (f - 1) // 4 + 1, h // 8, w // 8, generator=g).to(device, dtype)
@@ -75,8 +105,9 @@ def worker(args) -> None:
         kv = model.encode_context(text)  # rows [cond; uncond]
     # the engine's own guided prediction (batched CFG, or one branch per rank), as a generation runs it
     stage = DenoisingStage(model, scheduler=None, cfg=cfg, call=PlainCall(sequence))
-    batch = types.SimpleNamespace(latents=x, context_kv=kv, context_expert=0,
-                                  params=types.SimpleNamespace(do_cfg=True, guidance_scale=5.0))
+    params = types.SimpleNamespace(do_cfg=True, guidance_scale=5.0, sta_window=None, cache=None)
+    batch = types.SimpleNamespace(latents=x, context_kv=kv, context_expert=0, params=params,
+                                  policy_state=PolicyState(params=params, num_steps=1))
     t = torch.tensor(500.0, device=device)
 
     def step():
@@ -85,7 +116,9 @@ def worker(args) -> None:
             torch.cuda.synchronize(device)
         return out
 
-    step()  # warm-up
+    start = time.perf_counter()
+    step()  # warm-up (compiled: the compilation)
+    first = time.perf_counter() - start
     times, comms = [], []
     for _ in range(args.repeats):
         if parallel is not None:
@@ -97,8 +130,8 @@ def worker(args) -> None:
         comms.append(comm[0])
     if parallel is None or parallel.is_main:
         best = min(range(len(times)), key=times.__getitem__)
-        print("RESULT " + json.dumps({"seconds": times[best], "comm_seconds": comms[best],
-                                      "threads": torch.get_num_threads()}), flush=True)
+        print("RESULT " + json.dumps({"seconds": times[best], "comm_seconds": comms[best], "first_seconds": first,
+                                      "weight_bytes": weight_bytes, "threads": torch.get_num_threads()}), flush=True)
     close_process_groups()
 
 
@@ -110,6 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=WAN_1_3B_TRANSFORMER["num_layers"])
+    parser.add_argument("--layouts", default=None, help="comma-separated layout names (default: all)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -125,9 +159,13 @@ def main() -> None:
     print(f"machine: {machine_description()}")
     print(f"Wan2.1-T2V-1.3B transformer ({args.layers} layers), one CFG step at {args.size}, {args.dtype}, {args.device}; "
           f"best of {args.repeats} after a warm-up")
-    print(f"{'layout':14} {'procs x threads':>15} {'s/step':>8} {'speed-up':>8} {'comm share':>10}")
+    print(f"{'layout':14} {'procs x threads':>15} {'s/step':>8} {'speed-up':>8} {'comm share':>10} "
+          f"{'weights/rank':>12} {'first step':>10}")
     rows = []
+    chosen = None if args.layouts is None else set(args.layouts.split(","))
     for name, nproc, layout in LAYOUTS:
+        if chosen is not None and name not in chosen and name != "1 process":
+            continue
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // nproc)))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                __file__, "--worker", "--layout", json.dumps(layout), "--model", str(folder), "--size", args.size,
@@ -143,7 +181,8 @@ def main() -> None:
         rows.append(r)
         procs = f"{nproc} x {r['threads']}"
         print(f"{name:14} {procs:>15} {r['seconds']:>8.2f} {r['speed_up']:>8.2f} "
-              f"{r['comm_seconds'] / r['seconds']:>10.1%}")
+              f"{r['comm_seconds'] / r['seconds']:>10.1%} {r['weight_bytes'] / 2**30:>8.2f} GiB "
+              f"{r['first_seconds']:>9.1f}s")
     summary = ", ".join(f"{r['layout']} {r['speed_up']:.2f}x" for r in rows[1:])
     print(f"summary: speed-up over one process ({args.size}, {args.dtype}, {args.device}): {summary}")
     write_result("parallel", dict(machine=machine_description(), size=args.size, dtype=args.dtype,
