@@ -212,6 +212,9 @@ class VideoGenerator:
             for heads in plan.transformer_heads():
                 check_layout(config.sp_size, config.cfg_parallel, world_size_from_env(), heads, config.ring_size,
                              config.tp_size)
+            text_heads = plan.text_encoder_heads()
+            if config.tp_size > 1 and text_heads is not None and text_heads % config.tp_size:
+                raise ValueError(f"tp_size={config.tp_size} must divide the text encoder's {text_heads} attention heads")
             config = dataclasses.replace(config, device=str(local_device(config.torch_device)))
             parallel = ParallelState.initialize(config.sp_size, config.cfg_parallel, config.torch_device,
                                                 ring_size=config.ring_size, tp_size=config.tp_size)

@@ -50,6 +50,12 @@ def test_tensor_parallel_equals_one_process_with_half_the_weights_per_rank(four_
                  and not re.search(r"(to_out|fc_out)\.bias$", n))
     assert per_rank == [whole - blocks // 2] * nproc
     assert 0.5 * whole < per_rank[0] < 0.7 * whole  # tiny model: its embeddings and head are a large share
+    # the text encoder: its attention, relative position bias and FFN halved; the embedding whole
+    te = one.pipeline.components["text_encoder"]
+    te_whole = sum(p.numel() * p.element_size() for p in te.parameters())
+    te_layers = sum(p.numel() * p.element_size() for n, p in te.named_parameters()
+                    if re.search(r"\.(SelfAttention\.(q|k|v|o|relative_attention_bias)|DenseReluDense\.w)", n))
+    assert [int(b) for b in re.findall(r"te_bytes=(\d+)", proc.stdout)] == [te_whole - te_layers // 2] * nproc
     parallel = np.load(tmp_path / "out.npy")
     assert rel_err(parallel, single) <= 1e-5  # fp32
 
@@ -74,6 +80,29 @@ def test_the_transform_swaps_the_declared_layers_and_reads_shards(four_heads, mo
         assert torch.equal(block.ffn.fc_in.proj.weight, ref.ffn.fc_in.proj.weight[hidden])
         assert torch.equal(block.ffn.fc_out.weight, ref.ffn.fc_out.weight[:, hidden])
         assert torch.equal(sharded.proj_out.weight, whole.proj_out.weight)
+
+
+def test_the_text_encoder_loads_its_shard_of_each_layer(four_heads):
+    """UMT5 under the plan beside its loader spec: heads, position bias and FFN units split."""
+    from transformers import UMT5EncoderModel
+
+    from vidloom.loader.components import UMT5, _load_transformers_sharded
+    from vidloom.parallel.tensor import ShardedEmbedding
+
+    whole = UMT5EncoderModel.from_pretrained(str(four_heads / "text_encoder"), dtype=torch.float32)
+    for rank in (0, 1):
+        te = _load_transformers_sharded(UMT5, four_heads / "text_encoder", "cpu", torch.float32,
+                                        TensorParallel(None, 2, rank))
+        attn, ref = te.encoder.block[1].layer[0].SelfAttention, whole.encoder.block[1].layer[0].SelfAttention
+        assert attn.n_heads == 1 and attn.inner_dim == 8 and isinstance(attn.relative_attention_bias, ShardedEmbedding)
+        rows = slice(rank * 8, (rank + 1) * 8)  # 2 heads of 8
+        assert torch.equal(attn.q.weight, ref.q.weight[rows]) and torch.equal(attn.o.weight, ref.o.weight[:, rows])
+        assert torch.equal(attn.relative_attention_bias.weight, ref.relative_attention_bias.weight[:, rank:rank + 1])
+        ffn, ref_ffn = te.encoder.block[0].layer[1].DenseReluDense, whole.encoder.block[0].layer[1].DenseReluDense
+        hidden = slice(rank * 16, (rank + 1) * 16)  # d_ff 32
+        assert torch.equal(ffn.wi_1.weight, ref_ffn.wi_1.weight[hidden])
+        assert torch.equal(ffn.wo.weight, ref_ffn.wo.weight[:, hidden])
+        assert torch.equal(te.shared.weight, whole.shared.weight) and te.encoder.embed_tokens.weight is te.shared.weight
 
 
 def test_tensor_parallel_layouts_are_checked_before_loading():

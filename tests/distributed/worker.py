@@ -35,9 +35,11 @@ def main() -> None:
     stage = gen.pipeline.denoising
     dit = gen.pipeline.components["transformer"]
     dit_bytes = sum(p.numel() * p.element_size() for p in dit.parameters())
+    te = gen.pipeline.components["text_encoder"]
+    te_bytes = sum(p.numel() * p.element_size() for p in te.parameters())
     tp = gen.parallel.tp_size if gen.parallel is not None else 1
     print(f"rank {rank}: sequence={type(stage.call.sequence).__name__} cfg={type(stage.cfg).__name__} "
-          f"tp={tp} dit_bytes={dit_bytes}", flush=True)
+          f"tp={tp} dit_bytes={dit_bytes} te_bytes={te_bytes}", flush=True)
     video = gen.generate(request.pop("prompt"), latents=latents, output_path=out, callback=callback, **request)
     if gen.is_main_process and video.cache:  # the feature cache's report, as the request's result has it
         with open(out + ".cache.json", "w") as f:

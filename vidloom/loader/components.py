@@ -194,6 +194,8 @@ class TransformersModel:
     tied: tuple[str, ...] = ()  # key suffixes a checkpoint may omit (tied to another tensor)
     blocks: str | None = None  # the module path of its repeated blocks (``loader.stored``)
     tied_to: dict[str, str] = dataclasses.field(default_factory=dict)  # a key a checkpoint may omit -> its source
+    # how parallel.tensor shards it over tensor-parallel ranks (empty: it is held whole on each)
+    tensor_parallel_plan: tuple[tuple[str, str], ...] = ()
 
 
 UMT5 = TransformersModel(
@@ -205,6 +207,15 @@ UMT5 = TransformersModel(
     tied=("embed_tokens.weight",),  # UMT5's encoder embedding is stored once as "shared"
     blocks="encoder.block",
     tied_to={"encoder.embed_tokens.weight": "shared.weight"},
+    # heads and FFN units split; every layer has its own relative position bias (one column per head)
+    tensor_parallel_plan=(
+        ("encoder.block.*.layer.0.SelfAttention.[qkv]", "column"),
+        ("encoder.block.*.layer.0.SelfAttention.o", "row"),
+        ("encoder.block.*.layer.0.SelfAttention.relative_attention_bias", "embedding_columns"),
+        ("encoder.block.*.layer.0.SelfAttention", "heads:n_heads,inner_dim"),
+        ("encoder.block.*.layer.1.DenseReluDense.wi_[01]", "column"),
+        ("encoder.block.*.layer.1.DenseReluDense.wo", "row"),
+    ),
 )
 
 
@@ -243,7 +254,10 @@ def _plan_transformers_model(spec: TransformersModel, folder: Path):
             raise ModelLoadError(f"shape mismatch: checkpoint {shapes[key]} vs config {shape}", file=str(files[0]),
                                  key=key)
 
-    def load(device, dtype, map_weights, stored=False):
+    def load(device, dtype, map_weights, stored=False, extra=()):
+        """``extra``: a ``parallel.tensor.TensorParallel`` (the model loaded sharded by its plan)."""
+        if extra:
+            return _load_transformers_sharded(spec, folder, device, dtype, extra[0])
         return _load_transformers_model(spec, folder, device, dtype, stored)
 
     return config, load
@@ -332,6 +346,65 @@ def _load_transformers_mapped(spec: TransformersModel, folder: Path, compute: to
     keep_transformers_blocks_stored(model, model.get_submodule(spec.blocks), compute)
     model.mapped_files, model.mapped_storages = tuple(snapshots), storages
     return record_compute_dtype(model, compute)
+
+
+def _load_transformers_sharded(spec: TransformersModel, folder: Path, device, dtype, tensor_parallel):
+    """A transformers model built on meta, its layers swapped for sharded ones by ``spec``'s
+    tensor-parallel plan, every parameter filled from the checkpoint (a sharded one with its
+    slice only) in ``dtype`` on ``device``, checked as ``_load_transformers_mapped`` checks."""
+    import transformers
+
+    from .weights import stored_shape
+
+    if not spec.tensor_parallel_plan:
+        raise ValueError(f"the {spec.what} ({spec.class_name}) has no tensor-parallel plan")
+    cls = getattr(transformers, spec.class_name)
+    try:
+        with torch.device("meta"):
+            model = cls(cls.config_class.from_pretrained(str(folder), local_files_only=True))
+    except Exception as exc:
+        raise ModelLoadError(f"{spec.what} failed to load ({one_line(exc)})", file=str(folder)) from exc
+    model = _with_plan(tensor_parallel, spec.tensor_parallel_plan).apply(model)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    dtype = dtype or torch.float32
+    values: dict[str, torch.Tensor] = {}
+    for path in find_weight_files(folder, stems=("model",)):
+        with SafetensorsFile(path) as file:
+            mapping = file.mapping()
+            for entry in file.entries:
+                owner, _, leaf = entry.key.rpartition(".")
+                if entry.key not in expected:
+                    raise ModelLoadError(f"{spec.what} checkpoint has unexpected keys", file=str(folder), key=entry.key)
+                module = modules[owner]
+                if stored_shape(module, leaf, tuple(expected[entry.key].shape)) != entry.shape \
+                        or not entry.dtype.is_floating_point or entry.offset % entry.dtype.itemsize:
+                    raise ModelLoadError(f"{spec.what} checkpoint has mismatched keys", file=str(folder), key=entry.key)
+                stored = file.view(mapping, entry)
+                shard = getattr(module, "shards", {}).get(leaf)
+                if shard is not None:
+                    start, stop = shard.span(entry.shape[shard.dim])
+                    stored = stored.narrow(shard.dim, start, stop - start)
+                values[entry.key] = stored.to(device=device, dtype=dtype, copy=True)  # the slice only
+            del mapping
+    for name, tied in spec.tied_to.items():
+        if name not in values and tied in values:
+            values[name] = values[tied]
+    missing = [name for name in expected if name not in values]
+    if missing:
+        raise ModelLoadError(f"{spec.what} checkpoint has missing keys", file=str(folder), key=missing[0])
+    parameters: dict[int, torch.nn.Parameter] = {}  # ties stay tied
+    for name, value in values.items():
+        owner, _, leaf = name.rpartition(".")
+        modules[owner]._parameters[leaf] = parameters.setdefault(id(value), torch.nn.Parameter(value, requires_grad=False))
+    if any(b.is_meta for b in model.buffers()):
+        raise ModelLoadError(f"{spec.what} has buffers the checkpoint cannot fill", file=str(folder))
+    return record_compute_dtype(model.eval().requires_grad_(False), dtype)
+
+
+def _with_plan(tensor_parallel, plan):
+    """``tensor_parallel`` (a ``parallel.tensor.TensorParallel``) with ``plan`` as its plan."""
+    return type(tensor_parallel)(tensor_parallel.group, tensor_parallel.size, tensor_parallel.rank, plan)
 
 
 def _stored_dtype(folder: Path) -> torch.dtype | None:

@@ -72,6 +72,12 @@ class FolderPlan:
         return [plans[name].config.num_attention_heads for plans in sets
                 for name in ("transformer", "transformer_2") if name in plans]
 
+    def text_encoder_heads(self) -> int | None:
+        """The text encoder's attention heads (UMT5's ``num_heads``), None where it has none."""
+        plan = self.plans.get("text_encoder")
+        heads = plan.config.get("num_heads") if plan is not None and isinstance(plan.config, dict) else None
+        return heads if isinstance(heads, int) else None
+
 
 def pipeline_for(index: dict[str, Any], path: Path) -> type:
     from ..pipelines import pipeline_class, registered_pipelines
@@ -149,7 +155,8 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
     with ``prefix``: tokenizers, schedulers and image processors loaded now; the models (the
     transformers, text and image encoders, VAE) as plans, each loaded in its resolved dtype when
     the policy decides (with the engine, or at its first use). Under tensor parallelism
-    (``parallel.tp_size > 1``) the transformers are loaded sharded (``parallel.tensor``)."""
+    (``parallel.tp_size > 1``) the transformers and the text encoder are loaded sharded
+    (``parallel.tensor``)."""
     from ..memory.residency import Planned
 
     dtypes = config.resolved_dtypes()
@@ -160,7 +167,7 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
             continue
         dtype = dtypes[COMPONENT_DTYPE[name]]
         extra = ()
-        if parallel is not None and parallel.tp_size > 1 and COMPONENT_DTYPE[name] == "transformer":
+        if parallel is not None and parallel.tp_size > 1 and COMPONENT_DTYPE[name] in ("transformer", "text_encoder"):
             from ..parallel.tensor import TensorParallel
 
             extra = (TensorParallel(parallel.tp_group, parallel.tp_size, parallel.tp_rank),)

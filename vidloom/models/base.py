@@ -135,7 +135,7 @@ class LoadableModel(nn.Module):
     checkpoint_key_map: ClassVar[tuple[tuple[str, str], ...]] = ()
     keep_fp32: ClassVar[tuple[str, ...]] = ()
     layer_counts: ClassVar[tuple[tuple[str, Callable[[Any], int]], ...]] = ()
-    # (module-name pattern, "column" | "row" | "norm" | "heads") pairs: how parallel.tensor shards it
+    # (module-name pattern, kind) pairs: how parallel.tensor shards it (kinds: see TensorParallel)
     tensor_parallel_plan: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, config: ArchConfig):

@@ -413,7 +413,7 @@ class WanDiT(LoadableModel):
         ("blocks.*.attn[12].to_out", "row"),
         ("blocks.*.attn[12].norm_[qk]", "norm"),
         ("blocks.*.attn2.norm_added_k", "norm"),
-        ("blocks.*.attn[12]", "heads"),
+        ("blocks.*.attn[12]", "heads:heads"),
         ("blocks.*.ffn.fc_in.proj", "column"),
         ("blocks.*.ffn.fc_out", "row"),
     )

@@ -1,7 +1,7 @@
 """Tensor parallelism: each of ``tp`` ranks holds 1/tp of every attention's heads and of every
 feed-forward's hidden units, swapped in by a model transform (``TensorParallel``) from the plan
-the model declares (``LoadableModel.tensor_parallel_plan``), so the model file keeps calling its
-plain layers.
+the model declares (``LoadableModel.tensor_parallel_plan``; the UMT5 text encoder's beside its
+loader spec), so the model file keeps calling its plain layers.
 
 - ``ColumnParallelLinear``: output features sharded (q, k, v, the FFN's first layer); no
   communication. Heads are contiguous rows of q/k/v, so rank r holds heads [r H/tp, (r+1) H/tp).
@@ -14,7 +14,8 @@ plain layers.
   silently wrong.
 
 Each parameter of a swapped module carries its ``shards`` entry (dim, index, count); the loader
-reads only that slice of the stored tensor (``loader.transforms.Fill.shard``).
+copies only that slice of the stored tensor (``loader.transforms.Fill.shard``): a slice of rows
+is one read of its bytes, a slice of columns is read row by row.
 
 Communication per block: two all-reduces of (B, L, dim) (attention output, FFN output), one of
 the cross-attention output, and four small ones of (B, L, 1) for the q/k norms.
@@ -89,28 +90,44 @@ class ShardedRMSNorm(nn.Module):
         return normed * self.weight
 
 
+class ShardedEmbedding(nn.Module):
+    """An embedding table whose columns (e.g. one per attention head, as T5's relative position
+    bias) are sharded: this rank's columns of every row."""
+
+    def __init__(self, num: int, dim: int, group, size: int, rank: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim // size))
+        self.shards = {"weight": Shard(1, rank, size)}
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return F.embedding(index, self.weight)
+
+
 class TensorParallel(ModelTransform):
-    """Swap the modules a model's ``tensor_parallel_plan`` names for their sharded versions.
+    """Swap the modules a model's tensor-parallel plan names for their sharded versions.
 
-    The plan: (module-name pattern, kind) pairs, fnmatch patterns over ``named_modules`` names;
-    kind "column" / "row" (an ``nn.Linear``), "norm" (an ``nn.RMSNorm`` over sharded features) or
-    "heads" (a module whose ``heads`` attribute counts the attention heads it computes)."""
+    The plan (``plan``, or the model class's ``tensor_parallel_plan``): (module-name pattern,
+    kind) pairs, fnmatch patterns over ``named_modules`` names; kind "column" / "row" (an
+    ``nn.Linear``), "norm" (an ``nn.RMSNorm`` over sharded features), "embedding_columns" (an
+    ``nn.Embedding`` with one column per head), or "heads:ATTR[,ATTR]" (a module whose attributes
+    ATTR count its heads or head features: each divided by the degree)."""
 
-    def __init__(self, group, size: int, rank: int):
-        self.group, self.size, self.rank = group, size, rank
+    def __init__(self, group, size: int, rank: int, plan: tuple[tuple[str, str], ...] | None = None):
+        self.group, self.size, self.rank, self.plan = group, size, rank, plan
 
     def apply(self, model: nn.Module) -> nn.Module:
-        plan = getattr(type(model), "tensor_parallel_plan", ())
+        plan = self.plan or getattr(type(model), "tensor_parallel_plan", ())
         if not plan:
             raise ValueError(f"{type(model).__name__} declares no tensor_parallel_plan: it cannot run with tp_size > 1")
         for name, module in list(model.named_modules()):
             kind = next((k for pattern, k in plan if fnmatch.fnmatchcase(name, pattern)), None)
             if kind is None:
                 continue
-            if kind == "heads":
-                if module.heads % self.size:
-                    raise ValueError(f"tp_size={self.size} must divide {name}'s {module.heads} heads")
-                module.heads //= self.size
+            if kind.startswith("heads:"):
+                for attr in kind.removeprefix("heads:").split(","):
+                    if getattr(module, attr) % self.size:
+                        raise ValueError(f"tp_size={self.size} must divide {name}'s {attr}={getattr(module, attr)}")
+                    setattr(module, attr, getattr(module, attr) // self.size)
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
@@ -128,7 +145,10 @@ class TensorParallel(ModelTransform):
         if kind == "norm":
             dim = module.normalized_shape[0]
             return ShardedRMSNorm(dim, module.eps, *args)
-        raise ValueError(f"tensor_parallel_plan: unknown kind {kind!r} for {name} (allowed: column, row, norm, heads)")
+        if kind == "embedding_columns":
+            return ShardedEmbedding(module.num_embeddings, module.embedding_dim, *args)
+        raise ValueError(f"tensor_parallel_plan: unknown kind {kind!r} for {name} "
+                         "(allowed: column, row, norm, embedding_columns, heads:ATTR)")
 
     def fill(self, fill: Fill) -> Fill:
         shard = getattr(fill.module, "shards", {}).get(fill.name.rpartition(".")[2])
