@@ -55,7 +55,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def layer_rows(frames_list, windows, dtype, device, reps, flex_max_tokens) -> list[dict]:
-    from vidloom.models.attention import FLEX, SDPA, available_backends
+    from vidloom.models.attention import BACKENDS, SDPA, available_backends
     from vidloom.models.sliding_tile import key_fraction, sliding_tile_attention
 
     rows = []
@@ -67,8 +67,10 @@ def layer_rows(frames_list, windows, dtype, device, reps, flex_max_tokens) -> li
         with torch.no_grad():
             base, ref = best_time(lambda: SDPA.fn(q, k, v), reps)
             cases = [("sdpa", None, lambda: SDPA.fn(q, k, v))]
-            if "flex" in available_backends(torch.device(device), dtype) and length <= flex_max_tokens:
-                cases.append(("flex", None, lambda: FLEX.fn(q, k, v)))
+            present = available_backends(torch.device(device), dtype)
+            for name in ("flex", "flash", "sage"):  # the others this process can run
+                if name in present and (name != "flex" or length <= flex_max_tokens or device != "cpu"):
+                    cases.append((name, None, lambda fn=BACKENDS[name].fn: fn(q, k, v)))
             for w in windows:
                 cases.append(("sliding_tile", w, lambda w=w: sliding_tile_attention(
                     q, k, v, layout=layout, window=w, dense=SDPA.fn)))

@@ -13,6 +13,8 @@
 #   cuda tests   pytest -m cuda $CUDA_TESTS (the files that hold cuda-marked tests)
 #   gpu.py       benchmarks/gpu.py: Wan2.1-1.3B architecture at 81x480x832, random weights, one CFG
 #                step and a 4-step generation vs diffusers, peak memory, utilisation
+#   attention    benchmarks/attention.py on CUDA: one Wan2.1-1.3B attention layer at 17 and 81 frames of
+#                480x832, sdpa vs flex vs flash/sage (where installed) vs sliding-tile windows
 #   serve        benchmarks/serve.py on CUDA (step batching vs one by one at 1, 4 and 8 clients)
 # A part that fails or times out is recorded with its exit status; the next part still runs.
 # Everything goes to $OUT/gpu-report.md (OUT defaults to ./gpu-out), the logs and the raw JSON
@@ -46,7 +48,9 @@ GPU_BENCH_ARGS=""  # the options of the two benchmarks, as words
 # tests/test_gpu_check.py checks that `pytest -m cuda` over tests/ finds no cuda test outside them
 CUDA_TESTS="tests/cuda tests/models/test_wan_dit.py tests/models/test_wan_vae.py tests/parity/test_generate_parity.py tests/test_generator.py"
 SERVE_ARGS="--clients 1,4,8 --videos-per-client 2 --steps 10"
+ATTENTION_ARGS="--device cuda --frames 17,81 --reps 3 --skip-video"
 if [[ $ON_CPU == 1 ]]; then
+    ATTENTION_ARGS="--device cpu --frames 1 --reps 1 --skip-video --flex-max-tokens 0"
     export VIDLOOM_CUDA_TESTS_ON_CPU=1
     GPU_BENCH_ARGS="--device cpu --size 5x64x64 --layers 2 --repeats 1 --steps 2"
     SERVE_ARGS="--clients 1,2 --videos-per-client 1 --steps 2"
@@ -276,6 +280,11 @@ gpu_bench() {
     return "$rc"
 }
 
+attention_bench() {
+    # shellcheck disable=SC2086  # the options, split on purpose
+    VIDLOOM_BENCH_CACHE=$WORK/bench "$PYTHON" benchmarks/attention.py $ATTENTION_ARGS
+}
+
 serve_bench() {
     local rc
     if ! "$PYTHON" -c 'import imageio_ffmpeg; imageio_ffmpeg.get_ffmpeg_exe()' >/dev/null 2>&1; then
@@ -303,8 +312,8 @@ EOF
 
 # ------------------------------------------------------------------------------------ main
 
-export REPO OUT WHEELS PYTHON SITE WORK GPU_BENCH_ARGS SERVE_ARGS CUDA_TESTS
-export -f say install_wheels environment cuda_tests gpu_bench serve_bench
+export REPO OUT WHEELS PYTHON SITE WORK GPU_BENCH_ARGS SERVE_ARGS CUDA_TESTS ATTENTION_ARGS
+export -f say install_wheels environment cuda_tests gpu_bench attention_bench serve_bench
 
 {
     say "# vidloom GPU check"
@@ -331,13 +340,14 @@ if [[ $ON_CPU == 1 ]] || has_cuda; then
     fi
     run_part "pytest -m cuda$where" 150 pytest-cuda.log cuda_tests
     run_part "benchmarks/gpu.py$where" 180 gpu-bench.log gpu_bench
+    run_part "benchmarks/attention.py$where" 60 attention.log attention_bench
     run_part "benchmarks/serve.py$where" 150 serve.log serve_bench
 else
     FAILED=0
     note "## no CUDA device" "" \
         "no CUDA device: torch.cuda.is_available() is False here (or torch did not import; see environment)." \
-        "The GPU parts were skipped: pytest -m cuda, benchmarks/gpu.py, benchmarks/serve.py." ""
-    say "no CUDA device: the GPU parts (pytest -m cuda, benchmarks/gpu.py, benchmarks/serve.py) skipped"
+        "The GPU parts were skipped: pytest -m cuda, benchmarks/gpu.py, benchmarks/attention.py, benchmarks/serve.py." ""
+    say "no CUDA device: the GPU parts (pytest -m cuda, benchmarks/gpu.py, benchmarks/attention.py, benchmarks/serve.py) skipped"
 fi
 
 note "## Summary" "" "| part | status | time, log |" "| --- | --- | --- |"
