@@ -22,6 +22,7 @@ from pathlib import Path
 from .config import EngineConfig, RefineParams, SamplingParams, check_text
 from .default_model import DEFAULT_I2V_MODEL_DIR, DEFAULT_MODEL_DIR, sampling_defaults
 from .errors import VidloomError
+from .lora import parse_lora_option
 from .parallel.state import check_layout
 
 # SamplingParams fields the CLI sets itself, or that are not for the command line
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default="outputs/video.mp4",
                      help="output file: .mp4, .gif, .npy (float32 frames) or a folder for PNG frames")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    lora_help = "a LoRA file (diffusers/PEFT, kohya/musubi or LightX2V/ComfyUI safetensors) merged into the "
+    gen.add_argument("--lora", dest="e_loras", action="append", type=parse_lora_option, default=None,
+                     metavar="FILE[:SCALE]", help=lora_help + "transformer; repeat to stack adapters")
+    gen.add_argument("--lora-2", dest="e_loras_2", action="append", type=parse_lora_option, default=None,
+                     metavar="FILE[:SCALE]", help=lora_help + "second transformer (transformer_2) of a two-expert model")
     gen.add_argument("--profile", type=Path, default=None, metavar="DIR",
                      help="profile the run with torch.profiler: a trace in DIR/trace.json (Perfetto, chrome://tracing) "
                           "and the top operators per stage printed")

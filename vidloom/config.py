@@ -112,6 +112,12 @@ class EngineConfig:
     # the default sliding-tile window "F,H,W" in tokens (frames, rows, columns after patching) of
     # requests that give none; None: dense attention unless a request asks for a window
     sta_window: str | None = None
+    # LoRA adapters merged into the transformer at load: (file, scale) pairs (vidloom.lora; a bare
+    # file means scale 1.0); loras_2 for a two-expert model's second transformer; lora_ignore:
+    # keys of those files to skip (any other key that matches no module is an error)
+    loras: tuple = ()
+    loras_2: tuple = ()
+    lora_ignore: tuple = ()
     # compile the transformer's repeated block (torch.compile, regional), warmed up at load on a
     # request of the expected size; memory levels 0-1 only (levels 2-3 stream blocks through hooks)
     compile: bool = False
@@ -144,6 +150,11 @@ class EngineConfig:
         if self.low_mem_level is not None and not (_is_int(self.low_mem_level) and 0 <= self.low_mem_level <= 3):
             raise ValueError(f"low_mem_level: expected an integer in 0..3 (or none: chosen by memory), "
                              f"got {self.low_mem_level!r}")
+        for name in ("loras", "loras_2"):
+            setattr(self, name, _lora_list(name, getattr(self, name)))
+        if isinstance(self.lora_ignore, str) or not all(isinstance(k, str) for k in self.lora_ignore):
+            raise ValueError(f"lora_ignore: expected a list of key names, got {self.lora_ignore!r}")
+        self.lora_ignore = tuple(self.lora_ignore)
         if self.compile and self.low_mem_level is not None and self.low_mem_level >= 2:
             raise ValueError(f"compile: runs at low_mem_level 0 or 1 (levels 2-3 stream the blocks), "
                              f"got low_mem_level={self.low_mem_level}")
@@ -191,6 +202,23 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown} (known: {sorted(names)})")
         return cls(**options)
+
+
+def _lora_list(name: str, value: Any) -> tuple[tuple[str, float], ...]:
+    """(file, scale) pairs from a list of files, (file, scale) pairs or "FILE[:SCALE]" strings."""
+    from .lora import parse_lora_option
+
+    if isinstance(value, (str, os.PathLike)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name}: expected a list of LoRA files or (file, scale) pairs, got {value!r}")
+    out = []
+    for item in value:
+        if isinstance(item, (str, os.PathLike)):
+            item = parse_lora_option(os.fspath(item))
+        if (not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], (str, os.PathLike))
+                or not _is_number(item[1])):
+            raise ValueError(f"{name}: expected a LoRA file or a (file, scale) pair, got {item!r}")
+        out.append((os.fspath(item[0]), float(item[1])))
+    return tuple(out)
 
 
 def resolve_device(device: Any) -> Any:

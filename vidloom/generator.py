@@ -198,6 +198,11 @@ class VideoGenerator:
         # the memory level, from the budget (max_memory, or the memory available) before loading
         config, budget = engine_level(plan, config, {**sampling_defaults(path), **(size_hint or {})},
                                       processes=world_size_from_env(), strict=size_hint is not None)
+        if config.loras_2 and "transformer_2" not in plan.plans:
+            raise ValueError("loras_2: this folder has one transformer (no transformer_2): give its LoRA as loras")
+        for path, _ in config.loras + config.loras_2:
+            if not Path(path).is_file():
+                raise ValueError(f"loras: no LoRA file at {path}")
         if config.compile and config.low_mem_level >= 2:
             raise ValueError(f"compile: runs at low_mem_level 0 or 1, but this folder needs level {config.low_mem_level} "
                              "to fit the memory available (give max_memory, or low_mem_level=1 to force it)")

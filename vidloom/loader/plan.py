@@ -172,9 +172,10 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
 
             extra = (TensorParallel(parallel.tp_group, parallel.tp_size, parallel.tp_rank),)
         compiled = config.compile and COMPONENT_DTYPE[name] == "transformer"
+        loras = {"transformer": config.loras, "transformer_2": config.loras_2}.get(name, ()) if not prefix else ()
         models[name] = Planned(plan.config, dtype, plan.class_name,
                                _loader(plan, dtype, config.map_weights, stored_blocks(config.low_mem_level or 0, dtype),
-                                       config.low_mem_level or 0, extra, compiled))
+                                       config.low_mem_level or 0, extra, compiled, (loras, config.lora_ignore)))
     residency.add(small, prefix)
     residency.add_planned(models, prefix)
 
@@ -189,10 +190,12 @@ def stored_blocks(level: int, dtype: torch.dtype) -> bool:
 
 
 def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: bool,
-            level: int, extra: tuple = (), compiled: bool = False) -> Callable[[torch.device], Any]:
+            level: int, extra: tuple = (), compiled: bool = False,
+            loras: tuple = ((), ())) -> Callable[[torch.device], Any]:
     """``plan``'s loader; a model with mapped blocks releases their pages after each block runs
     while the work runs at memory level 3 (``level``: the engine's; a unit may run higher).
-    ``compiled``: its blocks compiled instead (``models.compiled``; they are not streamed)."""
+    ``compiled``: its blocks compiled instead (``models.compiled``; they are not streamed).
+    ``loras``: ((file, scale) pairs, keys to ignore) merged into it (``vidloom.lora``)."""
     from ..memory.levels import STREAMING_BLOCKS, level_now
     from .stored import stream_blocks
 
@@ -200,6 +203,10 @@ def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: 
         log.info("loading %s (%s.%s) as %s%s", plan.name, plan.library, plan.class_name, dtype,
                  ", blocks as stored" if stored else "")
         module = plan.load(device, dtype, map_weights, stored=stored, **({"extra": extra} if extra else {}))
+        if loras[0]:  # merged into the weights before anything else sees them
+            from ..lora import merge_loras
+
+            merge_loras(module, loras[0], loras[1])
         if compiled:
             from ..models.compiled import compile_blocks
 

@@ -205,6 +205,11 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise self._error("header is not a JSON object")
         data_start, data_len = 8 + header_len, size - 8 - header_len
+        metadata = header.get("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in metadata.items()):
+            raise self._error("__metadata__ is not an object of strings")
+        self.metadata: dict[str, str] = metadata  # the writer's notes (e.g. a LoRA's lora_adapter_metadata)
         entries = [self._entry(key, info, data_start, data_len) for key, info in header.items()
                    if key != "__metadata__"]
         entries.sort(key=lambda e: (e.offset, e.nbytes))  # file order: sequential reads

@@ -405,6 +405,29 @@ class WanDiT(LoadableModel):
         (".image_embedder.ff.net.2.", ".image_embedder.ff.linear_2."),
     )
     keep_fp32 = ("condition_embedder.time_embedder.", "scale_shift_table", ".norm1.", ".norm2.")
+    # the original Wan checkpoints' module names (LightX2V, ComfyUI and musubi/kohya LoRA files use
+    # them): (diffusers fragment, original fragment), matched between dots (``lora.formats``)
+    original_key_map = (
+        (".attn1.to_q.", ".self_attn.q."), (".attn1.to_k.", ".self_attn.k."), (".attn1.to_v.", ".self_attn.v."),
+        (".attn1.to_out.0.", ".self_attn.o."), (".attn1.norm_q.", ".self_attn.norm_q."),
+        (".attn1.norm_k.", ".self_attn.norm_k."),
+        (".attn2.to_q.", ".cross_attn.q."), (".attn2.to_k.", ".cross_attn.k."), (".attn2.to_v.", ".cross_attn.v."),
+        (".attn2.to_out.0.", ".cross_attn.o."), (".attn2.norm_q.", ".cross_attn.norm_q."),
+        (".attn2.norm_k.", ".cross_attn.norm_k."), (".attn2.add_k_proj.", ".cross_attn.k_img."),
+        (".attn2.add_v_proj.", ".cross_attn.v_img."), (".attn2.norm_added_k.", ".cross_attn.norm_k_img."),
+        (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."), (".norm2.", ".norm3."),
+        (".condition_embedder.time_proj.", ".time_projection.1."), (".proj_out.", ".head.head."),
+        (".condition_embedder.text_embedder.linear_1.", ".text_embedding.0."),
+        (".condition_embedder.text_embedder.linear_2.", ".text_embedding.2."),
+        (".condition_embedder.time_embedder.linear_1.", ".time_embedding.0."),
+        (".condition_embedder.time_embedder.linear_2.", ".time_embedding.2."),
+        (".condition_embedder.image_embedder.norm1.", ".img_emb.proj.0."),
+        (".condition_embedder.image_embedder.ff.net.0.proj.", ".img_emb.proj.1."),
+        (".condition_embedder.image_embedder.ff.net.2.", ".img_emb.proj.3."),
+        (".condition_embedder.image_embedder.norm2.", ".img_emb.proj.4."),
+    )
+    # the image-conditioning modules (a LoRA's keys for them on a text-to-video model are reported, not errors)
+    image_modules = (".attn2.add_k_proj", ".attn2.add_v_proj", ".attn2.norm_added_k", "condition_embedder.image_embedder")
     # tensor parallelism (parallel.tensor): heads and FFN units split over the ranks; q/k norms span
     # all heads, so they are sharded norms (their squared sums all-reduced)
     tensor_parallel_plan = (

@@ -1,0 +1,188 @@
+"""LoRA adapters merged at load equal diffusers' ``load_lora_weights`` (+ ``set_adapters``) on the
+whole video, fp32 <= 1e-4, for each format: diffusers/PEFT as ``save_lora_weights`` writes it
+(its alpha from the file's metadata), LightX2V/ComfyUI (original Wan names, lora_A/B and
+lora_down/up + alpha, diff_b) and kohya/musubi (underscored names, alpha); diffusers' own
+converters read the non-diffusers files. A ``.diff`` full delta (which diffusers 0.42 drops) is
+checked against diffusers with the delta added to its weight by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vidloom import VideoGenerator
+from vidloom.lora import LoraError, detect_format, parse_lora_option, read_lora
+
+from ..numerics import rel_err
+from .test_generate_parity import FP32_RTOL, SIZE, diffusers_pipe, initial_latents, reference_frames
+
+RANK, ALPHA = 4, 8
+# (diffusers module suffix, original Wan name) of the layers the adapter touches in each block
+LAYERS = [("attn1.to_q", "self_attn.q"), ("attn1.to_k", "self_attn.k"), ("attn1.to_v", "self_attn.v"),
+          ("attn1.to_out.0", "self_attn.o"), ("attn2.to_q", "cross_attn.q"), ("attn2.to_k", "cross_attn.k"),
+          ("attn2.to_v", "cross_attn.v"), ("attn2.to_out.0", "cross_attn.o"), ("ffn.net.0.proj", "ffn.0"),
+          ("ffn.net.2", "ffn.2")]
+PROMPT, NEGATIVE = "a red circle moving left", "blurry"
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_wan_pipe):
+    """Random low-rank pairs (down (r, in), up (out, r)) for every LAYERS module of every block."""
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for i, block in enumerate(tiny_wan_pipe.transformer.blocks):
+        for name, _ in LAYERS:
+            linear = block.get_submodule(name)
+            out[f"blocks.{i}.{name}"] = (0.3 * torch.randn(RANK, linear.in_features, generator=g),
+                                         0.3 * torch.randn(linear.out_features, RANK, generator=g))
+    return out
+
+
+def original_name(diffusers_name: str) -> str:
+    block, _, rest = diffusers_name.partition(".")[2].partition(".")
+    return f"blocks.{block}." + dict(LAYERS)[rest]
+
+
+def write_diffusers(pairs, path):
+    """As ``WanPipeline.save_lora_weights`` writes a PEFT adapter (r=4, lora_alpha=8 in the metadata)."""
+    from diffusers import WanPipeline
+
+    layers = {}
+    for name, (down, up) in pairs.items():
+        layers[f"{name}.lora_A.weight"], layers[f"{name}.lora_B.weight"] = down, up
+    WanPipeline.save_lora_weights(str(path.parent), transformer_lora_layers=layers, weight_name=path.name,
+                                  transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": ALPHA,
+                                                                     "target_modules": [n for n, _ in LAYERS]})
+    return path
+
+
+def write_lightx2v(pairs, path, names=("lora_A", "lora_B")):
+    """diffusion_model.<original names>, an alpha and a bias delta (diff_b) per pair, as LightX2V's
+    distilled LoRAs carry them."""
+    tensors = {}
+    g = torch.Generator().manual_seed(11)
+    for name, (down, up) in pairs.items():
+        key = "diffusion_model." + original_name(name)
+        tensors[f"{key}.{names[0]}.weight"], tensors[f"{key}.{names[1]}.weight"] = down.contiguous(), up.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(ALPHA))
+        tensors[f"{key}.diff_b"] = 0.05 * torch.randn(up.shape[0], generator=g)
+    save_file(tensors, str(path))
+    return path
+
+
+def write_kohya(pairs, path):
+    tensors = {}
+    for name, (down, up) in pairs.items():
+        key = "lora_unet_" + original_name(name).replace(".", "_")
+        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down.contiguous(), up.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(ALPHA))
+    save_file(tensors, str(path))
+    return path
+
+
+def reference(tiny_wan_dir, file, scale: float, extra=None):
+    pipe = diffusers_pipe(tiny_wan_dir, torch.float32, "cpu")
+    pipe.load_lora_weights(str(file), adapter_name="a")
+    pipe.set_adapters(["a"], [scale])
+    if extra is not None:
+        extra(pipe)
+    return reference_frames(pipe, PROMPT, NEGATIVE, 3, 4.0, initial_latents())
+
+
+def ours(tiny_wan_dir, loras):
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", loras=loras)
+    return gen.generate(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=4.0,
+                        latents=initial_latents(), **SIZE).frames
+
+
+@pytest.mark.parametrize("fmt,scale", [("diffusers", 1.0), ("diffusers", 0.6), ("lightx2v", 0.8),
+                                       ("lightx2v-down-up", 1.0), ("kohya", 0.7)])
+def test_merged_lora_equals_diffusers(tiny_wan_dir, pairs, tmp_path, fmt, scale):
+    writers = {"diffusers": write_diffusers, "lightx2v": write_lightx2v, "kohya": write_kohya,
+               "lightx2v-down-up": lambda p, f: write_lightx2v(p, f, names=("lora_down", "lora_up"))}
+    file = writers[fmt](pairs, tmp_path / "adapter.safetensors")
+    ref = reference(tiny_wan_dir, file, scale)
+    plain = ours(tiny_wan_dir, [])
+    got = ours(tiny_wan_dir, [(file, scale)])
+    assert rel_err(got, ref) <= FP32_RTOL
+    assert rel_err(plain, ref) > 1e-2  # the adapter really changes the video
+
+
+def test_a_full_weight_diff_adds_scale_times_diff(tiny_wan_dir, pairs, tmp_path):
+    """``.diff`` as ComfyUI and LightX2V apply it: W += scale * diff (the reference adds it by hand)."""
+    file = write_lightx2v(pairs, tmp_path / "a.safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file))
+    diff = 0.05 * torch.randn(24, 24, generator=torch.Generator().manual_seed(1))  # dim 24: 2 heads x 12
+    tensors["diffusion_model.blocks.1.cross_attn.o.diff"] = diff
+    save_file(tensors, str(tmp_path / "b.safetensors"))
+    scale = 0.5
+
+    def add_diff(pipe):
+        with torch.no_grad():
+            pipe.transformer.blocks[1].attn2.to_out[0].base_layer.weight += scale * diff
+
+    ref = reference(tiny_wan_dir, file, scale, add_diff)
+    assert rel_err(ours(tiny_wan_dir, [(tmp_path / "b.safetensors", scale)]), ref) <= FP32_RTOL
+
+
+def test_stacked_adapters_add(tiny_wan_dir, pairs, tmp_path):
+    file = write_kohya(pairs, tmp_path / "k.safetensors")
+    once = ours(tiny_wan_dir, [(file, 0.6)])
+    twice = ours(tiny_wan_dir, [(file, 0.3), (file, 0.3)])
+    assert rel_err(twice, once) <= 1e-5
+
+
+def test_a_key_that_matches_nothing_is_an_error_unless_ignored(tiny_wan_dir, pairs, tmp_path):
+    from vidloom.loader.weights import load_model
+    from vidloom.models.wan_dit import WanDiT
+
+    model = load_model(WanDiT, tiny_wan_dir / "transformer")
+    good = write_kohya(pairs, tmp_path / "k.safetensors")
+    assert detect_format([f"lora_unet_x"]) == "kohya"
+    deltas, report = read_lora(good, model)
+    assert report.format == "kohya" and len(report.changed) == len(pairs) and not report.absent
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(good))
+    tensors["lora_unet_blocks_0_self_attn_qq.lora_down.weight"] = torch.zeros(4, 24)
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(LoraError, match=r"key 'lora_unet_blocks_0_self_attn_qq.lora_down.weight' matches no module"):
+        read_lora(tmp_path / "bad.safetensors", model)
+    _, report = read_lora(tmp_path / "bad.safetensors", model, ignore=("lora_unet_blocks_0_self_attn_qq.lora_down.weight",))
+    assert report.ignored == ["lora_unet_blocks_0_self_attn_qq.lora_down.weight"]
+    # image keys on a text-to-video model: reported and skipped, not an error
+    tensors = load_file(str(good))
+    tensors["lora_unet_blocks_0_cross_attn_k_img.lora_down.weight"] = torch.zeros(4, 24)
+    tensors["lora_unet_blocks_0_cross_attn_k_img.lora_up.weight"] = torch.zeros(24, 4)
+    save_file(tensors, str(tmp_path / "img.safetensors"))
+    _, report = read_lora(tmp_path / "img.safetensors", model)
+    assert sorted(report.absent) == ["lora_unet_blocks_0_cross_attn_k_img.lora_down.weight",
+                                     "lora_unet_blocks_0_cross_attn_k_img.lora_up.weight"]
+
+
+def test_lora_options_and_errors(tiny_wan_dir, tmp_path):
+    assert parse_lora_option("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse_lora_option("dir/a.safetensors:0.5") == ("dir/a.safetensors", 0.5)
+    with pytest.raises(ValueError, match="loras_2: this folder has one transformer"):
+        VideoGenerator.from_pretrained(tiny_wan_dir, loras_2=[(tmp_path / "x.safetensors", 1.0)])
+    with pytest.raises(ValueError, match="loras: no LoRA file at"):
+        VideoGenerator.from_pretrained(tiny_wan_dir, loras=[str(tmp_path / "missing.safetensors")])
+    with pytest.raises(ValueError, match="loras: expected a list"):
+        VideoGenerator.from_pretrained(tiny_wan_dir, loras="a.safetensors")
+
+
+def test_the_cli_merges_a_lora_with_its_scale(tiny_wan_dir, pairs, tmp_path):
+    import numpy as np
+
+    from vidloom.cli import main as cli_main
+
+    file = write_kohya(pairs, tmp_path / "k.safetensors")
+    args = ["generate", "--model", str(tiny_wan_dir), "--prompt", PROMPT, "--height", "32", "--width", "48",
+            "--num-frames", "9", "--steps", "2", "--seed", "4", "--dtype", "fp32", "--quiet"]
+    assert cli_main(args + ["--lora", f"{file}:0.5", "--output", str(tmp_path / "a.npy")]) == 0
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", loras=[(file, 0.5)])
+    expected = gen.generate(PROMPT, height=32, width=48, num_frames=9, num_inference_steps=2, seed=4).frames
+    assert rel_err(np.load(tmp_path / "a.npy"), expected) <= 1e-6

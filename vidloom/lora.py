@@ -1,0 +1,255 @@
+"""LoRA adapters for the Wan transformer, from the files users have, merged into the weights.
+
+Formats, told apart by their keys (safetensors only):
+
+- diffusers / PEFT (``WanPipeline.save_lora_weights``): ``transformer.blocks.0.attn1.to_q.lora_A.weight``
+  and ``lora_B``, diffusers' module names; ``lora_alpha`` and ``r`` (and their per-module
+  patterns) from the file's ``lora_adapter_metadata``, else alpha = r (scale 1).
+- LightX2V / ComfyUI: ``diffusion_model.blocks.0.self_attn.q.lora_A.weight`` (or ``lora_down`` /
+  ``lora_up``, an optional ``.alpha``), the original Wan module names, plus full deltas:
+  ``.diff`` (W += diff), ``.diff_b`` (b += diff_b) and ``.diff_m`` (a block's modulation table).
+- kohya / musubi: ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` / ``lora_up`` / ``alpha``,
+  the module path with underscores (original Wan names, or diffusers').
+
+Every key must name a module of the model (by any of its three names); a key that matches
+nothing is an error naming it, unless it is listed in ``ignore``. Keys for image-conditioning
+modules a text-to-video folder lacks are reported (``LoraReport.absent``) and skipped.
+
+A low-rank pair adds ``scale * (alpha / r) * up @ down`` to the weight; a full delta adds
+``scale * diff``; stacked adapters add. Merging computes in float32 and writes a new tensor for
+each affected parameter (never into the mapped file's pages), cast back to the parameter's dtype;
+a tensor-parallel shard takes its slice of the delta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import VidloomError
+from .loader.weights import SafetensorsFile, param_to_checkpoint_name, _rename
+
+log = logging.getLogger(__name__)
+
+MAX_LORA_BYTES = 8 << 30  # a LoRA file larger than this is refused before reading
+_SUFFIXES = (  # (key suffix, part)
+    (".lora_A.weight", "down"), (".lora_down.weight", "down"),
+    (".lora_B.weight", "up"), (".lora_up.weight", "up"),
+    (".lora_B.bias", "bias"), (".alpha", "alpha"),
+    (".diff_b", "bias"), (".diff_m", "modulation"), (".diff", "full"),
+)
+_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.", "lora_unet_")
+
+
+class LoraError(VidloomError, ValueError):
+    """A LoRA file that cannot be applied: the key or the reason named."""
+
+
+@dataclasses.dataclass
+class LoraReport:
+    """What one adapter did: its format, the parameters it changed, and the keys skipped because
+    the model lacks their module (image keys on a text-to-video folder)."""
+
+    path: str
+    format: str
+    changed: list[str] = dataclasses.field(default_factory=list)
+    absent: list[str] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)
+
+
+def parse_lora_option(value: str) -> tuple[str, float]:
+    """``FILE[:SCALE]`` (CLI) -> (file, scale); no scale means 1.0."""
+    path, sep, scale = value.rpartition(":")
+    if sep and path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", scale):
+        return path, float(scale)
+    return value, 1.0
+
+
+def detect_format(keys: list[str]) -> str:
+    if any(k.startswith("lora_unet_") for k in keys):
+        return "kohya"
+    if any(k.startswith(("diffusion_model.", "model.diffusion_model.")) for k in keys):
+        return "lightx2v"
+    return "diffusers"
+
+
+def _module_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Every name a LoRA file may give a module of ``model`` (ours, diffusers', the original
+    Wan one, and their kohya underscore forms) -> our module name."""
+    cls = type(model)
+    aliases: dict[str, str] = {}
+    for name, _ in model.named_modules():
+        diffusers = param_to_checkpoint_name(cls, f"{name}.weight").removesuffix(".weight") if name else ""
+        original = _rename(diffusers, getattr(cls, "original_key_map", ())) if name else ""
+        for alias in {name, diffusers, original}:
+            aliases.setdefault(alias, name)
+            aliases.setdefault(alias.replace(".", "_"), name)
+    aliases.setdefault("head", "")  # the original name of the output head's modulation owner
+    return aliases
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    """A file key -> (module path without format prefix, part), None for an unknown suffix."""
+    for suffix, part in _SUFFIXES:
+        if key.endswith(suffix):
+            path = key[: -len(suffix)]
+            for prefix in _PREFIXES:
+                if path.startswith(prefix):
+                    path = path[len(prefix):]
+                    break
+            return path, part
+    return None
+
+
+def _metadata_scales(metadata: dict[str, str]):
+    """(r, lora_alpha, rank_pattern, alpha_pattern) from diffusers' ``lora_adapter_metadata``."""
+    raw = metadata.get("lora_adapter_metadata")
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+        # diffusers prefixes each field with the component ("transformer.lora_alpha")
+        meta = {key.removeprefix("transformer."): value for key, value in meta.items()}
+        return (meta.get("r"), meta.get("lora_alpha"), meta.get("rank_pattern") or {}, meta.get("alpha_pattern") or {})
+    except (ValueError, AttributeError) as exc:
+        raise LoraError(f"lora_adapter_metadata is not a JSON object ({exc})") from exc
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for pattern, value in patterns.items():
+        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
+            return value
+    return default
+
+
+def read_lora(path: str | Path, model: torch.nn.Module, ignore: tuple[str, ...] = ()):
+    """The deltas of the LoRA file at ``path`` for ``model``: ({our parameter name: float32 delta at
+    scale 1}, LoraReport). Every key checked before a delta is computed."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise LoraError(f"LoRA file {path}: cannot read it ({exc.strerror})") from exc
+    if path.suffix != ".safetensors":
+        raise LoraError(f"LoRA file {path}: only .safetensors files are read")
+    if size > MAX_LORA_BYTES:
+        raise LoraError(f"LoRA file {path}: {size} bytes, more than {MAX_LORA_BYTES}")
+    aliases = _module_aliases(model)
+    modules = dict(model.named_modules())
+    # the image modules' names in every naming (kohya's underscores included)
+    image_fragments = {f for m in getattr(type(model), "image_modules", ()) for name in (m.strip("."),)
+                       for f in (name, name.replace(".", "_"))} | {"k_img", "v_img", "img_emb"}
+    with SafetensorsFile(path) as file:
+        keys = [e.key for e in file.entries]
+        report = LoraReport(str(path), detect_format(keys))
+        meta = _metadata_scales(file.metadata)
+        groups: dict[str, dict[str, str]] = {}  # our module -> part -> key
+        for key in keys:
+            if key in ignore:
+                report.ignored.append(key)
+                continue
+            split = _split(key)
+            module = aliases.get(split[0]) if split else None
+            if split is None or module is None:
+                if split is not None and any(fragment in split[0] for fragment in image_fragments):
+                    report.absent.append(key)
+                    continue
+                raise LoraError(f"LoRA file {path}: key {key!r} matches no module of the "
+                                f"{type(model).__name__} (pass it in ignore to skip it)")
+            part = split[1]
+            groups.setdefault(module, {})
+            if part in groups[module]:
+                raise LoraError(f"LoRA file {path}: key {key!r} repeats {groups[module][part]!r}")
+            groups[module][part] = key
+        if report.absent:
+            log.warning("LoRA %s: %d key(s) for modules this model lacks skipped, first %s", path, len(report.absent),
+                        report.absent[0])
+        mapping = file.mapping()
+        tensors = {e.key: file.view(mapping, e) for e in file.entries}
+        deltas: dict[str, torch.Tensor] = {}
+        for module_name, parts in groups.items():
+            module = modules[module_name]
+
+            def tensor(part):
+                return tensors[parts[part]].float()
+
+            if "down" in parts or "up" in parts:
+                if "down" not in parts or "up" not in parts:
+                    missing = "up" if "down" in parts else "down"
+                    raise LoraError(f"LoRA file {path}: {next(iter(parts.values()))!r} has no {missing} matrix")
+                down, up = tensor("down"), tensor("up")
+                if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+                    raise LoraError(f"LoRA file {path}: {parts['down']!r} and {parts['up']!r} are not a (r, in), "
+                                    f"(out, r) pair: {tuple(down.shape)}, {tuple(up.shape)}")
+                rank = down.shape[0]
+                if "alpha" in parts:
+                    alpha = float(tensors[parts["alpha"]].float().reshape(-1)[0])
+                elif meta is not None and report.format == "diffusers":
+                    diffusers_name = param_to_checkpoint_name(type(model), f"{module_name}.weight").removesuffix(
+                        ".weight")
+                    r = _pattern_value(meta[2], diffusers_name, meta[0] or rank)
+                    alpha = _pattern_value(meta[3], diffusers_name, meta[1] if meta[1] is not None else r)
+                    rank = r
+                else:
+                    alpha = rank
+                _add(deltas, module_name + ".weight", (alpha / rank) * (up @ down), module, path, parts["up"])
+            elif "alpha" in parts:
+                raise LoraError(f"LoRA file {path}: {parts['alpha']!r} has no low-rank pair")
+            if "full" in parts:
+                _add(deltas, module_name + ".weight", tensor("full"), module, path, parts["full"])
+            if "bias" in parts:
+                _add(deltas, module_name + ".bias", tensor("bias"), module, path, parts["bias"])
+            if "modulation" in parts:
+                _add(deltas, (module_name + "." if module_name else "") + "scale_shift_table", tensor("modulation"),
+                     module, path, parts["modulation"])
+        del tensors, mapping
+    report.changed = sorted(deltas)
+    return deltas, report
+
+
+def _add(deltas: dict, name: str, delta: torch.Tensor, module: torch.nn.Module, path, key: str) -> None:
+    leaf = name.rpartition(".")[2]
+    param = getattr(module, leaf, None)
+    if not isinstance(param, torch.Tensor):
+        raise LoraError(f"LoRA file {path}: key {key!r}: the module has no {leaf}")
+    shard = getattr(module, "shards", {}).get(leaf)
+    full = list(param.shape)
+    if shard is not None:
+        full[shard.dim] *= shard.count
+    if delta.numel() != param.numel() * (shard.count if shard else 1):
+        raise LoraError(f"LoRA file {path}: key {key!r} gives a delta of {tuple(delta.shape)} for {name} "
+                        f"of {tuple(full)}")
+    delta = delta.reshape(full)
+    if shard is not None:
+        start, stop = shard.span(full[shard.dim])
+        delta = delta.narrow(shard.dim, start, stop - start)
+    deltas[name] = deltas[name] + delta if name in deltas else delta
+
+
+def merge_loras(model: torch.nn.Module, loras, ignore: tuple[str, ...] = ()) -> list[LoraReport]:
+    """Fold each (file, scale) of ``loras`` into ``model``'s weights; returns their reports."""
+    total: dict[str, torch.Tensor] = {}
+    reports = []
+    for path, scale in loras:
+        deltas, report = read_lora(path, model, ignore)
+        for name, delta in deltas.items():
+            total[name] = total[name] + scale * delta if name in total else scale * delta
+        reports.append(report)
+        log.info("LoRA %s (%s, scale %g): %d tensors changed", path, report.format, scale, len(report.changed))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, delta in total.items():
+            param = params[name]
+            merged = (param.detach().float() + delta.to(param.device)).to(param.dtype)
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            # a new tensor in the parameter's own layout (the old one may be a view of the mapped file)
+            fresh = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device=param.device)
+            fresh.copy_(merged)
+            module._parameters[leaf] = torch.nn.Parameter(fresh, requires_grad=False)
+    return reports
