@@ -186,3 +186,66 @@ def test_the_cli_merges_a_lora_with_its_scale(tiny_wan_dir, pairs, tmp_path):
     gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", loras=[(file, 0.5)])
     expected = gen.generate(PROMPT, height=32, width=48, num_frames=9, num_inference_steps=2, seed=4).frames
     assert rel_err(np.load(tmp_path / "a.npy"), expected) <= 1e-6
+
+
+from .test_two_expert_parity import two_expert_dir  # noqa: E402,F401 - the fixture
+
+
+def test_a_lora_per_expert_equals_diffusers_load_into_transformer_2(two_expert_dir, pairs, tmp_path):
+    """``loras`` for the high-noise transformer, ``loras_2`` for the low-noise one, as diffusers'
+    ``load_lora_weights(..., load_into_transformer_2=True)`` loads a second file."""
+    from diffusers import WanPipeline
+
+    high = write_kohya(pairs, tmp_path / "high.safetensors")
+    flipped = {name: (down.flip(0), -up) for name, (down, up) in pairs.items()}  # another adapter
+    low = write_diffusers(flipped, tmp_path / "low.safetensors")
+    pipe = WanPipeline.from_pretrained(str(two_expert_dir), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(high), adapter_name="high")
+    pipe.load_lora_weights(str(low), adapter_name="low", load_into_transformer_2=True)
+    pipe.transformer.set_adapters(["high"], [0.7])
+    pipe.transformer_2.set_adapters(["low"], [0.5])
+    kwargs = dict(num_inference_steps=6, guidance_scale=4.0, **SIZE)
+    ref = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, latents=initial_latents(5), output_type="np",
+               **kwargs).frames[0]
+    gen = VideoGenerator.from_pretrained(two_expert_dir, dtype="fp32", loras=[(high, 0.7)], loras_2=[(low, 0.5)])
+    mine = gen.generate(PROMPT, negative_prompt=NEGATIVE, latents=initial_latents(5), **kwargs).frames
+    plain = VideoGenerator.from_pretrained(two_expert_dir, dtype="fp32", loras=[(high, 0.7)]).generate(
+        PROMPT, negative_prompt=NEGATIVE, latents=initial_latents(5), **kwargs).frames
+    assert rel_err(mine, ref) <= FP32_RTOL
+    assert rel_err(plain, ref) > 1e-3  # the second expert's adapter really counts
+
+
+def test_an_image_to_video_lora_with_image_keys_equals_diffusers(tiny_wan_pipe, tmp_path):
+    """A LightX2V I2V adapter: its cross-attention image projections (k_img, v_img) too."""
+    from diffusers import WanImageToVideoPipeline
+
+    from .test_i2v_parity import build_i2v_folder, picture
+
+    folder = build_i2v_folder(tiny_wan_pipe, tmp_path / "i2v")
+    ref_pipe = WanImageToVideoPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    ref_pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(9)
+    pairs = {}
+    for i, block in enumerate(ref_pipe.transformer.blocks):
+        for name in [n for n, _ in LAYERS] + ["attn2.add_k_proj", "attn2.add_v_proj"]:
+            linear = block.get_submodule(name)
+            pairs[f"blocks.{i}.{name}"] = (0.3 * torch.randn(RANK, linear.in_features, generator=g),
+                                           0.3 * torch.randn(linear.out_features, RANK, generator=g))
+    LAYERS_I2V = dict(LAYERS, **{"attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img"})
+    tensors = {}
+    for name, (down, up) in pairs.items():
+        block, _, rest = name.partition(".")[2].partition(".")
+        key = f"diffusion_model.blocks.{block}.{LAYERS_I2V[rest]}"
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down.contiguous(), up.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(ALPHA))
+    file = tmp_path / "i2v.safetensors"
+    save_file(tensors, str(file))
+    ref_pipe.load_lora_weights(str(file), adapter_name="a")
+    ref_pipe.set_adapters(["a"], [0.9])
+    kwargs = dict(num_inference_steps=3, guidance_scale=4.0, **SIZE)
+    ref = ref_pipe(image=picture(1), prompt=PROMPT, negative_prompt=NEGATIVE, latents=initial_latents(8),
+                   output_type="np", **kwargs).frames[0]
+    gen = VideoGenerator.from_pretrained(folder, dtype="fp32", loras=[(file, 0.9)])
+    mine = gen.generate(PROMPT, negative_prompt=NEGATIVE, image=picture(1), latents=initial_latents(8), **kwargs)
+    assert rel_err(mine.frames, ref) <= FP32_RTOL
