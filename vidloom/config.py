@@ -204,6 +204,25 @@ class EngineConfig:
         return cls(**options)
 
 
+def _request_loras(value: Any) -> tuple[tuple[str, float], ...]:
+    """A request's ``lora``: names or (name, scale) pairs (dicts with name and scale from the
+    server) -> ((name, scale), ...); InvalidRequestError naming the field otherwise."""
+    allowed = "a list of adapter names or (name, scale) pairs, scales -10..10"
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) > 16:
+        raise InvalidRequestError("lora", f"got {_short(value)}", allowed + " (at most 16)")
+    out = []
+    for item in value:
+        if isinstance(item, dict) and set(item) <= {"name", "scale"}:
+            item = (item.get("name"), item.get("scale", 1.0))
+        elif isinstance(item, str):
+            item = (item, 1.0)
+        if (not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str)
+                or not _is_number(item[1]) or not -10 <= item[1] <= 10):
+            raise InvalidRequestError("lora", f"got {_short(item)}", allowed)
+        out.append((item[0], float(item[1])))
+    return tuple(out)
+
+
 def _lora_list(name: str, value: Any) -> tuple[tuple[str, float], ...]:
     """(file, scale) pairs from a list of files, (file, scale) pairs or "FILE[:SCALE]" strings."""
     from .lora import parse_lora_option
@@ -384,6 +403,9 @@ class SamplingParams:
     # sliding-tile attention window "F,H,W" in tokens (or a 3-tuple); None: the engine's default
     # (dense unless it sets one); "dense": dense attention whatever the engine's default
     sta_window: str | tuple | None = None  # (the CLI's --sta-window is the engine's default)
+    # LoRA adapters loaded unmerged (VideoGenerator.load_lora) this request uses: (name, scale)
+    # pairs or names (scale 1.0); requests with different adapters still share a forward
+    lora: list | tuple | None = None
 
     @property
     def do_cfg(self) -> bool:
@@ -444,6 +466,8 @@ class SamplingParams:
             except ValueError as exc:
                 raise InvalidRequestError("sta_window", f"got {_short(self.sta_window)}",
                                           "'F,H,W' token counts (e.g. '3,6,6'), 'dense' or None") from exc
+        if self.lora is not None:
+            self.lora = _request_loras(self.lora)
         if self.refine is not None:
             self.refine = RefineParams.coerce(self.refine)
             self.refine.validate(self, limits)

@@ -17,7 +17,7 @@ import torch
 
 from .config import EngineConfig, RequestLimits, SamplingParams
 from .parallel.state import check_layout, world_size_from_env
-from .errors import ModelLoadError, TaskCancelled, VidloomError, engine_error, is_out_of_memory
+from .errors import InvalidRequestError, ModelLoadError, TaskCancelled, VidloomError, engine_error, is_out_of_memory
 from .loader.plan import load_components, plan_folder
 from .loader.weights import changed_mapped_files
 from .memory import residency_for
@@ -175,6 +175,7 @@ class VideoGenerator:
         self.budget = None  # memory.budget.Budget the requests are held to (from_pretrained sets it)
         # what attention runs with in this engine's units: the kernel and the default sliding-tile window
         self.attention = AttentionContext()
+        self.adapters: dict[str, object] = {}  # unmerged LoRA adapters by name (load_lora): their reports
 
     @property
     def is_main_process(self) -> bool:
@@ -236,6 +237,28 @@ class VideoGenerator:
             generator.warm_up({**sampling_defaults(path), **(size_hint or {})})
         return generator
 
+    def load_lora(self, path: str | Path, name: str | None = None, expert: str = "transformer",
+                  ignore: tuple[str, ...] = ()):
+        """Load a LoRA file unmerged as adapter ``name`` (default: the file's stem) of ``expert``
+        ("transformer", or "transformer_2" of a two-expert model): requests use it with
+        ``lora=[(name, scale)]``, each its own adapters, in one batched forward. Needs the
+        transformer resident (memory level 0 or 1). Returns its ``lora.LoraReport``."""
+        from .lora import attach_adapter, read_lora
+
+        name = name or Path(path).stem
+        if (self.config.low_mem_level or 0) >= 2:
+            raise ValueError(f"load_lora: unmerged adapters need the transformer resident (low_mem_level 0 or 1, "
+                             f"this engine runs at {self.config.low_mem_level}); merge it at load with loras=")
+        if expert not in ("transformer", "transformer_2") or expert not in self.pipeline.components:
+            raise ValueError(f"load_lora: expert {expert!r} is not a transformer of this model "
+                             f"(allowed: {', '.join(e for e in ('transformer', 'transformer_2') if e in self.pipeline.components)})")
+        model = self.pipeline.components[expert]
+        deltas, report = read_lora(path, model, ignore)
+        attach_adapter(model, name, deltas, path)
+        self.adapters[name] = report
+        log.info("LoRA %s loaded unmerged as %r (%s, %d tensors)", path, name, report.format, len(report.changed))
+        return report
+
     def warm_up(self, size: dict | None = None) -> float:
         """Run one guided denoising step of a request of ``size`` (height, width, num_frames; default:
         the engine's default request) and drop it: compiled blocks are compiled by it, caches filled.
@@ -270,6 +293,10 @@ class VideoGenerator:
         for params in requests:
             self.pipeline.validate_request(params)
             self._memory_level(params)  # a request no memory level fits is refused here
+            for name, _ in params.lora or ():
+                if name not in self.adapters:
+                    raise InvalidRequestError("lora", f"no adapter named {name!r} is loaded",
+                                              ", ".join(sorted(self.adapters)) or "none loaded (load_lora)")
             if self.config.ring_size > 1 and params.sta_window not in (None, "dense"):
                 raise InvalidRequestError("sta_window", "sliding-tile attention does not combine with this engine's "
                                           f"ring attention (ring_size={self.config.ring_size})", "None or 'dense'")

@@ -23,9 +23,12 @@ a tensor-parallel shard takes its slice of the delta.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -128,7 +131,7 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def read_lora(path: str | Path, model: torch.nn.Module, ignore: tuple[str, ...] = ()):
-    """The deltas of the LoRA file at ``path`` for ``model``: ({our parameter name: float32 delta at
+    """The deltas of the LoRA file at ``path`` for ``model``: ({our parameter name: its ``Term``s at
     scale 1}, LoraReport). Every key checked before a delta is computed."""
     path = Path(path)
     try:
@@ -171,7 +174,7 @@ def read_lora(path: str | Path, model: torch.nn.Module, ignore: tuple[str, ...] 
                         report.absent[0])
         mapping = file.mapping()
         tensors = {e.key: file.view(mapping, e) for e in file.entries}
-        deltas: dict[str, torch.Tensor] = {}
+        deltas: dict[str, list] = {}  # our parameter -> its terms (see ``Term``)
         for module_name, parts in groups.items():
             module = modules[module_name]
 
@@ -197,22 +200,35 @@ def read_lora(path: str | Path, model: torch.nn.Module, ignore: tuple[str, ...] 
                     rank = r
                 else:
                     alpha = rank
-                _add(deltas, module_name + ".weight", (alpha / rank) * (up @ down), module, path, parts["up"])
+                _add(deltas, module_name + ".weight", Term(up, down, alpha / rank), module, path, parts["up"])
             elif "alpha" in parts:
                 raise LoraError(f"LoRA file {path}: {parts['alpha']!r} has no low-rank pair")
             if "full" in parts:
-                _add(deltas, module_name + ".weight", tensor("full"), module, path, parts["full"])
+                _add(deltas, module_name + ".weight", Term(tensor("full")), module, path, parts["full"])
             if "bias" in parts:
-                _add(deltas, module_name + ".bias", tensor("bias"), module, path, parts["bias"])
+                _add(deltas, module_name + ".bias", Term(tensor("bias")), module, path, parts["bias"])
             if "modulation" in parts:
-                _add(deltas, (module_name + "." if module_name else "") + "scale_shift_table", tensor("modulation"),
+                _add(deltas, (module_name + "." if module_name else "") + "scale_shift_table", Term(tensor("modulation")),
                      module, path, parts["modulation"])
         del tensors, mapping
     report.changed = sorted(deltas)
     return deltas, report
 
 
-def _add(deltas: dict, name: str, delta: torch.Tensor, module: torch.nn.Module, path, key: str) -> None:
+@dataclasses.dataclass
+class Term:
+    """One term of a parameter's delta at scale 1: ``factor * up @ down`` (a low-rank pair: up
+    (out, r), down (r, in)), or ``up`` itself (a full delta, ``down`` None), float32."""
+
+    up: torch.Tensor
+    down: torch.Tensor | None = None
+    factor: float = 1.0
+
+    def dense(self) -> torch.Tensor:
+        return self.up if self.down is None else self.factor * (self.up @ self.down)
+
+
+def _add(deltas: dict, name: str, term: Term, module: torch.nn.Module, path, key: str) -> None:
     leaf = name.rpartition(".")[2]
     param = getattr(module, leaf, None)
     if not isinstance(param, torch.Tensor):
@@ -221,14 +237,20 @@ def _add(deltas: dict, name: str, delta: torch.Tensor, module: torch.nn.Module, 
     full = list(param.shape)
     if shard is not None:
         full[shard.dim] *= shard.count
-    if delta.numel() != param.numel() * (shard.count if shard else 1):
-        raise LoraError(f"LoRA file {path}: key {key!r} gives a delta of {tuple(delta.shape)} for {name} "
-                        f"of {tuple(full)}")
-    delta = delta.reshape(full)
-    if shard is not None:
+    shape = (term.up.shape[0], term.down.shape[1]) if term.down is not None else tuple(term.up.shape)
+    if math.prod(shape) != math.prod(full) or (term.down is not None and list(shape) != full):
+        raise LoraError(f"LoRA file {path}: key {key!r} gives a delta of {tuple(shape)} for {name} of {tuple(full)}")
+    if term.down is None:
+        term = Term(term.up.reshape(full))
+    if shard is not None:  # this process's slice: rows of up (output features) or columns of down (inputs)
         start, stop = shard.span(full[shard.dim])
-        delta = delta.narrow(shard.dim, start, stop - start)
-    deltas[name] = deltas[name] + delta if name in deltas else delta
+        if term.down is None:
+            term = Term(term.up.narrow(shard.dim, start, stop - start))
+        elif shard.dim == 0:
+            term = Term(term.up[start:stop], term.down, term.factor)
+        else:
+            term = Term(term.up, term.down[:, start:stop], term.factor)
+    deltas.setdefault(name, []).append(term)
 
 
 def merge_loras(model: torch.nn.Module, loras, ignore: tuple[str, ...] = ()) -> list[LoraReport]:
@@ -237,8 +259,9 @@ def merge_loras(model: torch.nn.Module, loras, ignore: tuple[str, ...] = ()) -> 
     reports = []
     for path, scale in loras:
         deltas, report = read_lora(path, model, ignore)
-        for name, delta in deltas.items():
-            total[name] = total[name] + scale * delta if name in total else scale * delta
+        for name, terms in deltas.items():
+            delta = scale * sum(term.dense() for term in terms)
+            total[name] = total[name] + delta if name in total else delta
         reports.append(report)
         log.info("LoRA %s (%s, scale %g): %d tensors changed", path, report.format, scale, len(report.changed))
     params = dict(model.named_parameters())
@@ -253,3 +276,101 @@ def merge_loras(model: torch.nn.Module, loras, ignore: tuple[str, ...] = ()) -> 
             fresh.copy_(merged)
             module._parameters[leaf] = torch.nn.Parameter(fresh, requires_grad=False)
     return reports
+
+
+# -- unmerged adapters: applied in the forward, chosen per request (per block of rows) ----------
+
+# ((start, stop, ((adapter name, scale), ...)), ...): the rows of the forward's batch and the
+# adapters each block of rows uses (stop None: to the end); None: no adapter
+_ROWS: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("lora_rows", default=None)
+
+
+@contextlib.contextmanager
+def adapters_for_rows(spans: tuple | None):
+    """Make ``spans`` the adapters of the forwards inside the block (see ``_ROWS``)."""
+    token = _ROWS.set(spans or None)
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+class AdaptedLinear(torch.nn.Module):
+    """A Linear whose output gains, on the rows that ask for them, the low-rank (or full) deltas of
+    named adapters: y[rows] += scale * (factor * x[rows] @ down^T @ up^T + bias delta). The base
+    layer is kept as it is (its weights are not touched)."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base = base
+        self.terms: dict[str, list[Term]] = {}  # adapter -> weight terms
+        self.bias_terms: dict[str, torch.Tensor] = {}  # adapter -> bias delta
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        spans = _ROWS.get()
+        if spans is None:
+            return y
+        for start, stop, chosen in spans:
+            for name, scale in chosen:
+                terms, bias = self.terms.get(name, ()), self.bias_terms.get(name)
+                if not terms and bias is None:
+                    continue
+                xs = x[start:stop].float()
+                delta = 0
+                for term in terms:
+                    if term.down is None:
+                        delta = delta + xs @ term.up.t()
+                    else:
+                        delta = delta + term.factor * ((xs @ term.down.t()) @ term.up.t())
+                if bias is not None:
+                    delta = delta + bias
+                y[start:stop] += (scale * delta).to(y.dtype)
+        return y
+
+
+def attach_adapter(model: torch.nn.Module, name: str, deltas: dict[str, list[Term]], path) -> None:
+    """Give ``model``'s Linear layers adapter ``name``'s terms (from ``read_lora``), each Linear
+    wrapped in an ``AdaptedLinear`` the first time an adapter touches it."""
+    for param_name, terms in deltas.items():
+        owner, _, leaf = param_name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if not isinstance(module, (torch.nn.Linear, AdaptedLinear)) or leaf not in ("weight", "bias"):
+            raise LoraError(f"LoRA file {path}: its delta of {param_name} applies only merged (lora_mode='merged'): "
+                            "unmerged adapters change Linear layers")
+        if isinstance(module, torch.nn.Linear):
+            parent_name, _, child = owner.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = AdaptedLinear(module)
+            setattr(parent, child, module)
+        device = module.base.weight.device
+        moved = [Term(t.up.to(device), None if t.down is None else t.down.to(device), t.factor) for t in terms]
+        if leaf == "weight":
+            module.terms.setdefault(name, []).extend(moved)
+        else:
+            bias = sum(t.dense() for t in moved)
+            module.bias_terms[name] = module.bias_terms[name] + bias if name in module.bias_terms else bias
+
+
+def detach_adapter(model: torch.nn.Module, name: str) -> None:
+    """Drop adapter ``name`` from every layer of ``model`` (the wrapped layers stay wrapped)."""
+    for module in model.modules():
+        if isinstance(module, AdaptedLinear):
+            module.terms.pop(name, None)
+            module.bias_terms.pop(name, None)

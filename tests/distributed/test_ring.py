@@ -94,3 +94,16 @@ def test_ring_layouts_are_checked_before_loading():
         EngineConfig(sp_size=4, ring_size=3)
     with pytest.raises(ValueError, match="does not combine with ring attention"):
         EngineConfig(sp_size=2, ring_size=2, sta_window="1,2,2")
+
+
+def test_a_request_window_on_a_ring_engine_is_refused_at_check(tiny_wan_dir):
+    import dataclasses
+
+    from vidloom.errors import InvalidRequestError
+
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32")
+    gen.config = dataclasses.replace(gen.config, sp_size=2, ring_size=2)  # as a ring engine's rank sees it
+    with pytest.raises(InvalidRequestError, match=r"sta_window: sliding-tile attention does not combine with this "
+                                                  r"engine's ring attention \(ring_size=2\)"):
+        gen.check("a cat", height=48, width=48, num_frames=9, sta_window="1,2,2")
+    gen.check("a cat", height=48, width=48, num_frames=9, sta_window="dense")

@@ -249,3 +249,62 @@ def test_an_image_to_video_lora_with_image_keys_equals_diffusers(tiny_wan_pipe, 
     gen = VideoGenerator.from_pretrained(folder, dtype="fp32", loras=[(file, 0.9)])
     mine = gen.generate(PROMPT, negative_prompt=NEGATIVE, image=picture(1), latents=initial_latents(8), **kwargs)
     assert rel_err(mine.frames, ref) <= FP32_RTOL
+
+
+# ------------------------------------------------------------------------------ unmerged adapters
+
+def test_an_unmerged_adapter_per_request_equals_diffusers_and_the_merged_one(tiny_wan_dir, pairs, tmp_path):
+    file = write_lightx2v(pairs, tmp_path / "x.safetensors")
+    ref = reference(tiny_wan_dir, file, 0.6)
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32")
+    report = gen.load_lora(file, name="x")
+    assert report.format == "lightx2v" and gen.adapters == {"x": report}
+    run = dict(negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=4.0, **SIZE)
+    adapted = gen.generate(PROMPT, latents=initial_latents(), lora=[("x", 0.6)], **run).frames
+    assert rel_err(adapted, ref) <= FP32_RTOL
+    assert rel_err(adapted, ours(tiny_wan_dir, [(file, 0.6)])) <= 1e-5  # merged and unmerged agree
+    # a request without the adapter is the plain model's video
+    assert rel_err(gen.generate(PROMPT, latents=initial_latents(), **run).frames, ours(tiny_wan_dir, [])) <= 1e-6
+
+
+def test_requests_with_different_adapters_share_one_forward(tiny_wan_dir, pairs, tmp_path):
+    """Each row block gets its own low-rank update: every request's video is the one it gets alone."""
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32")
+    gen.load_lora(write_kohya(pairs, tmp_path / "k.safetensors"), name="k")
+    flipped = {name: (down.flip(0), -up) for name, (down, up) in pairs.items()}
+    gen.load_lora(write_diffusers(flipped, tmp_path / "d.safetensors"), name="d")
+    run = dict(negative_prompt=NEGATIVE, num_inference_steps=3, **SIZE)
+    choices = [dict(lora=[("k", 0.7)], guidance_scale=4.0), dict(lora=None, guidance_scale=4.0),
+               dict(lora=[("d", 1.0), ("k", 0.2)], guidance_scale=1.0), dict(lora=["d"], guidance_scale=3.0)]
+    alone = [gen.generate(PROMPT, latents=initial_latents(), **run, **c).frames for c in choices]
+    tasks = [gen.submit(PROMPT, latents=initial_latents(), **run, **c) for c in choices]
+    shared = []
+    while not all(t.is_finished for t in tasks):
+        shared += gen.step_many(tasks)
+    assert max(shared) >= 3  # the guided requests, whatever their adapters, in one forward
+    for task, frames in zip(tasks, alone):
+        assert rel_err(task.result.frames, frames) <= 1e-5
+    assert rel_err(alone[0], alone[1]) > 1e-2 and rel_err(alone[0], alone[3]) > 1e-2
+
+
+def test_unmerged_adapters_are_checked(tiny_wan_dir, pairs, tmp_path):
+    from vidloom.errors import InvalidRequestError
+
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32")
+    with pytest.raises(InvalidRequestError, match=r"lora: no adapter named 'x' is loaded \(allowed: none loaded"):
+        gen.check("a cat", lora=[("x", 1.0)], **SIZE)
+    with pytest.raises(InvalidRequestError, match="lora: got"):
+        gen.check("a cat", lora="x", **SIZE)
+    file = write_kohya(pairs, tmp_path / "k.safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file))
+    tensors["lora_unet_blocks_0.diff_m"] = torch.zeros(1, 6, 24)
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match="applies only merged"):
+        gen.load_lora(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="expert 'transformer_2' is not a transformer of this model"):
+        gen.load_lora(file, expert="transformer_2")
+    low = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", low_mem_level=2)
+    with pytest.raises(ValueError, match="need the transformer resident"):
+        low.load_lora(file)

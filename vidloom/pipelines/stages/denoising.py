@@ -9,6 +9,7 @@ import torch
 
 from ...config import SamplingParams
 from ...errors import NumericalError
+from ...lora import adapters_for_rows
 from ...models.attention import sliding_window
 from ...memory.residency import Fixed, Handle, handle_of
 from ..base import IterativeStage, Phase, VerificationResult, is_tensor
@@ -190,7 +191,8 @@ class DenoisingStage(IterativeStage):
         """The guided model prediction at timestep ``t``."""
         index = self.expert_index(t)
         expert = self.experts[index]
-        with expert.transformer.use() as model, request_window(batch.params):
+        with expert.transformer.use() as model, request_window(batch.params), \
+                adapters_for_rows(((0, None, batch.params.lora),) if batch.params.lora else None):
             return guided(self._branches(batch, t, model, index), expert.guidance_scale(batch.params))
 
     def _branches(self, batch: ForwardBatch, t: torch.Tensor, model: torch.nn.Module, index: int) -> dict:
@@ -265,17 +267,25 @@ class DenoisingStage(IterativeStage):
         expert = self.experts[index]
         with expert.transformer.use() as model, request_window(batches[0].params):  # equal in the group
             xs, steps, kvs, owned = [], [], [], []
+            spans, start = [], 0  # each request's rows and its adapters
             for batch, t in zip(batches, ts):
                 x, timestep = self.model_input.prepare(batch, t)
                 branches = (COND, UNCOND) if batch.params.do_cfg else (COND,)  # as context() orders its rows
                 xs += [x.to(self.dtype)] * len(branches)
                 steps += [timestep] * len(branches)
-                kvs.append(self.context(batch, index, model))
+                lora = batch.params.lora
+                with adapters_for_rows(((0, None, lora),) if lora else None):  # its own text keys/values
+                    kvs.append(self.context(batch, index, model))
                 owned.append(Rows.of(batch, branches, expert.transformer.name))
+                rows = x.shape[0] * len(branches)
+                if lora:
+                    spans.append((start, start + rows, lora))
+                start += rows
             # each block's keys/values of all requests as one batch (the model's own record knows how)
             stacked = [type(parts[0]).stack(list(parts)) for parts in zip(*kvs)]
             rows = Rows.joined(owned)
-            blocks = iter(split_rows(self.call(model, torch.cat(xs), torch.cat(steps), stacked, rows), rows))
+            with adapters_for_rows(tuple(spans)):
+                blocks = iter(split_rows(self.call(model, torch.cat(xs), torch.cat(steps), stacked, rows), rows))
         results = []
         for batch, i, t, own in zip(batches, indices, ts, owned):
             prediction = {branch: next(blocks) for branch in own.branches}
