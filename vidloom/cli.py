@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("VIDLOOM_API_KEY"),
                        help="required as 'Authorization: Bearer KEY' (default: $VIDLOOM_API_KEY)")
     serve.add_argument("--max-queue", type=int, default=64, help="queued jobs beyond which requests get 429")
+    serve.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                       help="load every DIR/*.safetensors LoRA unmerged, named by its file stem; requests choose "
+                            'among them: "lora": [{"name": ..., "scale": ...}] (GET /v1/models lists them)')
     serve.add_argument("--nproc", type=int, default=1,
                        help="serve from this many processes (--sp-size / --cfg-parallel): rank 0 runs HTTP and the "
                             "queue and sends each round of work to the others")
@@ -196,6 +199,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     job_store = store() if "WORLD_SIZE" not in os.environ else None
     generator = VideoGenerator.from_pretrained(args.model, engine)
+    if args.lora_dir is not None:  # every process loads them: requests choose among them by name
+        for path in lora_files(args.lora_dir):
+            generator.load_lora(path, name=path.stem)
     ranks = None
     if generator.parallel is not None:
         from .serve.scheduler import RankBroadcast, follow
@@ -231,6 +237,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         thread.join(30)
         app.state.store.close()
     return 0
+
+
+MAX_LORA_FILES = 256
+
+
+def lora_files(folder: Path) -> list[Path]:
+    """The ``*.safetensors`` files of a ``--lora-dir`` (each an adapter named by its stem)."""
+    if not folder.is_dir():
+        raise ValueError(f"--lora-dir: {folder} is not a folder")
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if len(files) > MAX_LORA_FILES:
+        raise ValueError(f"--lora-dir: {len(files)} adapters, at most {MAX_LORA_FILES}")
+    return files
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -178,8 +178,8 @@ def read_lora(path: str | Path, model: torch.nn.Module, ignore: tuple[str, ...] 
         for module_name, parts in groups.items():
             module = modules[module_name]
 
-            def tensor(part):
-                return tensors[parts[part]].float()
+            def tensor(part, parts=parts):
+                return tensors[parts[part]].to(torch.float32, copy=True)  # its own memory, not the file's
 
             if "down" in parts or "up" in parts:
                 if "down" not in parts or "up" not in parts:
@@ -210,7 +210,6 @@ def read_lora(path: str | Path, model: torch.nn.Module, ignore: tuple[str, ...] 
             if "modulation" in parts:
                 _add(deltas, (module_name + "." if module_name else "") + "scale_shift_table", Term(tensor("modulation")),
                      module, path, parts["modulation"])
-        del tensors, mapping
     report.changed = sorted(deltas)
     return deltas, report
 

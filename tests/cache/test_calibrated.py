@@ -75,7 +75,10 @@ def test_the_measured_speedup_lands_near_the_prediction(calibrated):
         r = gen.generate(prompt, **dict(KW, seed=i), cache=spec.text()).cache
         measured.append((r["blocks_computed"] + r["blocks_skipped"]) / r["blocks_computed"])
     mean = sum(measured) / len(measured)
-    assert predicted > 1.2  # the threshold skips something on this model
+    # the threshold skips something on this model: 36/29 blocks in a run alone, 36/31 once in a
+    # full run (a decision near the threshold flips with fp32 rounding that depends on where
+    # earlier tests left the allocator), so the floor is below both
+    assert predicted > 1.1
     assert abs(mean / predicted - 1) <= 0.35, (mean, predicted)  # the band: skips change what follows
 
 

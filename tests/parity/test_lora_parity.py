@@ -141,7 +141,7 @@ def test_a_key_that_matches_nothing_is_an_error_unless_ignored(tiny_wan_dir, pai
 
     model = load_model(WanDiT, tiny_wan_dir / "transformer")
     good = write_kohya(pairs, tmp_path / "k.safetensors")
-    assert detect_format([f"lora_unet_x"]) == "kohya"
+    assert detect_format(["lora_unet_x"]) == "kohya"
     deltas, report = read_lora(good, model)
     assert report.format == "kohya" and len(report.changed) == len(pairs) and not report.absent
     from safetensors.torch import load_file

@@ -172,18 +172,17 @@ def flex_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias
     The ``flex`` backend's kernel (it returns no log-sum-exp: a ring uses ``attention_with_lse``)."""
     if return_lse:
         return attention_with_lse(q, k, v, bias)
-    score_mod = None
-    if bias is not None:
-        table = bias.float()
-        if table.ndim == 1:
-            def score_mod(score, b, h, qi, ki):
-                return score + table[ki]
-        else:
-            def score_mod(score, b, h, qi, ki):
-                return score + table[b, ki]
+    score_mod = None if bias is None else _bias_score_mod(bias.float())
     with torch.no_grad():
         out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod)
     return out.transpose(1, 2)
+
+
+def _bias_score_mod(table: torch.Tensor):
+    """flex_attention's score_mod adding a key bias: (Lk,) to every row, or (B, Lk) per row."""
+    if table.ndim == 1:
+        return lambda score, b, h, qi, ki: score + table[ki]
+    return lambda score, b, h, qi, ki: score + table[b, ki]
 
 
 def _flex_unavailable() -> str | None:

@@ -98,6 +98,9 @@ async def read_request(request: Request, max_body_bytes: int) -> tuple[dict[str,
     values, files = {}, {}
     try:
         for name, value in form.multi_items():
+            if name in LORA_FORM_KEYS and not hasattr(value, "read"):  # the openai client's form of a list
+                _add_lora_item(values, LORA_FORM_KEYS[name], value)
+                continue
             if name in values or name in files:
                 raise APIError(400, f"{name[:60]}: given twice", name[:60], "invalid_value")
             if hasattr(value, "read"):  # an upload
@@ -112,7 +115,39 @@ async def read_request(request: Request, max_body_bytes: int) -> tuple[dict[str,
                 values[name] = value
     finally:
         await form.close()
+    _lora_items(values)
     return values, files
+
+
+# the openai client sends extra_body={"lora": [{"name": ..., "scale": ...}]} in a multipart form as
+# the repeated field "lora[][name]" (every item's name, in order), then "lora[][scale]" (every
+# item's scale): paired by position, so the items give a scale each, or none does (scale 1.0)
+LORA_FORM_KEYS = {"lora[][name]": "name", "lora[][scale]": "scale"}
+MAX_LORA_ITEMS = 16
+
+
+def _add_lora_item(values: dict[str, Any], part: str, value: str) -> None:
+    """One "lora[][name]" or "lora[][scale]" form field, kept in ``values["lora"]`` as a
+    {"name": [...], "scale": [...]} record until ``_lora_items`` pairs them."""
+    record = values.setdefault("lora", {"name": [], "scale": []})
+    if not isinstance(record, dict) or len(record[part]) >= MAX_LORA_ITEMS:
+        raise APIError(400, f"lora: given twice, or more than {MAX_LORA_ITEMS} adapters", "lora", "invalid_value")
+    record[part].append(value)
+
+
+def _lora_items(values: dict[str, Any]) -> None:
+    """``values["lora"]`` from its form record -> [{"name", "scale"}, ...]."""
+    record = values.get("lora")
+    if not isinstance(record, dict):
+        return
+    names, scales = record["name"], record["scale"]
+    if scales and len(scales) != len(names):
+        raise APIError(400, f"lora: {len(names)} names and {len(scales)} scales (give each adapter a scale, or none)",
+                       "lora", "invalid_value")
+    try:
+        values["lora"] = [{"name": n, "scale": float(s)} for n, s in zip(names, scales or ["1"] * len(names))]
+    except ValueError:
+        raise APIError(400, "lora: a scale is not a number", "lora", "invalid_value") from None
 
 
 def _json_values(body: bytes) -> dict[str, Any]:

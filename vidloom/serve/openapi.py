@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .requests import FIELDS, UPLOADS
+from .requests import FIELDS, LORA_FIELD, UPLOADS
 
 TAGS = [{"name": "videos", "description": "the OpenAI Videos API"},
         {"name": "models", "description": "the model this server runs"},
@@ -119,6 +119,10 @@ def _create_body() -> dict:
               "seconds": {"type": "string", "description": "seconds of video, e.g. \"4\""},
               "size": {"type": "string", "description": "WIDTHxHEIGHT, e.g. \"832x480\""}}
     fields |= {name: dict(_KINDS[kind]) for name, (kind, _) in FIELDS.items()}
+    fields[LORA_FIELD] = {"type": "array", "maxItems": 16, "description": "LoRA adapters the server loaded "
+                          "(GET /v1/models lists them), each with its scale; in a form, this list as JSON",
+                          "items": {"type": "object", "required": ["name"],
+                                    "properties": {"name": {"type": "string"}, "scale": {"type": "number"}}}}
     uploads = {name: {"type": "string", "format": "binary", "description": f"an image: the request's {field}"}
                for name, field in UPLOADS.items()}
     return {"required": True, "content": {

@@ -12,6 +12,7 @@ a 400 naming the field. ``seconds`` x ``fps`` becomes the nearest 4k+1 frame cou
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from typing import Any
@@ -38,6 +39,10 @@ def _field_kinds() -> dict[str, tuple[type, str]]:
 
 FIELDS: dict[str, tuple[type, str]] = _field_kinds()
 OPENAI_FIELDS = ("prompt", "model", "seconds", "size")
+# the adapters a request uses (``SamplingParams.lora``): a JSON list of {"name", "scale"} (in a form,
+# that list as a JSON string); names of adapters the server loaded (``vidloom serve --lora-dir``)
+LORA_FIELD = "lora"
+MAX_LORA_CHARS = 4096
 UPLOADS = {"input_reference": "image", "last_image": "last_image"}
 MAX_SECONDS = 600.0
 
@@ -68,12 +73,26 @@ def _convert(name: str, value: Any, kind: type, allowed: str):
     return value
 
 
+def _lora_field(value: Any) -> list[list]:
+    """The ``lora`` field -> [[name, scale], ...] (JSON-safe, as the job store keeps it)."""
+    if isinstance(value, str):  # a form field: the list as JSON
+        if len(value) > MAX_LORA_CHARS:
+            raise InvalidRequestError(LORA_FIELD, f"{len(value)} characters", f"at most {MAX_LORA_CHARS}")
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InvalidRequestError(LORA_FIELD, "is not JSON", '[{"name": ..., "scale": ...}]') from None
+    from ..config import _request_loras
+
+    return [[name, scale] for name, scale in _request_loras(value)]
+
+
 def parse(values: dict[str, Any], model_name: str, defaults: dict[str, Any]) -> VideoRequest:
     """Form or JSON values (uploads already taken out) -> a VideoRequest. Raises InvalidRequestError
     naming the field; the request is checked against the model afterwards (``SamplingParams``)."""
-    unknown = sorted(set(values) - set(FIELDS) - set(OPENAI_FIELDS))
+    unknown = sorted(set(values) - set(FIELDS) - set(OPENAI_FIELDS) - {LORA_FIELD})
     if unknown:
-        allowed = ", ".join([*OPENAI_FIELDS, *UPLOADS, *FIELDS])
+        allowed = ", ".join([*OPENAI_FIELDS, *UPLOADS, *FIELDS, LORA_FIELD])
         raise InvalidRequestError(unknown[0][:60], "unknown field", allowed)
     prompt = values.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -89,6 +108,8 @@ def parse(values: dict[str, Any], model_name: str, defaults: dict[str, Any]) -> 
     for name, (kind, allowed) in FIELDS.items():
         if name in values and values[name] is not None:
             fields[name] = _convert(name, values[name], kind, allowed)
+    if values.get(LORA_FIELD) is not None:
+        fields[LORA_FIELD] = _lora_field(values[LORA_FIELD])
     size = values.get("size")
     if size is not None:
         parts = str(size).lower().split("x") if len(str(size)) <= 40 else []

@@ -95,8 +95,10 @@ def delete_video(video_id: str, svc: Service = Depends(service)):
 
 @router.get("/v1/models", tags=["models"], **openapi.MODELS)
 def models(svc: Service = Depends(service)):
+    adapters = [{"id": name, "object": "model", "created": 0, "owned_by": "vidloom", "parent": svc.settings.model_name,
+                 "kind": "lora"} for name in sorted(getattr(svc.generator, "adapters", {}))]
     return {"object": "list", "data": [{"id": svc.settings.model_name, "object": "model", "created": 0,
-                                        "owned_by": "vidloom"}]}
+                                        "owned_by": "vidloom"}, *adapters]}
 
 
 @router.get("/health", tags=["service"], **openapi.HEALTH)
