@@ -118,6 +118,9 @@ class EngineConfig:
     loras: tuple = ()
     loras_2: tuple = ()
     lora_ignore: tuple = ()
+    # merged: folded into the weights at load (no cost per step); unmerged: kept apart and applied
+    # in the forward to every request that names no adapters of its own (requests may choose others)
+    lora_mode: str = "merged"
     # compile the transformer's repeated block (torch.compile, regional), warmed up at load on a
     # request of the expected size; memory levels 0-1 only (levels 2-3 stream blocks through hooks)
     compile: bool = False
@@ -155,6 +158,8 @@ class EngineConfig:
         if isinstance(self.lora_ignore, str) or not all(isinstance(k, str) for k in self.lora_ignore):
             raise ValueError(f"lora_ignore: expected a list of key names, got {self.lora_ignore!r}")
         self.lora_ignore = tuple(self.lora_ignore)
+        if self.lora_mode not in ("merged", "unmerged"):
+            raise ValueError(f"lora_mode: expected merged or unmerged, got {self.lora_mode!r}")
         if self.compile and self.low_mem_level is not None and self.low_mem_level >= 2:
             raise ValueError(f"compile: runs at low_mem_level 0 or 1 (levels 2-3 stream the blocks), "
                              f"got low_mem_level={self.low_mem_level}")

@@ -176,6 +176,7 @@ class VideoGenerator:
         # what attention runs with in this engine's units: the kernel and the default sliding-tile window
         self.attention = AttentionContext()
         self.adapters: dict[str, object] = {}  # unmerged LoRA adapters by name (load_lora): their reports
+        self.default_lora = None  # the adapters of requests that name none (lora_mode="unmerged")
 
     @property
     def is_main_process(self) -> bool:
@@ -233,6 +234,15 @@ class VideoGenerator:
         generator = cls(pipeline, config, Path(path), parallel)
         generator.budget = budget
         generator.attention = attention
+        if config.lora_mode == "unmerged":  # the engine's adapters, for every request naming none
+            names = []
+            for expert, loras in (("transformer", config.loras), ("transformer_2", config.loras_2)):
+                for k, (file, scale) in enumerate(loras):
+                    name = f"{Path(file).stem}{'@2' if expert == 'transformer_2' else ''}"
+                    name = name if name not in generator.adapters else f"{name}#{k}"
+                    generator.load_lora(file, name=name, expert=expert, ignore=config.lora_ignore)
+                    names.append((name, scale))
+            generator.default_lora = tuple(names) or None
         if config.compile:  # the first request does not pay the compilation
             generator.warm_up({**sampling_defaults(path), **(size_hint or {})})
         return generator
@@ -291,6 +301,8 @@ class VideoGenerator:
         """Every request's fields first, then the images: each image given decoded once, however
         many of the requests give it."""
         for params in requests:
+            if params.lora is None and self.default_lora is not None:
+                params.lora = self.default_lora
             self.pipeline.validate_request(params)
             self._memory_level(params)  # a request no memory level fits is refused here
             for name, _ in params.lora or ():

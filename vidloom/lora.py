@@ -253,21 +253,28 @@ def _add(deltas: dict, name: str, term: Term, module: torch.nn.Module, path, key
 
 
 def merge_loras(model: torch.nn.Module, loras, ignore: tuple[str, ...] = ()) -> list[LoraReport]:
-    """Fold each (file, scale) of ``loras`` into ``model``'s weights; returns their reports."""
-    total: dict[str, torch.Tensor] = {}
+    """Fold each (file, scale) of ``loras`` into ``model``'s weights; returns their reports. Each
+    changed parameter: widened to float32 once, every term added in place (a low-rank one by one
+    addmm), written once in its dtype and layout into a new tensor."""
+    scaled: dict[str, list[tuple[float, Term]]] = {}
     reports = []
     for path, scale in loras:
         deltas, report = read_lora(path, model, ignore)
         for name, terms in deltas.items():
-            delta = scale * sum(term.dense() for term in terms)
-            total[name] = total[name] + delta if name in total else delta
+            scaled.setdefault(name, []).extend((scale, term) for term in terms)
         reports.append(report)
         log.info("LoRA %s (%s, scale %g): %d tensors changed", path, report.format, scale, len(report.changed))
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, delta in total.items():
+        for name, terms in scaled.items():
             param = params[name]
-            merged = (param.detach().float() + delta.to(param.device)).to(param.dtype)
+            merged = param.detach().to(torch.float32, copy=True)
+            flat = merged.view(merged.shape[0], -1) if merged.ndim > 1 else merged
+            for scale, term in terms:
+                if term.down is None:
+                    merged.add_(term.up.to(merged.device).reshape(merged.shape), alpha=scale)
+                else:
+                    flat.addmm_(term.up.to(merged.device), term.down.to(merged.device), alpha=scale * term.factor)
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner) if owner else model
             # a new tensor in the parameter's own layout (the old one may be a view of the mapped file)
@@ -296,8 +303,8 @@ def adapters_for_rows(spans: tuple | None):
 
 class AdaptedLinear(torch.nn.Module):
     """A Linear whose output gains, on the rows that ask for them, the low-rank (or full) deltas of
-    named adapters: y[rows] += scale * (factor * x[rows] @ down^T @ up^T + bias delta). The base
-    layer is kept as it is (its weights are not touched)."""
+    named adapters: y[rows] += scale * (factor * x[rows] @ down^T @ up^T + bias delta), computed in
+    the factors' dtype (the layer's). The base layer is kept as it is (its weights are not touched)."""
 
     def __init__(self, base: torch.nn.Linear):
         super().__init__()
@@ -331,16 +338,15 @@ class AdaptedLinear(torch.nn.Module):
                 terms, bias = self.terms.get(name, ()), self.bias_terms.get(name)
                 if not terms and bias is None:
                     continue
-                xs = x[start:stop].float()
-                delta = 0
+                xs = x[start:stop]
+                update = 0
                 for term in terms:
-                    if term.down is None:
-                        delta = delta + xs @ term.up.t()
-                    else:
-                        delta = delta + term.factor * ((xs @ term.down.t()) @ term.up.t())
+                    xt = xs.to(term.up.dtype)
+                    part = xt @ term.up.t() if term.down is None else (xt @ term.down.t()) @ term.up.t()
+                    update = update + (scale * term.factor) * part
                 if bias is not None:
-                    delta = delta + bias
-                y[start:stop] += (scale * delta).to(y.dtype)
+                    update = update + scale * bias
+                y[start:stop] += update.to(y.dtype)
         return y
 
 
@@ -358,8 +364,11 @@ def attach_adapter(model: torch.nn.Module, name: str, deltas: dict[str, list[Ter
             parent = model.get_submodule(parent_name) if parent_name else model
             module = AdaptedLinear(module)
             setattr(parent, child, module)
-        device = module.base.weight.device
-        moved = [Term(t.up.to(device), None if t.down is None else t.down.to(device), t.factor) for t in terms]
+        # kept in the layer's compute dtype (bf16 factors for a bf16 layer: its update then costs
+        # bf16 matmuls; float32 for a float32 layer, exact as the merged delta)
+        device, dtype = module.base.weight.device, getattr(module.base, "compute_dtype", module.base.weight.dtype)
+        moved = [Term(t.up.to(device, dtype), None if t.down is None else t.down.to(device, dtype), t.factor)
+                 for t in terms]
         if leaf == "weight":
             module.terms.setdefault(name, []).extend(moved)
         else:

@@ -308,3 +308,23 @@ def test_unmerged_adapters_are_checked(tiny_wan_dir, pairs, tmp_path):
     low = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", low_mem_level=2)
     with pytest.raises(ValueError, match="need the transformer resident"):
         low.load_lora(file)
+
+
+def test_lora_mode_unmerged_applies_the_engines_adapters_to_requests_naming_none(tiny_wan_dir, pairs, tmp_path):
+    from vidloom.cli import main as cli_main
+
+    file = write_kohya(pairs, tmp_path / "k.safetensors")
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", loras=[(file, 0.7)], lora_mode="unmerged")
+    assert set(gen.adapters) == {"k"} and gen.default_lora == (("k", 0.7),)
+    run = dict(negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=4.0, latents=initial_latents(), **SIZE)
+    assert rel_err(gen.generate(PROMPT, **run).frames, ours(tiny_wan_dir, [(file, 0.7)])) <= 1e-5
+    assert rel_err(gen.generate(PROMPT, lora=[], **run).frames, ours(tiny_wan_dir, [])) <= 1e-6  # none asked
+    args = ["generate", "--model", str(tiny_wan_dir), "--prompt", PROMPT, "--height", "32", "--width", "48",
+            "--num-frames", "9", "--steps", "2", "--seed", "4", "--dtype", "fp32", "--quiet", "--lora", f"{file}:0.5"]
+    assert cli_main(args + ["--output", str(tmp_path / "m.npy")]) == 0
+    assert cli_main(args + ["--lora-mode", "unmerged", "--output", str(tmp_path / "u.npy")]) == 0
+    import numpy as np
+
+    assert rel_err(np.load(tmp_path / "u.npy"), np.load(tmp_path / "m.npy")) <= 1e-5
+    with pytest.raises(ValueError, match="lora_mode: expected merged or unmerged"):
+        VideoGenerator.from_pretrained(tiny_wan_dir, lora_mode="fused")

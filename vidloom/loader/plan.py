@@ -172,7 +172,8 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
 
             extra = (TensorParallel(parallel.tp_group, parallel.tp_size, parallel.tp_rank),)
         compiled = config.compile and COMPONENT_DTYPE[name] == "transformer"
-        loras = {"transformer": config.loras, "transformer_2": config.loras_2}.get(name, ()) if not prefix else ()
+        loras = {"transformer": config.loras, "transformer_2": config.loras_2}.get(name, ()) \
+            if not prefix and config.lora_mode == "merged" else ()
         models[name] = Planned(plan.config, dtype, plan.class_name,
                                _loader(plan, dtype, config.map_weights, stored_blocks(config.low_mem_level or 0, dtype),
                                        config.low_mem_level or 0, extra, compiled, (loras, config.lora_ignore)))
