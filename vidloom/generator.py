@@ -205,6 +205,9 @@ class VideoGenerator:
         for path, _ in config.loras + config.loras_2:
             if not Path(path).is_file():
                 raise ValueError(f"loras: no LoRA file at {path}")
+        if config.quantize is not None and config.low_mem_level >= 2:
+            raise ValueError(f"quantize: runs at low_mem_level 0 or 1 for now, but this folder needs level "
+                             f"{config.low_mem_level} to fit the memory available (give low_mem_level=1 to force it)")
         if config.compile and config.low_mem_level >= 2:
             raise ValueError(f"compile: runs at low_mem_level 0 or 1, but this folder needs level {config.low_mem_level} "
                              "to fit the memory available (give max_memory, or low_mem_level=1 to force it)")

@@ -356,6 +356,9 @@ def attach_adapter(model: torch.nn.Module, name: str, deltas: dict[str, list[Ter
     for param_name, terms in deltas.items():
         owner, _, leaf = param_name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
+        if type(module).__name__ == "QuantizedLinear":
+            raise LoraError(f"LoRA file {path}: unmerged adapters on quantized layers are not supported yet "
+                            "(merge it at load: loras=, lora_mode='merged')")
         if not isinstance(module, (torch.nn.Linear, AdaptedLinear)) or leaf not in ("weight", "bias"):
             raise LoraError(f"LoRA file {path}: its delta of {param_name} applies only merged (lora_mode='merged'): "
                             "unmerged adapters change Linear layers")

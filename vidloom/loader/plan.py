@@ -172,11 +172,13 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
 
             extra = (TensorParallel(parallel.tp_group, parallel.tp_size, parallel.tp_rank),)
         compiled = config.compile and COMPONENT_DTYPE[name] == "transformer"
+        quantize = config.quantize if COMPONENT_DTYPE[name] == "transformer" else None
         loras = {"transformer": config.loras, "transformer_2": config.loras_2}.get(name, ()) \
             if not prefix and config.lora_mode == "merged" else ()
         models[name] = Planned(plan.config, dtype, plan.class_name,
                                _loader(plan, dtype, config.map_weights, stored_blocks(config.low_mem_level or 0, dtype),
-                                       config.low_mem_level or 0, extra, compiled, (loras, config.lora_ignore)))
+                                       config.low_mem_level or 0, extra, compiled, (loras, config.lora_ignore),
+                                       quantize))
     residency.add(small, prefix)
     residency.add_planned(models, prefix)
 
@@ -192,11 +194,12 @@ def stored_blocks(level: int, dtype: torch.dtype) -> bool:
 
 def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: bool,
             level: int, extra: tuple = (), compiled: bool = False,
-            loras: tuple = ((), ())) -> Callable[[torch.device], Any]:
+            loras: tuple = ((), ()), quantize: str | None = None) -> Callable[[torch.device], Any]:
     """``plan``'s loader; a model with mapped blocks releases their pages after each block runs
     while the work runs at memory level 3 (``level``: the engine's; a unit may run higher).
     ``compiled``: its blocks compiled instead (``models.compiled``; they are not streamed).
-    ``loras``: ((file, scale) pairs, keys to ignore) merged into it (``vidloom.lora``)."""
+    ``loras``: ((file, scale) pairs, keys to ignore) merged into it (``vidloom.lora``);
+    ``quantize``: its blocks' Linear weights then stored as int8 / fp8 (``vidloom.quant``)."""
     from ..memory.levels import STREAMING_BLOCKS, level_now
     from .stored import stream_blocks
 
@@ -208,6 +211,10 @@ def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: 
             from ..lora import merge_loras
 
             merge_loras(module, loras[0], loras[1])
+        if quantize is not None:  # after merging: the adapters are quantized with the weights
+            from ..quant import quantize_blocks
+
+            quantize_blocks(module, quantize)
         if compiled:
             from ..models.compiled import compile_blocks
 
