@@ -118,14 +118,22 @@ def _metadata_scales(metadata: dict[str, str]):
         meta = json.loads(raw)
         # diffusers prefixes each field with the component ("transformer.lora_alpha")
         meta = {key.removeprefix("transformer."): value for key, value in meta.items()}
-        return (meta.get("r"), meta.get("lora_alpha"), meta.get("rank_pattern") or {}, meta.get("alpha_pattern") or {})
     except (ValueError, AttributeError) as exc:
         raise LoraError(f"lora_adapter_metadata is not a JSON object ({exc})") from exc
+    r, alpha = meta.get("r"), meta.get("lora_alpha")
+    patterns = [meta.get("rank_pattern") or {}, meta.get("alpha_pattern") or {}]
+    numbers = [v for v in (r, alpha) if v is not None] + [v for p in patterns if isinstance(p, dict) for v in p.values()]
+    if not all(isinstance(p, dict) for p in patterns) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e6 for v in numbers):
+        raise LoraError("lora_adapter_metadata: r, lora_alpha and their patterns must be positive numbers")
+    return r, alpha, patterns[0], patterns[1]
 
 
 def _pattern_value(patterns: dict, module: str, default):
+    """A per-module value of a PEFT pattern table, matched by the module's name or its ending
+    (no regular expressions: the file's text is not run as one)."""
     for pattern, value in patterns.items():
-        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
+        if module == pattern or module.endswith("." + pattern):
             return value
     return default
 
@@ -191,7 +199,10 @@ def read_lora(path: str | Path, model: torch.nn.Module, ignore: tuple[str, ...] 
                                     f"(out, r) pair: {tuple(down.shape)}, {tuple(up.shape)}")
                 rank = down.shape[0]
                 if "alpha" in parts:
-                    alpha = float(tensors[parts["alpha"]].float().reshape(-1)[0])
+                    stored = tensors[parts["alpha"]]
+                    if stored.numel() != 1 or not bool(torch.isfinite(stored.float()).all()):
+                        raise LoraError(f"LoRA file {path}: {parts['alpha']!r} is not one finite number")
+                    alpha = float(stored.float().reshape(-1)[0])
                 elif meta is not None and report.format == "diffusers":
                     diffusers_name = param_to_checkpoint_name(type(model), f"{module_name}.weight").removesuffix(
                         ".weight")

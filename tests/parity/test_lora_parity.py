@@ -328,3 +328,23 @@ def test_lora_mode_unmerged_applies_the_engines_adapters_to_requests_naming_none
     assert rel_err(np.load(tmp_path / "u.npy"), np.load(tmp_path / "m.npy")) <= 1e-5
     with pytest.raises(ValueError, match="lora_mode: expected merged or unmerged"):
         VideoGenerator.from_pretrained(tiny_wan_dir, lora_mode="fused")
+
+
+def test_bad_metadata_and_alphas_are_errors_naming_the_file(tiny_wan_dir, pairs, tmp_path):
+    from vidloom.loader.weights import load_model
+    from vidloom.models.wan_dit import WanDiT
+
+    model = load_model(WanDiT, tiny_wan_dir / "transformer")
+    down, up = pairs["blocks.0.attn1.to_q"]
+    key = "transformer.blocks.0.attn1.to_q"
+    tensors = {f"{key}.lora_A.weight": down.contiguous(), f"{key}.lora_B.weight": up.contiguous()}
+    for bad in ('{"transformer.r": "4"}', '{"transformer.lora_alpha": -1}', '[1]', '{"rank_pattern": {"(a+)+$": 4}, "r": 0}'):
+        save_file(tensors, str(tmp_path / "m.safetensors"), metadata={"lora_adapter_metadata": bad})
+        with pytest.raises(LoraError, match="lora_adapter_metadata"):
+            read_lora(tmp_path / "m.safetensors", model)
+    kohya = {"lora_unet_blocks_0_self_attn_q.lora_down.weight": down.contiguous(),
+             "lora_unet_blocks_0_self_attn_q.lora_up.weight": up.contiguous(),
+             "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor([float("nan")])}
+    save_file(kohya, str(tmp_path / "a.safetensors"))
+    with pytest.raises(LoraError, match=r"\.alpha' is not one finite number"):
+        read_lora(tmp_path / "a.safetensors", model)
