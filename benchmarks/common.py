@@ -123,6 +123,21 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def guided_request(stage, model, latents: torch.Tensor, text: torch.Tensor, lora=None):
+    """One guided request (scale 5) as ``DenoisingStage.predict`` takes it: ``text`` rows [cond;
+    uncond], its text keys/values computed now (outside the timed steps) under its LoRA adapters
+    (``lora``: ((name, scale), ...) or None)."""
+    from vidloom.config import SamplingParams
+    from vidloom.lora import adapters_for_rows
+    from vidloom.pipelines.batch import ForwardBatch
+
+    batch = ForwardBatch(params=SamplingParams(guidance_scale=5.0, lora=lora), prompt_embeds=text[:1],
+                         negative_embeds=text[1:], latents=latents.float())
+    with torch.no_grad(), adapters_for_rows(((0, None, lora),) if lora else None):
+        stage.context(batch, 0, model)
+    return batch
+
+
 def write_result(name: str, data: dict) -> Path:
     out = CACHE / "results"
     out.mkdir(parents=True, exist_ok=True)

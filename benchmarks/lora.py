@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, WAN_1_3B_TRANSFORMER, ensure_transformer_folder, machine_description, write_result  # noqa: E402
+from common import (CACHE, WAN_1_3B_TRANSFORMER, ensure_transformer_folder, guided_request,  # noqa: E402
+                    machine_description, write_result)
 
 TEXT_LEN = 512
 LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
@@ -54,7 +54,6 @@ def main() -> None:
     from vidloom.loader.weights import load_model
     from vidloom.lora import adapters_for_rows, attach_adapter, merge_loras, read_lora
     from vidloom.models.wan_dit import WanDiT
-    from vidloom.pipelines.batch import PolicyState
     from vidloom.pipelines.stages import DenoisingStage
 
     config = dict(WAN_1_3B_TRANSFORMER, num_layers=args.layers)
@@ -71,13 +70,9 @@ def main() -> None:
           f"{args.repeats}")
 
     def request(model, lora):
-        x = torch.randn(1, 16, (f - 1) // 4 + 1, h // 8, w // 8, generator=g).to(dtype)
+        x = torch.randn(1, 16, (f - 1) // 4 + 1, h // 8, w // 8, generator=g)
         text = torch.randn(2, TEXT_LEN, config["text_dim"], generator=g).to(dtype)
-        with torch.no_grad(), adapters_for_rows(((0, None, lora),) if lora else None):
-            kv = model.encode_context(text)
-        params = types.SimpleNamespace(do_cfg=True, guidance_scale=5.0, sta_window=None, cache=None, lora=lora)
-        return types.SimpleNamespace(latents=x, context_kv=kv, context_expert=0, params=params,
-                                     policy_state=PolicyState(params=params, num_steps=1))
+        return guided_request(DenoisingStage(model, scheduler=None), model, x, text, lora)
 
     def one_step(model, batches):
         stage = DenoisingStage(model, scheduler=None)
@@ -122,7 +117,7 @@ def main() -> None:
     # four requests, four adapters: one after another vs stepped in one forward (rows with their own update)
     four = [request(unmerged, ((f"a{k}", 1.0),)) for k in range(4)]
     apart = one_step(unmerged, four)
-    xs = torch.cat([torch.cat([b.latents, b.latents]) for b in four])
+    xs = torch.cat([torch.cat([b.latents, b.latents]) for b in four]).to(dtype)
     kv = [type(parts[0]).stack(list(parts)) for parts in zip(*[b.context_kv for b in four])]
     spans = tuple((2 * k, 2 * k + 2, ((f"a{k}", 1.0),)) for k in range(4))
     best = float("inf")

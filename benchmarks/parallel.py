@@ -21,13 +21,13 @@ import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WAN_1_3B_TRANSFORMER, ensure_transformer_folder, machine_description, write_result  # noqa: E402
+from common import (WAN_1_3B_TRANSFORMER, ensure_transformer_folder, guided_request, machine_description,  # noqa: E402
+                    write_result)
 
 LAYOUTS = [("1 process", 1, {}), ("SP=2", 2, {"sp_size": 2}), ("ring SP=2", 2, {"sp_size": 2, "ring_size": 2}),
            ("USP 2x2", 4, {"sp_size": 4, "ring_size": 2}), ("CFG parallel", 2, {"cfg_parallel": True}),
@@ -43,7 +43,6 @@ def worker(args) -> None:
     from vidloom.loader.weights import load_model
     from vidloom.models.wan_dit import WanDiT
     from vidloom.pipelines.base import parallel_parts
-    from vidloom.pipelines.batch import PolicyState
     from vidloom.pipelines.stages import DenoisingStage
     from vidloom.pipelines.stages.model_call import PlainCall
     from vidloom.parallel.cfg import CFGParallel
@@ -101,13 +100,9 @@ def worker(args) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, (f - 1) // 4 + 1, h // 8, w // 8, generator=g).to(device, dtype)
     text = torch.randn(2, TEXT_LEN, WAN_1_3B_TRANSFORMER["text_dim"], generator=g).to(device, dtype)
-    with torch.no_grad():
-        kv = model.encode_context(text)  # rows [cond; uncond]
     # the engine's own guided prediction (batched CFG, or one branch per rank), as a generation runs it
     stage = DenoisingStage(model, scheduler=None, cfg=cfg, call=PlainCall(sequence))
-    params = types.SimpleNamespace(do_cfg=True, guidance_scale=5.0, sta_window=None, cache=None)
-    batch = types.SimpleNamespace(latents=x, context_kv=kv, context_expert=0, params=params,
-                                  policy_state=PolicyState(params=params, num_steps=1))
+    batch = guided_request(stage, model, x, text)
     t = torch.tensor(500.0, device=device)
 
     def step():

@@ -18,14 +18,14 @@ import resource
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WAN_1_3B_TRANSFORMER, ensure_transformer_folder, machine_description, write_result  # noqa: E402
+from common import (WAN_1_3B_TRANSFORMER, ensure_transformer_folder, guided_request, machine_description,  # noqa: E402
+                    write_result)
 
 MODES = [("bf16", "bf16", None), ("fp32", "fp32", None), ("int8 / fp32", "fp32", "int8"),
          ("fp8 / fp32", "fp32", "fp8"), ("int8 / bf16", "bf16", "int8"), ("fp8 / bf16", "bf16", "fp8")]
@@ -37,7 +37,6 @@ def worker(args) -> None:
     """One mode in this process: load, quantize, time the steps, print a JSON line."""
     from vidloom.loader.weights import load_model
     from vidloom.models.wan_dit import WanDiT
-    from vidloom.pipelines.batch import PolicyState
     from vidloom.pipelines.stages import DenoisingStage
     from vidloom.quant import quantize_blocks, weight_bytes
 
@@ -49,12 +48,8 @@ def worker(args) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, (f - 1) // 4 + 1, h // 8, w // 8, generator=g).to(dtype)
     text = torch.randn(2, TEXT_LEN, WAN_1_3B_TRANSFORMER["text_dim"], generator=g).to(dtype)
-    with torch.no_grad():
-        kv = model.encode_context(text)
-    params = types.SimpleNamespace(do_cfg=True, guidance_scale=5.0, sta_window=None, cache=None, lora=None)
-    batch = types.SimpleNamespace(latents=x, context_kv=kv, context_expert=0, params=params,
-                                  policy_state=PolicyState(params=params, num_steps=1))
     stage = DenoisingStage(model, scheduler=None)
+    batch = guided_request(stage, model, x, text)
     times = []
     for _ in range(args.repeats + 1):
         start = time.perf_counter()
