@@ -295,24 +295,60 @@ def _load_transformers_model(spec: TransformersModel, folder: Path, device, dtyp
     return record_compute_dtype(model, compute if compute is not None else model.dtype)
 
 
+def _meta_transformers_model(spec: TransformersModel, folder: Path):
+    """``spec``'s transformers model built on the meta device from ``folder``'s config."""
+    import transformers
+
+    cls = getattr(transformers, spec.class_name)
+    try:
+        with torch.device("meta"):
+            return cls(cls.config_class.from_pretrained(str(folder), local_files_only=True))
+    except Exception as exc:
+        raise ModelLoadError(f"{spec.what} failed to load ({one_line(exc)})", file=str(folder)) from exc
+
+
+def _checked_entries(spec: TransformersModel, folder: Path, file: SafetensorsFile, shapes: dict[str, tuple]):
+    """``file``'s tensors, each checked as transformers checks a checkpoint against ``shapes``
+    (the checkpoint shape each parameter expects): a known key, that shape, floating point,
+    aligned for its dtype."""
+    for entry in file.entries:
+        if entry.key not in shapes:
+            raise ModelLoadError(f"{spec.what} checkpoint has unexpected keys", file=str(folder), key=entry.key)
+        if shapes[entry.key] != entry.shape or not entry.dtype.is_floating_point:
+            raise ModelLoadError(f"{spec.what} checkpoint has mismatched keys", file=str(folder), key=entry.key)
+        if entry.offset % entry.dtype.itemsize:
+            raise ModelLoadError(f"{spec.what} tensor is not aligned for its dtype", file=str(folder), key=entry.key)
+        yield entry
+
+
+def _set_parameters(spec: TransformersModel, folder: Path, model, values: dict[str, torch.Tensor]) -> None:
+    """Fill every parameter of ``model`` from ``values`` (tied keys from their source), one
+    Parameter per tensor so that ties stay tied; a parameter or buffer left unfilled is an error."""
+    for name, tied in spec.tied_to.items():
+        if name not in values and tied in values:
+            values[name] = values[tied]
+    missing = [name for name, _ in model.named_parameters(remove_duplicate=False) if name not in values]
+    if missing:
+        raise ModelLoadError(f"{spec.what} checkpoint has missing keys", file=str(folder), key=missing[0])
+    modules = dict(model.named_modules())
+    parameters: dict[int, torch.nn.Parameter] = {}
+    for name, value in values.items():
+        owner, _, leaf = name.rpartition(".")
+        modules[owner]._parameters[leaf] = parameters.setdefault(id(value), torch.nn.Parameter(value, requires_grad=False))
+    if any(b.is_meta for b in model.buffers()):
+        raise ModelLoadError(f"{spec.what} has buffers the checkpoint cannot fill", file=str(folder))
+
+
 def _load_transformers_mapped(spec: TransformersModel, folder: Path, compute: torch.dtype):
     """A transformers model built on meta and filled with views of its mapped safetensors files
     as stored (no copy), checked as transformers checks a checkpoint (every parameter filled, no
     key left over, shapes equal); its blocks then computed in ``compute`` block by block and the
     rest widened (``loader.stored.keep_transformers_blocks_stored``). On the CPU only."""
-    import transformers
-
     from .stored import keep_transformers_blocks_stored
     from .weights import FileSnapshot
 
-    cls = getattr(transformers, spec.class_name)
-    try:
-        with torch.device("meta"):
-            model = cls(cls.config_class.from_pretrained(str(folder), local_files_only=True))
-    except Exception as exc:
-        raise ModelLoadError(f"{spec.what} failed to load ({one_line(exc)})", file=str(folder)) from exc
-    expected = dict(model.named_parameters(remove_duplicate=False))
-    modules = dict(model.named_modules())
+    model = _meta_transformers_model(spec, folder)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     values: dict[str, torch.Tensor] = {}
     snapshots, storages = [], set()
     for path in find_weight_files(folder, stems=("model",)):
@@ -320,28 +356,9 @@ def _load_transformers_mapped(spec: TransformersModel, folder: Path, compute: to
             mapping = file.mapping()
             snapshots.append(FileSnapshot.of(path))
             storages.add(mapping.data_ptr())
-            for entry in file.entries:
-                if entry.key not in expected:
-                    raise ModelLoadError(f"{spec.what} checkpoint has unexpected keys", file=str(folder), key=entry.key)
-                if tuple(expected[entry.key].shape) != entry.shape or not entry.dtype.is_floating_point:
-                    raise ModelLoadError(f"{spec.what} checkpoint has mismatched keys", file=str(folder), key=entry.key)
-                if entry.offset % entry.dtype.itemsize:
-                    raise ModelLoadError(f"{spec.what} tensor is not aligned for its dtype", file=str(folder),
-                                         key=entry.key)
+            for entry in _checked_entries(spec, folder, file, shapes):
                 values[entry.key] = file.view(mapping, entry)
-    for name, tied in spec.tied_to.items():
-        if name not in values and tied in values:
-            values[name] = values[tied]
-    missing = [name for name in expected if name not in values]
-    if missing:
-        raise ModelLoadError(f"{spec.what} checkpoint has missing keys", file=str(folder), key=missing[0])
-    parameters: dict[int, torch.nn.Parameter] = {}  # one Parameter per stored tensor: ties stay tied
-    for name, value in values.items():
-        owner, _, leaf = name.rpartition(".")
-        param = parameters.setdefault(id(value), torch.nn.Parameter(value, requires_grad=False))
-        modules[owner]._parameters[leaf] = param
-    if any(b.is_meta for b in model.buffers()):
-        raise ModelLoadError(f"{spec.what} has buffers the checkpoint cannot fill", file=str(folder))
+    _set_parameters(spec, folder, model, values)
     model = model.eval().requires_grad_(False)
     keep_transformers_blocks_stored(model, model.get_submodule(spec.blocks), compute)
     model.mapped_files, model.mapped_storages = tuple(snapshots), storages
@@ -352,53 +369,31 @@ def _load_transformers_sharded(spec: TransformersModel, folder: Path, device, dt
     """A transformers model built on meta, its layers swapped for sharded ones by ``spec``'s
     tensor-parallel plan, every parameter filled from the checkpoint (a sharded one with its
     slice only) in ``dtype`` on ``device``, checked as ``_load_transformers_mapped`` checks."""
-    import transformers
-
     from .weights import stored_shape
 
     if not spec.tensor_parallel_plan:
         raise ValueError(f"the {spec.what} ({spec.class_name}) has no tensor-parallel plan")
-    cls = getattr(transformers, spec.class_name)
-    try:
-        with torch.device("meta"):
-            model = cls(cls.config_class.from_pretrained(str(folder), local_files_only=True))
-    except Exception as exc:
-        raise ModelLoadError(f"{spec.what} failed to load ({one_line(exc)})", file=str(folder)) from exc
-    model = _with_plan(tensor_parallel, spec.tensor_parallel_plan).apply(model)
-    expected = dict(model.named_parameters(remove_duplicate=False))
+    model = _with_plan(tensor_parallel, spec.tensor_parallel_plan).apply(_meta_transformers_model(spec, folder))
     modules = dict(model.named_modules())
+    shapes = {}  # each parameter's checkpoint shape (a shard's whole tensor)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        shapes[name] = stored_shape(modules[owner], leaf, tuple(p.shape))
     dtype = dtype or torch.float32
     values: dict[str, torch.Tensor] = {}
     for path in find_weight_files(folder, stems=("model",)):
         with SafetensorsFile(path) as file:
             mapping = file.mapping()
-            for entry in file.entries:
+            for entry in _checked_entries(spec, folder, file, shapes):
                 owner, _, leaf = entry.key.rpartition(".")
-                if entry.key not in expected:
-                    raise ModelLoadError(f"{spec.what} checkpoint has unexpected keys", file=str(folder), key=entry.key)
-                module = modules[owner]
-                if stored_shape(module, leaf, tuple(expected[entry.key].shape)) != entry.shape \
-                        or not entry.dtype.is_floating_point or entry.offset % entry.dtype.itemsize:
-                    raise ModelLoadError(f"{spec.what} checkpoint has mismatched keys", file=str(folder), key=entry.key)
                 stored = file.view(mapping, entry)
-                shard = getattr(module, "shards", {}).get(leaf)
+                shard = getattr(modules[owner], "shards", {}).get(leaf)
                 if shard is not None:
                     start, stop = shard.span(entry.shape[shard.dim])
                     stored = stored.narrow(shard.dim, start, stop - start)
                 values[entry.key] = stored.to(device=device, dtype=dtype, copy=True)  # the slice only
             del mapping
-    for name, tied in spec.tied_to.items():
-        if name not in values and tied in values:
-            values[name] = values[tied]
-    missing = [name for name in expected if name not in values]
-    if missing:
-        raise ModelLoadError(f"{spec.what} checkpoint has missing keys", file=str(folder), key=missing[0])
-    parameters: dict[int, torch.nn.Parameter] = {}  # ties stay tied
-    for name, value in values.items():
-        owner, _, leaf = name.rpartition(".")
-        modules[owner]._parameters[leaf] = parameters.setdefault(id(value), torch.nn.Parameter(value, requires_grad=False))
-    if any(b.is_meta for b in model.buffers()):
-        raise ModelLoadError(f"{spec.what} has buffers the checkpoint cannot fill", file=str(folder))
+    _set_parameters(spec, folder, model, values)
     return record_compute_dtype(model.eval().requires_grad_(False), dtype)
 
 
