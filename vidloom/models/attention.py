@@ -169,9 +169,10 @@ def _compiled_flex():
 def flex_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
                       layout: Layout | None = None, return_lse: bool = False):
     """Full attention by torch's compiled ``flex_attention``; a score bias as its ``score_mod``.
-    The ``flex`` backend's kernel (it returns no log-sum-exp: a ring uses ``attention_with_lse``)."""
+    The ``flex`` backend's kernel (it returns no log-sum-exp: ``attention`` completes a ring's
+    call with ``attention_with_lse``)."""
     if return_lse:
-        return attention_with_lse(q, k, v, bias)
+        raise ValueError("attention backend 'flex' returns no log-sum-exp")
     score_mod = None if bias is None else _bias_score_mod(bias.float())
     with torch.no_grad():
         out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod)

@@ -15,6 +15,8 @@ The window is a request's (``SamplingParams.sta_window``) or the engine's defaul
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import torch
@@ -60,17 +62,12 @@ def _key_span(a: int, b: int, n: int, window: int) -> tuple[int, int]:
     return start, start + width
 
 
+@functools.lru_cache(maxsize=64)
 def tile_plan(layout: Layout, window: Window, tile: tuple[int, int, int] = QUERY_TILE):
-    """[(query box, key box)], each box ((f0, f1), (h0, h1), (w0, w1)) in tokens of ``layout``."""
+    """[(query box, key box)], each box ((f0, f1), (h0, h1), (w0, w1)) in tokens of ``layout``
+    (the same for every layer and step of a request: computed once per grid and window)."""
     axes = [[(r, _key_span(*r, n, w)) for r in _ranges(n, min(t, n, w))] for n, w, t in zip(layout, window, tile)]
-    return [tuple(zip(*combo)) for combo in _product(axes)]
-
-
-def _product(axes):
-    out = [()]
-    for axis in axes:
-        out = [prefix + (item,) for prefix in out for item in axis]
-    return out
+    return tuple(tuple(zip(*combo)) for combo in itertools.product(*axes))
 
 
 def key_fraction(layout: Layout, window: Window, tile: tuple[int, int, int] = QUERY_TILE) -> float:
