@@ -75,7 +75,7 @@ def test_numbered_paths_for_a_png_folder_and_a_single_video():
 ])
 def test_a_bad_request_is_rejected_before_any_work(tiny_generator, counting, field, prompt, kwargs):
     calls = []
-    hook = tiny_generator.pipeline.components["text_encoder"].register_forward_hook(lambda *a: calls.append(1))
+    hook = tiny_generator.pipeline.residency.loaded("text_encoder").register_forward_hook(lambda *a: calls.append(1))
     try:
         with pytest.raises(InvalidRequestError) as err:
             tiny_generator.generate(prompt, **{**SMALL, **kwargs})

@@ -37,7 +37,7 @@ def test_periods_of_one_are_exact_and_plain_requests_are_untouched(tiny_generato
 
 
 def test_the_counts_are_the_attention_evaluations_that_ran(tiny_generator):
-    model = tiny_generator.pipeline.components["transformer"]
+    model = tiny_generator.pipeline.residency.loaded("transformer")
     ran = {"self": 0, "cross": 0}
     hooks = [getattr(block, name).to_q.register_forward_hook(lambda *a, kind=kind: ran.__setitem__(kind, ran[kind] + 1))
              for block in model.blocks for name, kind in (("attn1", "self"), ("attn2", "cross"))]

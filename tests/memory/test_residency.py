@@ -138,5 +138,5 @@ def test_the_scan_finds_a_module_a_stage_would_hold(tiny_generator):
 
     Holder.__module__ = "vidloom.test"
     holder = Holder()
-    holder.vae = tiny_generator.pipeline.components["vae"]
+    holder.vae = tiny_generator.pipeline.residency.loaded("vae")
     assert modules_held(holder) == ["vae.WanVAE"]
