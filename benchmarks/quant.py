@@ -35,13 +35,15 @@ GIB = 2**30
 
 def worker(args) -> None:
     """One mode in this process: load, quantize, time the steps, print a JSON line."""
-    from vidloom.loader.weights import load_model
-    from vidloom.models.wan_dit import WanDiT
+    from vidloom.loader.components import _plan_dit
+    from vidloom.loader.plan import stored_blocks
     from vidloom.pipelines.stages import DenoisingStage
     from vidloom.quant import quantize_blocks, weight_bytes
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    model = load_model(WanDiT, Path(args.model), dtype=dtype)
+    # as the engine loads it (loader.plan): quantized blocks are read as stored, then quantized
+    _, load = _plan_dit(Path(args.model))
+    model = load(torch.device("cpu"), dtype, True, stored=stored_blocks(0, dtype, args.quantize))
     if args.quantize:
         quantize_blocks(model, args.quantize)
     f, h, w = (int(v) for v in args.size.split("x"))

@@ -67,3 +67,46 @@ def test_quantize_options(tiny_wan_dir, tmp_path):
     assert cli_main(args + ["--quantize", "int8", "--output", str(tmp_path / "q.npy")]) == 0
     assert cli_main(args + ["--output", str(tmp_path / "p.npy")]) == 0
     assert 30.0 <= psnr(np.load(tmp_path / "q.npy"), np.load(tmp_path / "p.npy")) < math.inf
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_a_bf16_checkpoint_is_quantized_as_stored_never_widened_whole(tiny_wan_dir, tmp_path_factory, mode):
+    """An fp32 engine quantizing a bf16 checkpoint reads each block weight as stored (a view of the
+    mapped file) and quantizes it from there: no float32 copy of a block's Linear weights is ever
+    made, and the replaced layers are not kept alive by the blocks' widening hooks. The video is
+    that of the checkpoint widened whole and then quantized (bf16 -> fp32 is exact)."""
+    import gc
+    import weakref
+
+    from vidloom.loader.components import _plan_dit
+    from vidloom.loader.plan import stored_blocks
+
+    from .memory.test_stored_blocks import bf16_copy
+
+    folder = bf16_copy(tiny_wan_dir, tmp_path_factory)
+    assert stored_blocks(0, torch.float32, mode) and not stored_blocks(0, torch.bfloat16, mode)
+    _, load = _plan_dit(folder / "transformer")
+    stored = load(torch.device("cpu"), torch.float32, True, stored=True)
+    replaced = [weakref.ref(m) for m in stored.blocks.modules() if type(m) is torch.nn.Linear]
+    assert {m.weight.dtype for m in stored.blocks.modules() if type(m) is torch.nn.Linear} == {torch.bfloat16}
+    quantize_blocks(stored, mode)
+    gc.collect()
+    assert replaced and all(ref() is None for ref in replaced)
+    widened = load(torch.device("cpu"), torch.float32, True, stored=False)
+    quantize_blocks(widened, mode)
+    for a, b in zip(stored.blocks.modules(), widened.blocks.modules()):
+        if isinstance(a, QuantizedLinear):
+            assert torch.equal(a.qweight.view(torch.uint8), b.qweight.view(torch.uint8))
+            assert torch.equal(a.scale, b.scale)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, stored.config.in_channels, 3, 4, 6, generator=g)
+    text = torch.randn(1, 7, stored.config.text_dim, generator=g)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        assert torch.equal(stored(x, t, text), widened(x, t, text))
+    gen = VideoGenerator.from_pretrained(folder, dtype="fp32", quantize=mode)
+    dit = gen.pipeline.residency.loaded("transformer")
+    assert {p.dtype for p in dit.blocks.parameters()} <= {torch.int8, torch.float8_e4m3fn, torch.float32,
+                                                           torch.bfloat16}
+    assert not any(type(m) is torch.nn.Linear for m in dit.blocks.modules())
+    assert gen.generate(**RUN).frames.shape == (9, 32, 48, 3)

@@ -176,20 +176,22 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
         loras = {"transformer": config.loras, "transformer_2": config.loras_2}.get(name, ()) \
             if not prefix and config.lora_mode == "merged" else ()
         models[name] = Planned(plan.config, dtype, plan.class_name,
-                               _loader(plan, dtype, config.map_weights, stored_blocks(config.low_mem_level or 0, dtype),
+                               _loader(plan, dtype, config.map_weights,
+                                       stored_blocks(config.low_mem_level or 0, dtype, quantize),
                                        config.low_mem_level or 0, extra, compiled, (loras, config.lora_ignore),
                                        quantize))
     residency.add(small, prefix)
     residency.add_planned(models, prefix)
 
 
-def stored_blocks(level: int, dtype: torch.dtype) -> bool:
+def stored_blocks(level: int, dtype: torch.dtype, quantize: str | None = None) -> bool:
     """Whether models loaded at memory ``level`` keep their blocks' checkpoint dtype
-    (``loader.stored``): from level 2, for components computing in float32 (bf16 checkpoints are
-    then never widened whole)."""
+    (``loader.stored``): from level 2, and whenever their blocks are quantized, for components
+    computing in float32 (bf16 checkpoints are then never widened whole: quantizing reads each
+    weight from the mapped file as stored)."""
     from ..memory.levels import ONE_COMPONENT
 
-    return level >= ONE_COMPONENT and dtype == torch.float32
+    return (level >= ONE_COMPONENT or quantize is not None) and dtype == torch.float32
 
 
 def _loader(plan: ComponentPlan, dtype: torch.dtype, map_weights: bool, stored: bool,

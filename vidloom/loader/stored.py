@@ -45,20 +45,22 @@ def _restore(stored: list[tuple[torch.nn.Module, str, torch.Tensor]]) -> None:
 
 
 class _Widening:
-    """The hooks of one module: widen the parameters of ``modules`` before its forward, put the
-    stored ones back after (also when the forward raises)."""
+    """The hooks of one module: widen the parameters of the module (``whole``: of it and all its
+    submodules) before its forward, put the stored ones back after (also when the forward raises)."""
 
-    def __init__(self, module: torch.nn.Module, modules: list[torch.nn.Module], compute: torch.dtype):
-        # the parameters are found at each call: a loader fills them after the hooks are set
-        self.modules, self.compute, self.stored = [m for m in modules if m._parameters], compute, []
-        if self.modules:
-            module.register_forward_pre_hook(self.before)
-            module.register_forward_hook(self.after, always_call=True)
+    def __init__(self, module: torch.nn.Module, compute: torch.dtype, whole: bool):
+        # the modules and their parameters are found at each call: a loader fills the parameters
+        # after the hooks are set, and a later transform may swap layers (``quant``: a quantized
+        # layer replaces a Linear, whose stored weight must then not be kept nor widened)
+        self.whole, self.compute, self.stored = whole, compute, []
+        module.register_forward_pre_hook(self.before)
+        module.register_forward_hook(self.after, always_call=True)
 
     def before(self, module, args):
         stored = []
         self.stored.append(stored)
-        _widen([pair for m in self.modules for pair in _own(m, self.compute)], self.compute, stored)
+        modules = module.modules() if self.whole else (module,)
+        _widen([pair for m in modules for pair in _own(m, self.compute)], self.compute, stored)
 
     def after(self, module, args, output):
         if self.stored:  # (torch calls it also when ``before`` or the forward raised)
@@ -69,10 +71,10 @@ def compute_blocks_in(blocks: Iterable[torch.nn.Module], compute: torch.dtype) -
     """Each block's stored-dtype parameters computed in ``compute``: widened for the block's
     forward, and for the forward of any of its layers called on its own."""
     for block in blocks:
-        _Widening(block, list(block.modules()), compute)
+        _Widening(block, compute, whole=True)
         for layer in block.modules():
-            if layer is not block:
-                _Widening(layer, [layer], compute)
+            if layer is not block and layer._parameters:
+                _Widening(layer, compute, whole=False)
 
 
 def compute_embeddings_in(model: torch.nn.Module, compute: torch.dtype) -> None:
