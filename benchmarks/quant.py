@@ -77,11 +77,14 @@ def video_rows(videos: int) -> list[dict]:
     plain = VideoGenerator.from_pretrained(DEFAULT_MODEL_DIR)
     ref = [plain.generate(p, seed=k, **request).frames for k, p in enumerate(prompts)]
     rows = []
-    for mode in ("int8", "fp8"):
-        gen = VideoGenerator.from_pretrained(DEFAULT_MODEL_DIR, quantize=mode)
+    for mode, options in (("int8", dict(quantize="int8")), ("fp8", dict(quantize="fp8")),
+                          ("int8 text encoder", dict(quantize_text_encoder="int8")),
+                          ("fp8 text encoder", dict(quantize_text_encoder="fp8")),
+                          ("int8 both", dict(quantize="int8", quantize_text_encoder="int8"))):
+        gen = VideoGenerator.from_pretrained(DEFAULT_MODEL_DIR, **options)
         values = [psnr(gen.generate(p, seed=k, **request).frames, ref[k]) for k, p in enumerate(prompts)]
         rows.append(dict(mode=mode, psnr_mean=float(np.mean(values)), psnr_min=float(np.min(values))))
-        print(f"{mode:6} PSNR vs unquantized: mean {np.mean(values):.1f} dB, min {np.min(values):.1f} dB")
+        print(f"{mode:18} PSNR vs unquantized: mean {np.mean(values):.1f} dB, min {np.min(values):.1f} dB")
     return rows
 
 

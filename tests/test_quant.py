@@ -110,3 +110,22 @@ def test_a_bf16_checkpoint_is_quantized_as_stored_never_widened_whole(tiny_wan_d
                                                            torch.bfloat16}
     assert not any(type(m) is torch.nn.Linear for m in dit.blocks.modules())
     assert gen.generate(**RUN).frames.shape == (9, 32, 48, 3)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_the_text_encoder_quantized_but_its_ffn_output(tiny_wan_dir, mode):
+    """``quantize_text_encoder``: every Linear of UMT5's blocks but ``DenseReluDense.wo`` (kept as
+    transformers keeps it, declared in the loader's UMT5 spec); the video stays close."""
+    ref = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32").generate(**RUN).frames
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", quantize_text_encoder=mode)
+    encoder = gen.pipeline.residency.loaded("text_encoder")
+    blocks = encoder.encoder.block
+    plain = [name for name, m in blocks.named_modules() if type(m) is torch.nn.Linear]
+    quantized = [name for name, m in blocks.named_modules() if isinstance(m, QuantizedLinear)]
+    assert plain and all(name.endswith("DenseReluDense.wo") for name in plain)
+    assert len(quantized) == len(blocks) * 6  # q, k, v, o, wi_0, wi_1 per block
+    assert gen.pipeline.residency.loaded("transformer").blocks[0].attn1.to_q.__class__ is torch.nn.Linear
+    out = gen.generate(**RUN).frames
+    assert 30.0 <= psnr(out, ref) < math.inf
+    with pytest.raises(ValueError, match="quantize_text_encoder: expected int8, fp8 or none"):
+        EngineConfig(quantize_text_encoder="int4")

@@ -124,6 +124,9 @@ class EngineConfig:
     # the transformer blocks' Linear weights stored as int8 or fp8 (e4m3) with per-channel scales,
     # computed in the model's dtype (vidloom.quant); None: as loaded. Memory levels 0-1 for now
     quantize: str | None = None
+    # the text encoder's blocks likewise (UMT5: every Linear but the FFN's output, which
+    # transformers keeps in float32; declared beside its loader spec)
+    quantize_text_encoder: str | None = None
     # compile the transformer's repeated block (torch.compile, regional), warmed up at load on a
     # request of the expected size; memory levels 0-1 only (levels 2-3 stream blocks through hooks)
     compile: bool = False
@@ -161,10 +164,12 @@ class EngineConfig:
         if isinstance(self.lora_ignore, str) or not all(isinstance(k, str) for k in self.lora_ignore):
             raise ValueError(f"lora_ignore: expected a list of key names, got {self.lora_ignore!r}")
         self.lora_ignore = tuple(self.lora_ignore)
-        if self.quantize is not None and self.quantize not in ("int8", "fp8"):
-            raise ValueError(f"quantize: expected int8, fp8 or none, got {self.quantize!r}")
-        if self.quantize is not None and self.low_mem_level is not None and self.low_mem_level >= 2:
-            raise ValueError(f"quantize: runs at low_mem_level 0 or 1 for now, got low_mem_level={self.low_mem_level}")
+        for name in ("quantize", "quantize_text_encoder"):
+            mode = getattr(self, name)
+            if mode is not None and mode not in ("int8", "fp8"):
+                raise ValueError(f"{name}: expected int8, fp8 or none, got {mode!r}")
+            if mode is not None and self.low_mem_level is not None and self.low_mem_level >= 2:
+                raise ValueError(f"{name}: runs at low_mem_level 0 or 1 for now, got low_mem_level={self.low_mem_level}")
         if self.lora_mode not in ("merged", "unmerged"):
             raise ValueError(f"lora_mode: expected merged or unmerged, got {self.lora_mode!r}")
         if self.compile and self.low_mem_level is not None and self.low_mem_level >= 2:

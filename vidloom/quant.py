@@ -53,20 +53,23 @@ class QuantizedLinear(torch.nn.Module):
 
 
 def quantize_blocks(model: torch.nn.Module, mode: str) -> int:
-    """Quantize every Linear of ``model.blocks`` in place; returns how many. Mapped weights' pages
-    are handed back as each layer is done."""
+    """Quantize every Linear of the model's repeated blocks (the DiT's ``blocks``, a T5 encoder's
+    ``encoder.block``) in place, but those whose names end as one of ``model.quantize_keep``;
+    returns how many. Mapped weights' pages are handed back as each layer is done."""
     from .loader.pages import mapped, release_pages
+    from .loader.stored import block_list
 
     if mode not in MODES:
         raise ValueError(f"quantize: unknown mode {mode!r} (allowed: {', '.join(MODES)})")
-    blocks = getattr(model, "blocks", None)
+    blocks = block_list(model)
     if blocks is None:
         raise ValueError(f"quantize: {type(model).__name__} has no repeated blocks")
+    keep = tuple(getattr(model, "quantize_keep", ()))
     storages = getattr(model, "mapped_storages", set())
     count = 0
     for block in blocks:
         for name, module in list(block.named_modules()):
-            if type(module) is not torch.nn.Linear:
+            if type(module) is not torch.nn.Linear or any(name == k or name.endswith("." + k) for k in keep):
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block

@@ -196,6 +196,8 @@ class TransformersModel:
     tied_to: dict[str, str] = dataclasses.field(default_factory=dict)  # a key a checkpoint may omit -> its source
     # how parallel.tensor shards it over tensor-parallel ranks (empty: it is held whole on each)
     tensor_parallel_plan: tuple[tuple[str, str], ...] = ()
+    # the Linear layers of its blocks left unquantized (``vidloom.quant``), by the end of their names
+    quantize_keep: tuple[str, ...] = ()
 
 
 UMT5 = TransformersModel(
@@ -216,6 +218,9 @@ UMT5 = TransformersModel(
         ("encoder.block.*.layer.1.DenseReluDense.wi_[01]", "column"),
         ("encoder.block.*.layer.1.DenseReluDense.wo", "row"),
     ),
+    # transformers keeps the FFN's output in float32 (_keep_in_fp32_modules) and casts the hidden
+    # states to that weight's dtype in the forward: it stays a plain Linear
+    quantize_keep=("DenseReluDense.wo",),
 )
 
 
@@ -257,8 +262,11 @@ def _plan_transformers_model(spec: TransformersModel, folder: Path):
     def load(device, dtype, map_weights, stored=False, extra=()):
         """``extra``: a ``parallel.tensor.TensorParallel`` (the model loaded sharded by its plan)."""
         if extra:
-            return _load_transformers_sharded(spec, folder, device, dtype, extra[0])
-        return _load_transformers_model(spec, folder, device, dtype, stored)
+            model = _load_transformers_sharded(spec, folder, device, dtype, extra[0])
+        else:
+            model = _load_transformers_model(spec, folder, device, dtype, stored)
+        model.quantize_keep = spec.quantize_keep  # what vidloom.quant leaves as it is
+        return model
 
     return config, load
 

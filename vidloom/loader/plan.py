@@ -172,7 +172,8 @@ def load_components(plans: dict[str, ComponentPlan], config: EngineConfig, resid
 
             extra = (TensorParallel(parallel.tp_group, parallel.tp_size, parallel.tp_rank),)
         compiled = config.compile and COMPONENT_DTYPE[name] == "transformer"
-        quantize = config.quantize if COMPONENT_DTYPE[name] == "transformer" else None
+        quantize = {"transformer": config.quantize, "text_encoder": config.quantize_text_encoder}.get(
+            COMPONENT_DTYPE[name])
         loras = {"transformer": config.loras, "transformer_2": config.loras_2}.get(name, ()) \
             if not prefix and config.lora_mode == "merged" else ()
         models[name] = Planned(plan.config, dtype, plan.class_name,
