@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default="outputs/video.mp4",
                      help="output file: .mp4, .gif, .npy (float32 frames) or a folder for PNG frames")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    lora_help = "a LoRA file (diffusers/PEFT, kohya/musubi or LightX2V/ComfyUI safetensors) merged into the "
+    lora_help = ("a LoRA file (diffusers/PEFT, kohya/musubi or LightX2V/ComfyUI safetensors), or the name of an "
+                 "adapter the model folder ships in lora/ (the default model's: distill-4step, 4 steps without "
+                 "guidance), merged into the ")
     gen.add_argument("--lora", dest="e_loras", action="append", type=parse_lora_option, default=None,
                      metavar="FILE[:SCALE]", help=lora_help + "transformer; repeat to stack adapters")
     gen.add_argument("--lora-2", dest="e_loras_2", action="append", type=parse_lora_option, default=None,
@@ -210,8 +212,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if ranks.rank != 0:
             follow(generator, ranks)
             return 0
+    defaults.update(generator.request_defaults)  # a merged adapter's own settings (a distilled one's steps)
+    adapter_defaults = tuple((name, tuple(d.items())) for name, d in generator.adapter_sampling.items() if d)
     settings = ServeSettings(model_name=Path(args.model).name, data_dir=args.data_dir, api_key=args.api_key,
-                             max_queue=args.max_queue, defaults=tuple(defaults.items()), allowed_hosts=(args.host,))
+                             max_queue=args.max_queue, defaults=tuple(defaults.items()), allowed_hosts=(args.host,),
+                             adapter_defaults=adapter_defaults)
     app = create_app(generator, settings, store=job_store or store(), start_loop=False, ranks=ranks)
     # HTTP in a thread, the engine loop in the main thread (torch's CPU kernels are slower
     # from a second thread; see EngineLoop.start)
@@ -252,6 +257,20 @@ def lora_files(folder: Path) -> list[Path]:
     return files
 
 
+def lora_sampling(engine: EngineConfig, folder) -> dict:
+    """The request settings the engine's adapters (``--lora``, ``--lora-2``) were trained for."""
+    from .lora import LoraError, adapter_sampling, resolve_lora
+
+    out = {}
+    for option, loras in (("--lora", engine.loras), ("--lora-2", engine.loras_2)):
+        for file, _ in loras:
+            try:
+                out.update(adapter_sampling(resolve_lora(file, folder)))
+            except LoraError as exc:
+                raise ValueError(f"{option}: {exc}") from None
+    return out
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -270,7 +289,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sampling["refine"] = RefineParams(**refine)
     if args.model is None:  # the shipped models: the image-to-video sibling when a first frame is given
         args.model = DEFAULT_I2V_MODEL_DIR if sampling.get("image") is not None else DEFAULT_MODEL_DIR
-    sampling = {**sampling_defaults(args.model), **sampling}  # a shipped model's settings; what the user gave wins
+    # a shipped model's settings, then those its adapters were trained for; what the user gave wins
+    sampling = {**sampling_defaults(args.model), **lora_sampling(engine, args.model), **sampling}
     # check the whole folder and every request against it before any weight is read (and, with
     # --nproc, before any process is started)
     limits = VideoGenerator.request_limits(args.model, engine)

@@ -162,6 +162,20 @@ def _numbered_path(path: Any, k: int, count: int) -> Any:
     return str(path.with_name(f"{path.stem}-{k}{path.suffix}"))
 
 
+def _with_lora_files(config: EngineConfig, folder: str | Path) -> EngineConfig:
+    """``config`` with each LoRA given by name (one of the folder's adapters, ``lora/<name>.safetensors``)
+    replaced by its file; ValueError naming the option for one that is neither a file nor a name."""
+    from .lora import LoraError, resolve_lora
+
+    resolved = {}
+    for option in ("loras", "loras_2"):
+        try:
+            resolved[option] = tuple((resolve_lora(file, folder), scale) for file, scale in getattr(config, option))
+        except LoraError as exc:
+            raise ValueError(f"{option}: {exc}") from None
+    return dataclasses.replace(config, **resolved)
+
+
 class VideoGenerator:
     """Python API: ``from_pretrained`` then ``generate`` or ``submit``/``step``."""
 
@@ -177,6 +191,11 @@ class VideoGenerator:
         self.attention = AttentionContext()
         self.adapters: dict[str, object] = {}  # unmerged LoRA adapters by name (load_lora): their reports
         self.default_lora = None  # the adapters of requests that name none (lora_mode="unmerged")
+        # the request settings the adapters were trained for (a distilled adapter's steps and
+        # guidance), applied to the requests that use them and do not set them: the merged ones'
+        # to every request, an unmerged one's to the requests naming it
+        self.request_defaults: dict = {}
+        self.adapter_sampling: dict[str, dict] = {}
 
     @property
     def is_main_process(self) -> bool:
@@ -202,12 +221,11 @@ class VideoGenerator:
                                       processes=world_size_from_env(), strict=size_hint is not None)
         if config.loras_2 and "transformer_2" not in plan.plans:
             raise ValueError("loras_2: this folder has one transformer (no transformer_2): give its LoRA as loras")
-        for path, _ in config.loras + config.loras_2:
-            if not Path(path).is_file():
-                raise ValueError(f"loras: no LoRA file at {path}")
-        if config.quantize is not None and config.low_mem_level >= 2:
-            raise ValueError(f"quantize: runs at low_mem_level 0 or 1 for now, but this folder needs level "
-                             f"{config.low_mem_level} to fit the memory available (give low_mem_level=1 to force it)")
+        config = _with_lora_files(config, path)
+        for option in ("quantize", "quantize_text_encoder"):
+            if getattr(config, option) is not None and config.low_mem_level >= 2:
+                raise ValueError(f"{option}: runs at low_mem_level 0 or 1 for now, but this folder needs level "
+                                 f"{config.low_mem_level} to fit the memory available (give low_mem_level=1 to force it)")
         if config.compile and config.low_mem_level >= 2:
             raise ValueError(f"compile: runs at low_mem_level 0 or 1, but this folder needs level {config.low_mem_level} "
                              "to fit the memory available (give max_memory, or low_mem_level=1 to force it)")
@@ -237,6 +255,11 @@ class VideoGenerator:
         generator = cls(pipeline, config, Path(path), parallel)
         generator.budget = budget
         generator.attention = attention
+        if config.lora_mode == "merged":
+            from .lora import adapter_sampling
+
+            for file, _ in config.loras + config.loras_2:
+                generator.request_defaults.update(adapter_sampling(file))
         if config.lora_mode == "unmerged":  # the engine's adapters, for every request naming none
             names = []
             for expert, loras in (("transformer", config.loras), ("transformer_2", config.loras_2)):
@@ -256,8 +279,9 @@ class VideoGenerator:
         ("transformer", or "transformer_2" of a two-expert model): requests use it with
         ``lora=[(name, scale)]``, each its own adapters, in one batched forward. Needs the
         transformer resident (memory level 0 or 1). Returns its ``lora.LoraReport``."""
-        from .lora import attach_adapter, read_lora
+        from .lora import adapter_sampling, attach_adapter, read_lora, resolve_lora
 
+        path = resolve_lora(path, self.model_path)  # a file, or the name of one of the folder's adapters
         name = name or Path(path).stem
         if (self.config.low_mem_level or 0) >= 2:
             raise ValueError(f"load_lora: unmerged adapters need the transformer resident (low_mem_level 0 or 1, "
@@ -269,6 +293,7 @@ class VideoGenerator:
         deltas, report = read_lora(path, model, ignore)
         attach_adapter(model, name, deltas, path)
         self.adapters[name] = report
+        self.adapter_sampling[name] = adapter_sampling(path)
         log.info("LoRA %s loaded unmerged as %r (%s, %d tensors)", path, name, report.format, len(report.changed))
         return report
 
@@ -297,8 +322,22 @@ class VideoGenerator:
         steps, guidance, ...; no file is opened), then each given image decoded once with its
         bounded checks (file size, format, dimensions). InvalidRequestError names the first bad
         field. ``submit`` takes the result as it is."""
-        [checked] = self._check_all([SamplingParams.from_kwargs(prompt, **sampling)])
+        [checked] = self._check_all([SamplingParams.from_kwargs(prompt, **self.with_adapter_defaults(sampling))])
         return checked
+
+    def with_adapter_defaults(self, sampling: dict) -> dict:
+        """``sampling`` over the settings its adapters were trained for (``request_defaults``, and
+        those of the unmerged adapters it names, or of the engine's default ones): what it gives wins."""
+        names = sampling.get("lora")
+        if names is None:
+            names = self.default_lora or ()
+        defaults = dict(self.request_defaults)
+        if isinstance(names, (list, tuple)):
+            for item in names:
+                name = item if isinstance(item, str) else (item[0] if isinstance(item, (list, tuple)) and item else None)
+                if isinstance(name, str):
+                    defaults.update(self.adapter_sampling.get(name, {}))
+        return {**defaults, **sampling}
 
     def _check_all(self, requests: list[SamplingParams]) -> list[CheckedRequest]:
         """Every request's fields first, then the images: each image given decoded once, however
@@ -442,6 +481,7 @@ class VideoGenerator:
         """A task for each video of ``video_requests`` (each prompt's ``num_videos_per_prompt``
         videos, seeds ``seed, seed + 1, ...``); every request is checked once before any is queued,
         an image the videos share decoded once for all of them."""
+        sampling = self.with_adapter_defaults(sampling)
         requests = video_requests(prompt, num_videos_per_prompt, sampling.pop("seed", SamplingParams.seed),
                                   sampling.pop("output_path", None))
         checked = self._check_all([SamplingParams.from_kwargs(r.prompt, seed=r.seed, output_path=r.output_path,

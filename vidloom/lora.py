@@ -73,6 +73,57 @@ def parse_lora_option(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
+ADAPTER_FOLDER = "lora"  # a model folder's named adapters: <folder>/lora/<name>.safetensors
+SAMPLING_KEY = "vidloom_sampling"  # an adapter's metadata field: the settings it was trained for
+_SAMPLING_FIELDS = {"num_inference_steps": (int, 1, 1000), "guidance_scale": (float, 0.0, 100.0),
+                    "flow_shift": (float, 1e-3, 1000.0)}
+
+
+def folder_adapters(model_dir: str | Path) -> dict[str, Path]:
+    """The adapters a model folder carries, by name (``lora/<name>.safetensors``)."""
+    folder = Path(model_dir) / ADAPTER_FOLDER
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
+
+
+def resolve_lora(value: str | Path, model_dir: str | Path) -> str:
+    """A LoRA file's path: ``value`` itself when it is a file, else the model folder's adapter of
+    that name (``--lora distill-4step``); LoraError naming both when it is neither."""
+    if Path(value).is_file():
+        return str(value)
+    named = folder_adapters(model_dir)
+    if str(value) in named:
+        return str(named[str(value)])
+    shipped = f", nor an adapter of the model folder ({', '.join(named)})" if named else ""
+    raise LoraError(f"no LoRA file at {value}{shipped}")
+
+
+def adapter_sampling(path: str | Path) -> dict:
+    """The request settings an adapter file says it was trained for (``vidloom_sampling`` in its
+    metadata: steps, guidance scale, flow shift), checked; {} when it gives none."""
+    with SafetensorsFile(Path(path)) as file:
+        raw = (file.metadata or {}).get(SAMPLING_KEY)
+    if raw is None:
+        return {}
+    try:
+        given = json.loads(raw)
+    except ValueError as exc:
+        raise LoraError(f"LoRA file {path}: {SAMPLING_KEY} is not JSON ({exc})") from exc
+    if not isinstance(given, dict) or not set(given) <= set(_SAMPLING_FIELDS):
+        raise LoraError(f"LoRA file {path}: {SAMPLING_KEY} must be an object with fields among "
+                        f"{', '.join(_SAMPLING_FIELDS)}")
+    out = {}
+    for key, value in given.items():
+        kind, low, high = _SAMPLING_FIELDS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+                or (kind is int and value != int(value)):
+            raise LoraError(f"LoRA file {path}: {SAMPLING_KEY}.{key} = {value!r}, expected "
+                            f"{'an integer' if kind is int else 'a number'} in {low:g}..{high:g}")
+        out[key] = kind(value)
+    return out
+
+
 def detect_format(keys: list[str]) -> str:
     if any(k.startswith("lora_unet_") for k in keys):
         return "kohya"

@@ -87,9 +87,12 @@ def _lora_field(value: Any) -> list[list]:
     return [[name, scale] for name, scale in _request_loras(value)]
 
 
-def parse(values: dict[str, Any], model_name: str, defaults: dict[str, Any]) -> VideoRequest:
+def parse(values: dict[str, Any], model_name: str, defaults: dict[str, Any],
+          adapter_defaults: dict[str, dict] | None = None) -> VideoRequest:
     """Form or JSON values (uploads already taken out) -> a VideoRequest. Raises InvalidRequestError
-    naming the field; the request is checked against the model afterwards (``SamplingParams``)."""
+    naming the field; the request is checked against the model afterwards (``SamplingParams``).
+    ``adapter_defaults``: the settings each adapter was trained for (a distilled adapter's steps and
+    guidance), over ``defaults`` for a request naming it; what the request gives wins."""
     unknown = sorted(set(values) - set(FIELDS) - set(OPENAI_FIELDS) - {LORA_FIELD})
     if unknown:
         allowed = ", ".join([*OPENAI_FIELDS, *UPLOADS, *FIELDS, LORA_FIELD])
@@ -105,11 +108,13 @@ def parse(values: dict[str, Any], model_name: str, defaults: dict[str, Any]) -> 
     if model != model_name:
         raise InvalidRequestError("model", f"got {str(model)[:60]!r}", repr(model_name))
     fields = dict(defaults)
+    if values.get(LORA_FIELD) is not None:
+        fields[LORA_FIELD] = _lora_field(values[LORA_FIELD])
+        for name, _ in fields[LORA_FIELD]:
+            fields.update((adapter_defaults or {}).get(name, {}))
     for name, (kind, allowed) in FIELDS.items():
         if name in values and values[name] is not None:
             fields[name] = _convert(name, values[name], kind, allowed)
-    if values.get(LORA_FIELD) is not None:
-        fields[LORA_FIELD] = _lora_field(values[LORA_FIELD])
     size = values.get("size")
     if size is not None:
         parts = str(size).lower().split("x") if len(str(size)) <= 40 else []

@@ -42,6 +42,8 @@ class ServeSettings:
     # names are always allowed, the --host it binds is added by the CLI
     allowed_hosts: tuple[str, ...] = ()
     defaults: tuple[tuple[str, Any], ...] = ()
+    # per adapter name, the settings it was trained for (over ``defaults`` for requests naming it)
+    adapter_defaults: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
 
 class APIError(Exception):
@@ -98,7 +100,8 @@ class Service:
         job_id = f"video_{secrets.token_hex(12)}"
         inputs = {}
         try:
-            parsed = parse(values, settings.model_name, dict(settings.defaults))
+            parsed = parse(values, settings.model_name, dict(settings.defaults),
+                           {name: dict(d) for name, d in settings.adapter_defaults})
             for name, data in files.items():
                 path = self.data_dir / "inputs" / f"{job_id}.{name}"  # server-made name: no user input in a path
                 inputs[UPLOADS[name]] = str(path)
