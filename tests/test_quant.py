@@ -16,6 +16,8 @@ from vidloom.loader.weights import load_model
 from vidloom.models.wan_dit import WanDiT
 from vidloom.quant import QuantizedLinear, quantize_blocks
 
+from .parity.test_lora_parity import pairs, write_diffusers  # noqa: F401 - pairs: a fixture
+
 RUN = dict(prompt="a red circle moving left", height=32, width=48, num_frames=9, num_inference_steps=3,
            guidance_scale=4.0, seed=2)
 
@@ -129,3 +131,21 @@ def test_the_text_encoder_quantized_but_its_ffn_output(tiny_wan_dir, mode):
     assert 30.0 <= psnr(out, ref) < math.inf
     with pytest.raises(ValueError, match="quantize_text_encoder: expected int8, fp8 or none"):
         EngineConfig(quantize_text_encoder="int4")
+
+
+def test_unmerged_adapters_on_quantized_layers(tiny_wan_dir, pairs, tmp_path):
+    """An adapter loaded unmerged on an int8 engine: its update is added in full precision to the
+    quantized layer's output, for the requests naming it only; the video is close to the
+    unquantized engine's with the adapter merged."""
+    from vidloom.lora import AdaptedLinear
+
+    file = write_diffusers(pairs, tmp_path / "a.safetensors")
+    merged = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", loras=[file]).generate(**RUN).frames
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", quantize="int8")
+    plain = gen.generate(**RUN).frames
+    gen.load_lora(file, name="a")
+    q = gen.pipeline.residency.loaded("transformer").blocks[0].attn1.to_q
+    assert isinstance(q, AdaptedLinear) and isinstance(q.base, QuantizedLinear)
+    assert np.array_equal(gen.generate(**RUN).frames, plain)  # a request naming no adapter: as before
+    out = gen.generate(**RUN, lora=[("a", 1.0)]).frames
+    assert 30.0 <= psnr(out, merged) < math.inf and psnr(out, plain) < 30.0

@@ -36,6 +36,7 @@ import torch
 
 from .errors import VidloomError
 from .loader.weights import SafetensorsFile, param_to_checkpoint_name, _rename
+from .quant import QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,9 @@ class Term:
 
 def _add(deltas: dict, name: str, term: Term, module: torch.nn.Module, path, key: str) -> None:
     leaf = name.rpartition(".")[2]
-    param = getattr(module, leaf, None)
+    base = module.base if isinstance(module, AdaptedLinear) else module
+    # a quantized layer's weight has the shape of its int8/fp8 values
+    param = base.qweight if isinstance(base, QuantizedLinear) and leaf == "weight" else getattr(base, leaf, None)
     if not isinstance(param, torch.Tensor):
         raise LoraError(f"LoRA file {path}: key {key!r}: the module has no {leaf}")
     shard = getattr(module, "shards", {}).get(leaf)
@@ -418,20 +421,20 @@ def attach_adapter(model: torch.nn.Module, name: str, deltas: dict[str, list[Ter
     for param_name, terms in deltas.items():
         owner, _, leaf = param_name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
-        if type(module).__name__ == "QuantizedLinear":
-            raise LoraError(f"LoRA file {path}: unmerged adapters on quantized layers are not supported yet "
-                            "(merge it at load: loras=, lora_mode='merged')")
-        if not isinstance(module, (torch.nn.Linear, AdaptedLinear)) or leaf not in ("weight", "bias"):
+        if leaf not in ("weight", "bias") or not isinstance(
+                module, (torch.nn.Linear, QuantizedLinear, AdaptedLinear)):
             raise LoraError(f"LoRA file {path}: its delta of {param_name} applies only merged (lora_mode='merged'): "
                             "unmerged adapters change Linear layers")
-        if isinstance(module, torch.nn.Linear):
+        if not isinstance(module, AdaptedLinear):  # a Linear, or a quantized one (the update added in full precision)
             parent_name, _, child = owner.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             module = AdaptedLinear(module)
             setattr(parent, child, module)
         # kept in the layer's compute dtype (bf16 factors for a bf16 layer: its update then costs
         # bf16 matmuls; float32 for a float32 layer, exact as the merged delta)
-        device, dtype = module.base.weight.device, getattr(module.base, "compute_dtype", module.base.weight.dtype)
+        base = module.base
+        device = next(base.parameters()).device
+        dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
         moved = [Term(t.up.to(device, dtype), None if t.down is None else t.down.to(device, dtype), t.factor)
                  for t in terms]
         if leaf == "weight":

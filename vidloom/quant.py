@@ -73,7 +73,10 @@ def quantize_blocks(model: torch.nn.Module, mode: str) -> int:
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, child, QuantizedLinear.of(module, mode))
+            quantized = QuantizedLinear.of(module, mode)
+            # the dtype its activations are in (an unmerged adapter's factors take it, ``lora``)
+            quantized.compute_dtype = getattr(model, "compute_dtype", None) or module.weight.dtype
+            setattr(parent, child, quantized)
             if storages and mapped(module.weight, storages):
                 release_pages(module.weight)
             count += 1
