@@ -202,8 +202,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     job_store = store() if "WORLD_SIZE" not in os.environ else None
     generator = VideoGenerator.from_pretrained(args.model, engine)
     if args.lora_dir is not None:  # every process loads them: requests choose among them by name
-        for path in lora_files(args.lora_dir):
-            generator.load_lora(path, name=path.stem)
+        for path in lora_files(args.lora_dir):  # with --max-loras, loaded at their first request
+            if engine.max_loras is None:
+                generator.load_lora(path, name=path.stem)
+            else:
+                generator.register_lora(path, name=path.stem)
     ranks = None
     if generator.parallel is not None:
         from .serve.scheduler import RankBroadcast, follow

@@ -121,6 +121,10 @@ class EngineConfig:
     # merged: folded into the weights at load (no cost per step); unmerged: kept apart and applied
     # in the forward to every request that names no adapters of its own (requests may choose others)
     lora_mode: str = "merged"
+    # at most this many unmerged adapters in memory (None: no bound); the others registered
+    # (VideoGenerator.register_lora, vidloom serve --lora-dir) are loaded at their next request,
+    # dropping the least recently used adapter no unfinished request uses
+    max_loras: int | None = None
     # the transformer blocks' Linear weights stored as int8 or fp8 (e4m3) with per-channel scales,
     # computed in the model's dtype (vidloom.quant); None: as loaded. Memory levels 0-1 for now
     quantize: str | None = None
@@ -170,6 +174,8 @@ class EngineConfig:
                 raise ValueError(f"{name}: expected int8, fp8 or none, got {mode!r}")
             if mode is not None and self.low_mem_level is not None and self.low_mem_level >= 2:
                 raise ValueError(f"{name}: runs at low_mem_level 0 or 1 for now, got low_mem_level={self.low_mem_level}")
+        if self.max_loras is not None and (type(self.max_loras) is not int or not 1 <= self.max_loras <= 4096):
+            raise ValueError(f"max_loras: expected an integer in 1..4096 or None, got {self.max_loras!r}")
         if self.lora_mode not in ("merged", "unmerged"):
             raise ValueError(f"lora_mode: expected merged or unmerged, got {self.lora_mode!r}")
         if self.compile and self.low_mem_level is not None and self.low_mem_level >= 2:

@@ -53,6 +53,11 @@ class ResourceExhausted(VidloomError, MemoryError):
     size or with a lower-memory configuration; the engine itself is left usable."""
 
 
+class AdaptersBusy(VidloomError):
+    """A request names an adapter that is not in memory, and the ``max_loras`` adapters that are
+    are all used by unfinished requests: it can be submitted once one of them finishes."""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an out-of-memory error: torch's (CUDA's), Python's MemoryError (ours
     included), or torch's CPU allocator's, which is a plain RuntimeError ("DefaultCPUAllocator:

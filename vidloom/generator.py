@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import collections
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 
 from .config import EngineConfig, RequestLimits, SamplingParams
 from .parallel.state import check_layout, world_size_from_env
-from .errors import InvalidRequestError, ModelLoadError, TaskCancelled, VidloomError, engine_error, is_out_of_memory
+from .errors import AdaptersBusy, InvalidRequestError, ModelLoadError, TaskCancelled, VidloomError, engine_error, is_out_of_memory
 from .loader.plan import load_components, plan_folder
 from .loader.weights import changed_mapped_files
 from .memory import residency_for
@@ -189,13 +191,20 @@ class VideoGenerator:
         self.budget = None  # memory.budget.Budget the requests are held to (from_pretrained sets it)
         # what attention runs with in this engine's units: the kernel and the default sliding-tile window
         self.attention = AttentionContext()
-        self.adapters: dict[str, object] = {}  # unmerged LoRA adapters by name (load_lora): their reports
+        # unmerged LoRA adapters in memory by name (load_lora), least recently used first: their reports
+        self.adapters: collections.OrderedDict[str, object] = collections.OrderedDict()
+        # every adapter requests may name: (file, expert, keys ignored), loaded at first use when
+        # not in memory (register_lora); with max_loras, the least recently used one not in use
+        # by an unfinished task is dropped to make room
+        self.registered: dict[str, tuple[str, str, tuple]] = {}
+        self._live: weakref.WeakSet = weakref.WeakSet()  # the tasks submitted (those unfinished hold adapters)
         self.default_lora = None  # the adapters of requests that name none (lora_mode="unmerged")
         # the request settings the adapters were trained for (a distilled adapter's steps and
         # guidance), applied to the requests that use them and do not set them: the merged ones'
         # to every request, an unmerged one's to the requests naming it
         self.request_defaults: dict = {}
         self.adapter_sampling: dict[str, dict] = {}
+        self.adapter_loads: collections.Counter = collections.Counter()  # how many times each was loaded
 
     @property
     def is_main_process(self) -> bool:
@@ -278,8 +287,18 @@ class VideoGenerator:
         """Load a LoRA file unmerged as adapter ``name`` (default: the file's stem) of ``expert``
         ("transformer", or "transformer_2" of a two-expert model): requests use it with
         ``lora=[(name, scale)]``, each its own adapters, in one batched forward. Needs the
-        transformer resident (memory level 0 or 1). Returns its ``lora.LoraReport``."""
-        from .lora import adapter_sampling, attach_adapter, read_lora, resolve_lora
+        transformer resident (memory level 0 or 1). ``path`` may name one of the model folder's
+        adapters. Returns its ``lora.LoraReport``."""
+        name = self.register_lora(path, name, expert, ignore, check=False)
+        return self._resident(name)
+
+    def register_lora(self, path: str | Path, name: str | None = None, expert: str = "transformer",
+                      ignore: tuple[str, ...] = (), check: bool = True) -> str:
+        """Make adapter ``name`` available to requests without keeping it in memory: it is loaded
+        at the first request naming it and, when ``max_loras`` adapters are in memory, the least
+        recently used one that no unfinished task uses is dropped first. The file is read and
+        checked against the model now (``check``), so a bad one fails here. Returns the name."""
+        from .lora import adapter_sampling, read_lora, resolve_lora
 
         path = resolve_lora(path, self.model_path)  # a file, or the name of one of the folder's adapters
         name = name or Path(path).stem
@@ -289,13 +308,49 @@ class VideoGenerator:
         if expert not in ("transformer", "transformer_2") or expert not in self.pipeline.components:
             raise ValueError(f"load_lora: expert {expert!r} is not a transformer of this model "
                              f"(allowed: {', '.join(e for e in ('transformer', 'transformer_2') if e in self.pipeline.components)})")
+        if check:
+            read_lora(path, self.pipeline.components[expert], tuple(ignore))  # every key checked; the deltas dropped
+        self.registered[name] = (path, expert, tuple(ignore))
+        self.adapter_sampling[name] = adapter_sampling(path)
+        return name
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter requests may name (in memory or registered)."""
+        return sorted(set(self.registered) | set(self.adapters))
+
+    def _resident(self, name: str, pinned: set = frozenset()):
+        """Adapter ``name`` in memory (loaded now if it is not), as the most recently used; the
+        ``pinned`` ones are not dropped to make room."""
+        from .lora import attach_adapter, read_lora
+
+        if name in self.adapters:
+            self.adapters.move_to_end(name)
+            return self.adapters[name]
+        limit = self.config.max_loras
+        while limit is not None and len(self.adapters) >= limit:
+            in_use = {n for task in list(self._live) if not task.is_finished for n, _ in (task.params.lora or ())}
+            in_use |= {n for n, _ in (self.default_lora or ())} | set(pinned)
+            victim = next((n for n in self.adapters if n not in in_use), None)
+            if victim is None:
+                raise AdaptersBusy(f"lora: the {limit} adapters in memory (max_loras={limit}) are all used by "
+                                        f"unfinished requests; {name!r} cannot be loaded until one finishes")
+            self._drop_adapter(victim)
+        path, expert, ignore = self.registered[name]
         model = self.pipeline.components[expert]
         deltas, report = read_lora(path, model, ignore)
         attach_adapter(model, name, deltas, path)
         self.adapters[name] = report
-        self.adapter_sampling[name] = adapter_sampling(path)
+        self.adapter_loads[name] += 1
         log.info("LoRA %s loaded unmerged as %r (%s, %d tensors)", path, name, report.format, len(report.changed))
         return report
+
+    def _drop_adapter(self, name: str) -> None:
+        from .lora import detach_adapter
+
+        detach_adapter(self.pipeline.components[self.registered[name][1]], name)
+        del self.adapters[name]
+        log.info("LoRA adapter %r dropped from memory (max_loras=%s)", name, self.config.max_loras)
 
     def warm_up(self, size: dict | None = None) -> float:
         """Run one guided denoising step of a request of ``size`` (height, width, num_frames; default:
@@ -347,10 +402,14 @@ class VideoGenerator:
                 params.lora = self.default_lora
             self.pipeline.validate_request(params)
             self._memory_level(params)  # a request no memory level fits is refused here
+            named = {name for name, _ in params.lora or ()}
+            if self.config.max_loras is not None and len(named) > self.config.max_loras:
+                raise InvalidRequestError("lora", f"{len(named)} adapters, more than this engine holds in memory",
+                                          f"at most max_loras={self.config.max_loras}")
             for name, _ in params.lora or ():
-                if name not in self.adapters:
+                if name not in self.adapters and name not in self.registered:
                     raise InvalidRequestError("lora", f"no adapter named {name!r} is loaded",
-                                              ", ".join(sorted(self.adapters)) or "none loaded (load_lora)")
+                                              ", ".join(self.adapter_names) or "none loaded (load_lora)")
             if self.config.ring_size > 1 and params.sta_window not in (None, "dense"):
                 raise InvalidRequestError("sta_window", "sliding-tile attention does not combine with this engine's "
                                           f"ring attention (ring_size={self.config.ring_size})", "None or 'dense'")
@@ -374,10 +433,15 @@ class VideoGenerator:
         else:
             checked = self.check(prompt, **sampling)
         self.check_weight_files()
+        names = {name for name, _ in checked.params.lora or ()}
+        for name in names:  # its adapters in memory (a registered one loaded now)
+            self._resident(name, pinned=names)
         batch = ForwardBatch.for_request(checked.params, checked.images)
-        return Task(id=f"task-{next(self._ids)}", params=checked.params, batch=batch,
+        task = Task(id=f"task-{next(self._ids)}", params=checked.params, batch=batch,
                     total_units=self.pipeline.total_units(batch), callback=callback,
                     memory_level=self._memory_level(checked.params))
+        self._live.add(task)
+        return task
 
     def step(self, task: Task) -> Task:
         """Do exactly one unit of work of ``task`` (text encoding, one denoising step, decoding, export)."""

@@ -43,7 +43,10 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def test_requests_choose_among_the_servers_adapters(tiny_wan_dir, tmp_path):
+@pytest.mark.parametrize("max_loras", [None, 2])
+def test_requests_choose_among_the_servers_adapters(tiny_wan_dir, tmp_path, max_loras):
+    """Every adapter in memory, or (``--max-loras 2``) registered and loaded at need: the job whose
+    adapter finds no room waits, claimed, until a running one finishes."""
     from openai import OpenAI
 
     folder = tmp_path / "loras"
@@ -51,9 +54,12 @@ def test_requests_choose_among_the_servers_adapters(tiny_wan_dir, tmp_path):
     for k, name in enumerate(("anime", "sketch", "neon")):
         write_adapter(folder / f"{name}.safetensors", k)
     (folder / "notes.txt").write_text("not an adapter")
-    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32")
+    gen = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", max_loras=max_loras)
     for path in lora_files(folder):  # as `vidloom serve --lora-dir` does
-        gen.load_lora(path, name=path.stem)
+        if max_loras is None:
+            gen.load_lora(path, name=path.stem)
+        else:
+            gen.register_lora(path, name=path.stem)
     server = Server(create_app(gen, ServeSettings(model_name="tiny-wan", data_dir=tmp_path / "data",
                                                   poll_after_ms=50)))
     try:

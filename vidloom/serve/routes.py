@@ -96,7 +96,7 @@ def delete_video(video_id: str, svc: Service = Depends(service)):
 @router.get("/v1/models", tags=["models"], **openapi.MODELS)
 def models(svc: Service = Depends(service)):
     adapters = [{"id": name, "object": "model", "created": 0, "owned_by": "vidloom", "parent": svc.settings.model_name,
-                 "kind": "lora"} for name in sorted(getattr(svc.generator, "adapters", {}))]
+                 "kind": "lora"} for name in getattr(svc.generator, "adapter_names", [])]
     return {"object": "list", "data": [{"id": svc.settings.model_name, "object": "model", "created": 0,
                                         "owned_by": "vidloom"}, *adapters]}
 

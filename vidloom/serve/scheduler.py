@@ -26,8 +26,8 @@ import time
 import uuid
 from pathlib import Path
 
-from ..errors import (InvalidRequestError, NumericalError, ResourceExhausted, TaskCancelled, VidloomError,
-                      engine_error)
+from ..errors import (AdaptersBusy, InvalidRequestError, NumericalError, ResourceExhausted, TaskCancelled,
+                      VidloomError, engine_error)
 from .engine import Engine
 from .store import Job, JobStore, StoreUnavailable
 
@@ -129,6 +129,9 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.active: list[tuple[Job, object]] = []  # (job, task)
+        # claimed jobs waiting for adapter room (AdaptersBusy: the max_loras adapters in memory are
+        # all in use): (job, checked request or None); submitted as soon as a running job finishes
+        self.parked: list[tuple[Job, object]] = []
         # finished jobs whose outcome is not recorded yet: (job, write) where write() records it
         # (export included) and raises StoreUnavailable / a disk-full OSError to be tried again
         self.unrecorded: list[tuple[Job, object]] = []
@@ -158,7 +161,7 @@ class EngineLoop:
 
     def held(self) -> list[str]:
         """The ids of the jobs this loop holds (running, or finished and not yet recorded)."""
-        return [job.id for job, _ in [*self.active, *self.unrecorded]]
+        return [job.id for job, _ in [*self.active, *self.unrecorded, *self.parked]]
 
     def wake(self) -> None:
         """A job was queued: look now, not at the next idle tick."""
@@ -240,22 +243,36 @@ class EngineLoop:
             self.ranks.send(plan)
 
     def _fill(self) -> None:
-        while len(self.active) + len(self.unrecorded) < self.max_active and not self._stop.is_set():
+        parked, self.parked = self.parked, []
+        for job, checked in parked:  # first the jobs that waited for adapter room, in order
+            if job.id in self._cancelled:
+                self._cancelled.discard(job.id)
+                self.store.fail(job.id, "cancelled", "the job was cancelled", owner=self.owner)
+                continue
+            self._submit(job, checked)
+        while (len(self.active) + len(self.unrecorded) + len(self.parked) < self.max_active
+               and not self._stop.is_set()):
             job = self.store.claim(self.owner)
             if job is None:
                 return
             if job.error_code == "corrupt_record":  # a damaged row fails alone
                 self.store.fail(job.id, job.error_code, job.error_message, owner=self.owner)
                 continue
-            checked, sampling = self.waiting.take(job.id), job.sampling()
-            try:  # checked on arrival: submitted as it is; else (recovered, another replica's) checked now
-                task = (self.generator.submit(checked) if checked is not None
-                        else self.generator.submit(job.request["prompt"], **sampling))
-            except VidloomError as exc:  # e.g. the model's weight files changed since the request was accepted
-                self._fail(job, exc)
-                continue
-            self.active.append((job, task))
-            self._pending_submits.append((job.id, job.request["prompt"], sampling))
+            self._submit(job, self.waiting.take(job.id))
+
+    def _submit(self, job: Job, checked) -> None:
+        sampling = job.sampling()
+        try:  # checked on arrival: submitted as it is; else (recovered, another replica's) checked now
+            task = (self.generator.submit(checked) if checked is not None
+                    else self.generator.submit(job.request["prompt"], **sampling))
+        except AdaptersBusy:  # its adapter is loaded when a running job finishes
+            self.parked.append((job, checked))
+            return
+        except VidloomError as exc:  # e.g. the model's weight files changed since the request was accepted
+            self._fail(job, exc)
+            return
+        self.active.append((job, task))
+        self._pending_submits.append((job.id, job.request["prompt"], sampling))
 
     def _advance_all(self) -> None:
         """One unit of every active job; their denoising steps that fit together share one
