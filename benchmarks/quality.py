@@ -31,6 +31,10 @@ as its own mode, named by the spec (the mode column shows its first 9 characters
 ``--sta 3,4,4/1,2,2`` also runs sliding-tile attention with each window (``SamplingParams.sta_window``,
 tokens per axis) as its own mode, named ``sta F,H,W``.
 
+``--lora distill-4step`` also runs the model with that adapter merged, at the steps and guidance
+it was trained for (its file's ``vidloom_sampling``), as its own mode. ``denoise`` is the mean
+denoising time per video (the ``denoising`` stage's timing), ``s/video`` the whole call's.
+
 ``--refine 2:0.6`` also runs two-stage generation (``RefineParams(scale=2, strength=0.6)``: the base
 pass at half the size, the refine pass at full size) in the same run.
 """
@@ -103,14 +107,14 @@ HEADER = (f"{'steps':>5} {'cfg':>4} {'mode':>9} {'split':>8} {'color':>6} {'col/
           f"{'shape':>6} {'shp/span':>8} {'dcolor':>6} {'dsize':>6}")
 
 
-def row(steps, cfg, mode, split, s: dict, per_video: float | None) -> str:
+def row(steps, cfg, mode, split, s: dict, per_video: float | None, denoise: float | None = None) -> str:
     worst = f"{s['color_worst_span']:.2f}@{s['worst_span']}"
     line = (f"{steps:>5} {cfg:>4g} {mode:>9} {split:>8} {s['color']:>6.2f} {s['color_every_span']:>8.2f} {worst:>9} "
             f"{s['direction']:>5.2f} {s['shape']:>6.2f} {s['shape_every_span']:>8.2f} {s['color_change']:>6.3f} "
             f"{s['size_change']:>6.3f}")
     if "first_frame_psnr_db" in s:
         line += f" {s['first_frame_psnr_db']:>7.1f}"
-    return line + ("" if per_video is None else f" {per_video:>8.2f}")
+    return line + ("" if per_video is None else f" {per_video:>8.2f}") + ("" if denoise is None else f" {denoise:>8.3f}")
 
 
 def contact_sheet(rows: list[np.ndarray], path: Path) -> None:
@@ -139,6 +143,9 @@ def main() -> None:
     parser.add_argument("--ground-truth", action="store_true", help="score the world's own clips first")
     parser.add_argument("--cache", default=None, metavar="SPEC[,SPEC...]",
                         help="also run with each feature-cache setting, each as its own mode")
+    parser.add_argument("--lora", default=None, metavar="NAME[,NAME...]",
+                        help="also run with each adapter merged (a file, or one of the folder's, e.g. distill-4step) "
+                             "at the steps and guidance it was trained for")
     parser.add_argument("--sta", default=None, metavar="F,H,W[/F,H,W...]",
                         help="also run sliding-tile attention with each window (tokens), each as its own mode")
     args = parser.parse_args()
@@ -163,7 +170,7 @@ def main() -> None:
     dit_dtype = str(gen.config.resolved_dtypes()["transformer"]).removeprefix("torch.")
     print(f"machine: {machine_description()}\nmodel: {args.model}; {kind}; transformer in {dit_dtype}; "
           f"{len(prompts)} prompts x {args.seeds} seeds; spans of {args.frames} frames: frame 0, then 4 at a time")
-    print(HEADER + (f" {'keep dB':>7}" if args.i2v else "") + f" {'s/video':>8}")
+    print(HEADER + (f" {'keep dB':>7}" if args.i2v else "") + f" {'s/video':>8} {'denoise':>8}")
     results, sheet_rows = [], []
     if args.ground_truth:
         tallies = {split: Tally() for split in SPLITS}
@@ -176,32 +183,47 @@ def main() -> None:
             results.append(dict(steps=0, mode="world", split=split, **s))
             print(row(0, 0, "world", split, s, None))
     all_steps = [int(s) for s in args.steps.split(",")]
+
+    def run(generator, steps, cfg, mode, refine=None, cache=None, window=None, sheet=False, **extra):
+        tallies = {split: Tally() for split in SPLITS}
+        start, denoising = time.perf_counter(), 0.0
+        for caption, spec, held in prompts:
+            for seed in range(args.seeds):
+                image = first_frame(spec, seed, args.frames, args.size) if args.i2v else None
+                out = generator.generate(caption, height=args.size, width=args.size, num_frames=args.frames,
+                                         num_inference_steps=steps, guidance_scale=cfg, seed=seed,
+                                         refine=refine, image=image, cache=cache, sta_window=window, **extra)
+                frames, denoising = out.frames, denoising + out.timings.get("denoising", 0.0)
+                keep = psnr(frames[0], image) if image is not None else None
+                tallies["held-out" if held else "trained"].add(score_clip(frames), spec, keep)
+                if sheet and seed == 0:
+                    picks = [0, 4, 8, 12, len(frames) - 1]
+                    sheet_rows.append(frames[[p for p in picks if p < len(frames)]])
+        videos = sum(len(t.rows) for t in tallies.values())
+        per_video, denoise = (time.perf_counter() - start) / videos, denoising / videos
+        for split, tally in tallies.items():
+            s = tally.summary()
+            results.append(dict(steps=steps, guidance_scale=cfg, mode=mode,
+                                refine=None if refine is None else str(refine), split=split, **s,
+                                seconds_per_video=per_video, denoising_seconds_per_video=denoise))
+            print(row(steps, cfg, mode, split, s, per_video, denoise))
+        for split in SPLITS:
+            spans = next(r["color_per_span"] for r in results[::-1] if r["split"] == split)
+            print(f"{'':>5} {'':>4} {'':>9} {split:>8} colour per span: " + " ".join(f"{v:.2f}" for v in spans))
+
     for cfg, steps in itertools.product(guidances, all_steps):
         for mode, refine, cache, window in modes:
-            tallies = {split: Tally() for split in SPLITS}
-            start = time.perf_counter()
-            for caption, spec, held in prompts:
-                for seed in range(args.seeds):
-                    image = first_frame(spec, seed, args.frames, args.size) if args.i2v else None
-                    frames = gen.generate(caption, height=args.size, width=args.size, num_frames=args.frames,
-                                          num_inference_steps=steps, guidance_scale=cfg, seed=seed,
-                                          refine=refine, image=image, cache=cache, sta_window=window).frames
-                    keep = psnr(frames[0], image) if image is not None else None
-                    tallies["held-out" if held else "trained"].add(score_clip(frames), spec, keep)
-                    if (steps == max(all_steps) and cfg == guidances[0] and seed == 0 and refine is None
-                            and cache is None and window is None):
-                        picks = [0, 4, 8, 12, len(frames) - 1]
-                        sheet_rows.append(frames[[p for p in picks if p < len(frames)]])
-            per_video = (time.perf_counter() - start) / sum(len(t.rows) for t in tallies.values())
-            for split, tally in tallies.items():
-                s = tally.summary()
-                results.append(dict(steps=steps, guidance_scale=cfg, mode=mode,
-                                    refine=None if refine is None else str(refine), split=split, **s,
-                                    seconds_per_video=per_video))
-                print(row(steps, cfg, mode, split, s, per_video))
-            for split in SPLITS:
-                spans = next(r["color_per_span"] for r in results[::-1] if r["split"] == split)
-                print(f"{'':>5} {'':>4} {'':>9} {split:>8} colour per span: " + " ".join(f"{v:.2f}" for v in spans))
+            run(gen, steps, cfg, mode, refine, cache, window,
+                sheet=(steps == max(all_steps) and cfg == guidances[0] and refine is None and cache is None
+                       and window is None))
+    for lora in (args.lora.split(",") if args.lora else []):
+        # the adapter merged, at the settings it was trained for (its file's vidloom_sampling)
+        adapted = VideoGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype, loras=[lora])
+        settings = dict(adapted.request_defaults)
+        steps = settings.pop("num_inference_steps", max(all_steps))
+        cfg = settings.pop("guidance_scale", guidances[0])
+        run(adapted, steps, cfg, f"lora {Path(lora).stem}"[:9], **settings)
+        del adapted
     args.sheet.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(sheet_rows, args.sheet)
     held = [r for r in results if r["split"] == "held-out" and r["mode"] == "one-stage"

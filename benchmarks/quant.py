@@ -3,6 +3,7 @@ bytes, peak resident memory and one guided step's time per mode, each mode in a 
 the shipped model, the PSNR of the video against the unquantized one.
 
     python benchmarks/quant.py [--size 17x128x128] [--repeats 2] [--videos 4] [--skip-1.3b] [--skip-video]
+                               [--skip-kernels]
 
 Modes on the 1.3B: bf16 (as stored), fp32 (widened), int8 and fp8 blocks computed in fp32, int8
 and fp8 blocks computed in bf16. Peak RSS: the process's high-water mark (ru_maxrss) after the
@@ -62,6 +63,35 @@ def worker(args) -> None:
                                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
 
 
+def kernel_rows(repeats: int) -> list[dict]:
+    """One 1536 -> 8960 layer (the 1.3B's FFN input) on 640 tokens: the bf16/fp32 matmul, vidloom's
+    int8 layer (widened when it runs), and torch's int8 weight-only kernel ``_weight_int8pack_mm``
+    (what torchao's int8 weight-only layout calls on a CPU)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8960, 1536, generator=g)
+    scale = w.abs().amax(1) / 127
+    q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(640, 1536, generator=g).to(dtype)
+        dense = (q.float() * scale[:, None]).to(dtype)
+        ways = {"dense": lambda: F.linear(x, dense),
+                "vidloom int8": lambda: F.linear(x, (q.float() * scale[:, None]).to(dtype)),
+                "int8pack_mm": lambda: torch._weight_int8pack_mm(x, q, scale.to(dtype))}
+        for name, run in ways.items():
+            run()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            rows.append(dict(dtype=str(dtype).removeprefix("torch."), kernel=name, ms=1000 * min(times)))
+            print(f"{rows[-1]['dtype']:9} {name:13} {rows[-1]['ms']:8.1f} ms")
+    return rows
+
+
 def psnr(a, b) -> float:
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
@@ -95,6 +125,7 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=4)
     parser.add_argument("--skip-1.3b", dest="skip_big", action="store_true")
     parser.add_argument("--skip-video", action="store_true")
+    parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="bf16", help=argparse.SUPPRESS)
@@ -121,6 +152,9 @@ def main() -> None:
             rows.append(r)
             print(f"{name:12} {r['weight_bytes'] / GIB:>11.2f} {r['peak_rss'] / GIB:>12.2f} {r['step_seconds']:>7.2f}")
         result["rows"] = rows
+    if not args.skip_kernels:
+        print("one 1536 -> 8960 layer on 640 tokens (the best of --repeats + 2 runs):")
+        result["kernels"] = kernel_rows(args.repeats + 2)
     if not args.skip_video:
         print(f"the shipped model, {args.videos} held-out prompts")
         result["video"] = video_rows(args.videos)

@@ -1,6 +1,6 @@
 """``vidloom serve`` under concurrent clients, in one process run:
 
-    python benchmarks/serve.py [--model DIR] [--clients 1,4,8] [--videos-per-client 2] [--steps 20]
+    python benchmarks/serve.py [--model DIR] [--clients 1,4,8] [--videos-per-client 2] [--steps 20] [--loras 4]
 
 For each number of concurrent clients, a fresh server (uvicorn on loopback, a fresh data folder)
 takes every client's requests through the official ``openai`` client (``create`` then ``poll``;
@@ -13,6 +13,9 @@ runs them):
 It prints throughput (videos/min) and the ratio to one-by-one, p50/p95 job latency (create to
 completed), and the server's overhead per denoising step: (one client's job time - the same
 generation run directly with ``generate``) / steps. Default model: the shipped one at its size.
+``--loras N``: N random adapters loaded unmerged, client i naming adapter i mod N; with N = clients
+every job has its own adapter, so ``interleaved`` is what a server batching only requests with the
+same adapter would do, and ``batched`` is vidloom's shared forward across adapters.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ def run_clients(url: str, clients: int, per_client: int, body: dict) -> tuple[fl
         api = OpenAI(api_key="local", base_url=f"{url}/v1", max_retries=0)
         for j in range(per_client):
             start = time.perf_counter()
+            adapter = {"lora": [{"name": f"a{index % body['loras']}"}]} if body.get("loras") else {}
             video = api.videos.create(prompt=f"a red circle moving right {index}-{j}", size=body["size"],
-                                      extra_body={**body["extra"], "seed": 100 * index + j})
+                                      extra_body={**body["extra"], "seed": 100 * index + j, **adapter})
             video = api.videos.poll(video.id, poll_interval_ms=POLL_MS)
             if video.status != "completed":
                 errors.append(video.error)
@@ -84,6 +88,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,8")
     parser.add_argument("--videos-per-client", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--loras", type=int, default=0,
+                        help="load N random rank-8 adapters unmerged; client i uses adapter i mod N")
     args = parser.parse_args()
     if args.client_of:  # the client side, in its own process
         import json
@@ -104,12 +110,17 @@ def main() -> None:
     sampling = dict(DEFAULT_MODEL_SAMPLING, num_inference_steps=args.steps)
     size = f"{sampling['width']}x{sampling['height']}"
     extra = {k: v for k, v in sampling.items() if k not in ("height", "width")}
-    body = {"size": size, "extra": extra}
+    body = {"size": size, "extra": extra, "loras": args.loras}
+    adapters_dir = tempfile.TemporaryDirectory()
+    for k in range(args.loras):  # every client its own adapter: with as many adapters as clients, the
+        # interleaved mode is what a server that batches only same-adapter requests does
+        gen.load_lora(random_adapter(model, Path(adapters_dir.name) / f"a{k}.safetensors", k), name=f"a{k}")
     # the same generation without the server, for the overhead per step
     gen.generate("warm-up", **sampling)
     direct = statistics.median(_timed(lambda: gen.generate("a red circle moving right", **sampling)) for _ in range(3))
     print(f"machine: {machine_description()}\nmodel: {model}; {size}, {extra['num_frames']} frames, "
-          f"{args.steps} steps; direct generate {direct:.2f} s/video")
+          f"{args.steps} steps; direct generate {direct:.2f} s/video"
+          + (f"; {args.loras} rank-8 adapters, client i using adapter i mod {args.loras}" if args.loras else ""))
     print(f"{'clients':>7} {'mode':>12} {'videos/min':>10} {'vs 1-by-1':>9} {'p50 s':>7} {'p95 s':>7} "
           f"{'overhead ms/step':>16}")
     results = []
@@ -151,8 +162,27 @@ def main() -> None:
             print(f"{clients:>7} {mode:>12} {r['videos_per_min']:>10.1f} {r['throughput_vs_one_by_one']:>9.2f} "
                   f"{r['p50_s']:>7.2f} {r['p95_s']:>7.2f} {overhead}")
             results.append(r)
-    write_result("serve", dict(machine=machine_description(), model=str(model), steps=args.steps,
-                               direct_s_per_video=direct, results=results))
+    write_result("serve_loras" if args.loras else "serve", dict(
+        machine=machine_description(), model=str(model), steps=args.steps, loras=args.loras,
+        direct_s_per_video=direct, results=results))
+
+
+def random_adapter(model: Path, path: Path, seed: int) -> Path:
+    """A random rank-8 adapter on every linear layer of the blocks, in the diffusers layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vidloom.loader.weights import load_model
+    from vidloom.models.wan_dit import WanDiT
+    from vidloom.train.distill import DistillRecipe, add_lora, lora_state
+
+    adapted = add_lora(load_model(WanDiT, model / "transformer"), DistillRecipe(rank=8, alpha=8.0, targets=("blocks.",)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted.values():
+            layer.up.copy_(0.05 * torch.randn(layer.up.shape, generator=g))
+    save_file(lora_state(adapted), str(path))
+    return path
 
 
 def _timed(fn) -> float:
