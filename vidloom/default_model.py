@@ -26,6 +26,9 @@ DEFAULT_I2V_MODEL_DIR = ASSETS / "wan-shapes-ti2v-64"
 # (see assets/wan-shapes-64/README.md for the sweep)
 DEFAULT_MODEL_SAMPLING = dict(height=64, width=64, num_frames=17, num_inference_steps=20, guidance_scale=3.0)
 DEFAULT_PROMPT = "a red circle moving right"
+# the text-to-video model's step-distilled adapter (lora/distill-4step.safetensors): 4 steps without
+# guidance, the settings in its file (vidloom.train.distill; assets/wan-shapes-64/README.md)
+DISTILLED_ADAPTER = "distill-4step"
 DEFAULT_I2V_PROMPT = "a yellow triangle moving up"  # the demo's first frame: the world draws this object
 
 
