@@ -3,7 +3,8 @@
     python benchmarks/quality.py --model DIR [--steps 4,8,20] [--guidance-scale 3,5] [--seeds 2]
                                  [--sheet quality.png] [--device cpu] [--dtype fp32]
                                  [--refine SCALE:STRENGTH[:STEPS]] [--i2v] [--ground-truth]
-                                 [--cache SPEC[,SPEC...]] [--sta F,H,W[/F,H,W...]]
+                                 [--cache SPEC[,SPEC...]] [--sta F,H,W[/F,H,W...]] [--lora NAME]
+                                 [--quantize int8|fp8] [--quantize-text-encoder int8|fp8]
 
 For a fixed list of prompts (the held-out combinations and as many trained ones), it generates
 videos and scores each from its pixels (``vidloom.world.score_clip``): the colour of the moving
@@ -143,6 +144,9 @@ def main() -> None:
     parser.add_argument("--ground-truth", action="store_true", help="score the world's own clips first")
     parser.add_argument("--cache", default=None, metavar="SPEC[,SPEC...]",
                         help="also run with each feature-cache setting, each as its own mode")
+    parser.add_argument("--quantize", default=None, choices=("int8", "fp8"),
+                        help="the transformer's blocks quantized (EngineConfig.quantize)")
+    parser.add_argument("--quantize-text-encoder", default=None, choices=("int8", "fp8"))
     parser.add_argument("--lora", default=None, metavar="NAME[,NAME...]",
                         help="also run with each adapter merged (a file, or one of the folder's, e.g. distill-4step) "
                              "at the steps and guidance it was trained for")
@@ -164,11 +168,14 @@ def main() -> None:
     modes += [(spec, None, spec, None) for spec in (args.cache.split(",") if args.cache else [])]
     modes += [(f"sta {w}", None, None, w) for w in (args.sta.split("/") if args.sta else [])]
 
-    gen = VideoGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    gen = VideoGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                         quantize_text_encoder=args.quantize_text_encoder)
     prompts = prompt_list()
     kind = "image-to-video (first frame from the world)" if args.i2v else "text-to-video"
     dit_dtype = str(gen.config.resolved_dtypes()["transformer"]).removeprefix("torch.")
-    print(f"machine: {machine_description()}\nmodel: {args.model}; {kind}; transformer in {dit_dtype}; "
+    quantized = "".join(f"; {what} {mode}" for what, mode in (("quantized", args.quantize),
+                                                              ("text encoder", args.quantize_text_encoder)) if mode)
+    print(f"machine: {machine_description()}\nmodel: {args.model}{quantized}; {kind}; transformer in {dit_dtype}; "
           f"{len(prompts)} prompts x {args.seeds} seeds; spans of {args.frames} frames: frame 0, then 4 at a time")
     print(HEADER + (f" {'keep dB':>7}" if args.i2v else "") + f" {'s/video':>8} {'denoise':>8}")
     results, sheet_rows = [], []
@@ -233,7 +240,9 @@ def main() -> None:
           f"(every span {best['color_every_span']:.2f}, worst span {best['color_worst_span']:.2f}), direction "
           f"{best['direction']:.2f}, shape {best['shape']:.2f}; contact sheet {args.sheet} (frames 0, 4, 8, 12, last)")
     write_result("quality_i2v" if args.i2v else "quality", dict(machine=machine_description(), model=str(args.model),
-                                                                 i2v=args.i2v, dtype=dit_dtype, results=results))
+                                                                 i2v=args.i2v, dtype=dit_dtype, quantize=args.quantize,
+                                                                 quantize_text_encoder=args.quantize_text_encoder,
+                                                                 results=results))
 
 
 if __name__ == "__main__":

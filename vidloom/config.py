@@ -174,6 +174,9 @@ class EngineConfig:
                 raise ValueError(f"{name}: expected int8, fp8 or none, got {mode!r}")
             if mode is not None and self.low_mem_level is not None and self.low_mem_level >= 2:
                 raise ValueError(f"{name}: runs at low_mem_level 0 or 1 for now, got low_mem_level={self.low_mem_level}")
+            if mode is not None and _is_int(self.tp_size) and self.tp_size > 1:  # its sharded layers would stay as they are
+                raise ValueError(f"{name}: does not combine with tensor parallel yet (tp_size={self.tp_size}); "
+                                 "sequence and CFG parallel do")
         if self.max_loras is not None and (type(self.max_loras) is not int or not 1 <= self.max_loras <= 4096):
             raise ValueError(f"max_loras: expected an integer in 1..4096 or None, got {self.max_loras!r}")
         if self.lora_mode not in ("merged", "unmerged"):

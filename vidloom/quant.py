@@ -58,6 +58,7 @@ def quantize_blocks(model: torch.nn.Module, mode: str) -> int:
     returns how many. Mapped weights' pages are handed back as each layer is done."""
     from .loader.pages import mapped, release_pages
     from .loader.stored import block_list
+    from .memory.levels import return_memory
 
     if mode not in MODES:
         raise ValueError(f"quantize: unknown mode {mode!r} (allowed: {', '.join(MODES)})")
@@ -80,6 +81,7 @@ def quantize_blocks(model: torch.nn.Module, mode: str) -> int:
             if storages and mapped(module.weight, storages):
                 release_pages(module.weight)
             count += 1
+        return_memory(torch.device("cpu"))  # the block's float32 temporaries handed back: they do not pile up
     model.quantized = mode
     return count
 

@@ -243,3 +243,23 @@ def test_a_feature_cache_on_two_processes_equals_one_process(tiny_wan_dir, tmp_p
     assert two.keys() == one.cache.keys()
     for name, value in one.cache.items():
         assert two[name] == pytest.approx(value, rel=1e-4), name
+
+
+@pytest.mark.parametrize("engine", [{"sp_size": 2}, {"cfg_parallel": True}], ids=["sp2", "cfg2"])
+def test_quantized_weights_on_two_processes_equal_one_process(tiny_wan_dir, tmp_path, engine):
+    """int8 blocks under sequence or CFG parallel: each rank quantizes the same weights the same
+    way, so the video is the one-process quantized video (fp32, <= 1e-5); tensor parallel is refused."""
+    request = dict(prompt="a red circle moving left", height=48, width=48, num_frames=9, num_inference_steps=3,
+                   guidance_scale=4.0)
+    latents = torch.randn(1, 4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    torch.save(latents, tmp_path / "latents.pt")
+    single = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32", quantize="int8").generate(
+        latents=latents, **request).frames
+    plain = VideoGenerator.from_pretrained(tiny_wan_dir, dtype="fp32").generate(latents=latents, **request).frames
+    assert rel_err(single, plain) > 1e-5  # the weights really are quantized
+    proc = launch(2, tiny_wan_dir, dict(request, engine=dict(engine, quantize="int8"),
+                                        latents_path=str(tmp_path / "latents.pt")), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert rel_err(np.load(tmp_path / "out.npy"), single) <= 1e-5
+    with pytest.raises(ValueError, match="quantize: does not combine with tensor parallel yet"):
+        EngineConfig(quantize="int8", tp_size=2)
