@@ -126,7 +126,8 @@ class EngineConfig:
     # dropping the least recently used adapter no unfinished request uses
     max_loras: int | None = None
     # the transformer blocks' Linear weights stored as int8 or fp8 (e4m3) with per-channel scales,
-    # computed in the model's dtype (vidloom.quant); None: as loaded. Memory levels 0-1 for now
+    # computed in the model's dtype (vidloom.quant); None: as loaded. At memory levels 2-3 a
+    # component is quantized again each time it is loaded
     quantize: str | None = None
     # the text encoder's blocks likewise (UMT5: every Linear but the FFN's output, which
     # transformers keeps in float32; declared beside its loader spec)
@@ -172,8 +173,6 @@ class EngineConfig:
             mode = getattr(self, name)
             if mode is not None and mode not in ("int8", "fp8"):
                 raise ValueError(f"{name}: expected int8, fp8 or none, got {mode!r}")
-            if mode is not None and self.low_mem_level is not None and self.low_mem_level >= 2:
-                raise ValueError(f"{name}: runs at low_mem_level 0 or 1 for now, got low_mem_level={self.low_mem_level}")
             if mode is not None and _is_int(self.tp_size) and self.tp_size > 1:  # its sharded layers would stay as they are
                 raise ValueError(f"{name}: does not combine with tensor parallel yet (tp_size={self.tp_size}); "
                                  "sequence and CFG parallel do")

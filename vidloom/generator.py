@@ -231,10 +231,6 @@ class VideoGenerator:
         if config.loras_2 and "transformer_2" not in plan.plans:
             raise ValueError("loras_2: this folder has one transformer (no transformer_2): give its LoRA as loras")
         config = _with_lora_files(config, path)
-        for option in ("quantize", "quantize_text_encoder"):
-            if getattr(config, option) is not None and config.low_mem_level >= 2:
-                raise ValueError(f"{option}: runs at low_mem_level 0 or 1 for now, but this folder needs level "
-                                 f"{config.low_mem_level} to fit the memory available (give low_mem_level=1 to force it)")
         if config.compile and config.low_mem_level >= 2:
             raise ValueError(f"compile: runs at low_mem_level 0 or 1, but this folder needs level {config.low_mem_level} "
                              "to fit the memory available (give max_memory, or low_mem_level=1 to force it)")
