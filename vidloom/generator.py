@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
-import collections
 import itertools
 import logging
 import time
@@ -19,7 +19,8 @@ import torch
 
 from .config import EngineConfig, RequestLimits, SamplingParams
 from .parallel.state import check_layout, world_size_from_env
-from .errors import AdaptersBusy, InvalidRequestError, ModelLoadError, TaskCancelled, VidloomError, engine_error, is_out_of_memory
+from .errors import (AdaptersBusy, InvalidRequestError, ModelLoadError, TaskCancelled, VidloomError, engine_error,
+                     is_out_of_memory)
 from .loader.plan import load_components, plan_folder
 from .loader.weights import changed_mapped_files
 from .memory import residency_for
@@ -298,6 +299,9 @@ class VideoGenerator:
 
         path = resolve_lora(path, self.model_path)  # a file, or the name of one of the folder's adapters
         name = name or Path(path).stem
+        if name in self.registered and self.registered[name][:2] != (path, expert):
+            raise ValueError(f"load_lora: an adapter named {name!r} is registered already ({self.registered[name][0]}): "
+                             "give this one another name")
         if (self.config.low_mem_level or 0) >= 2:
             raise ValueError(f"load_lora: unmerged adapters need the transformer resident (low_mem_level 0 or 1, "
                              f"this engine runs at {self.config.low_mem_level}); merge it at load with loras=")
@@ -330,7 +334,7 @@ class VideoGenerator:
             victim = next((n for n in self.adapters if n not in in_use), None)
             if victim is None:
                 raise AdaptersBusy(f"lora: the {limit} adapters in memory (max_loras={limit}) are all used by "
-                                        f"unfinished requests; {name!r} cannot be loaded until one finishes")
+                                   f"unfinished requests; {name!r} cannot be loaded until one finishes")
             self._drop_adapter(victim)
         path, expert, ignore = self.registered[name]
         model = self.pipeline.components[expert]
@@ -385,7 +389,8 @@ class VideoGenerator:
         defaults = dict(self.request_defaults)
         if isinstance(names, (list, tuple)):
             for item in names:
-                name = item if isinstance(item, str) else (item[0] if isinstance(item, (list, tuple)) and item else None)
+                name = (item if isinstance(item, str) else item.get("name") if isinstance(item, dict)
+                        else item[0] if isinstance(item, (list, tuple)) and item else None)
                 if isinstance(name, str):
                     defaults.update(self.adapter_sampling.get(name, {}))
         return {**defaults, **sampling}

@@ -75,8 +75,13 @@ def test_an_unmerged_adapters_settings_apply_to_the_requests_naming_it(folder_wi
     gen.load_lora("fast")  # by name: the folder's adapter
     named = gen.generate(PROMPT, lora=["fast"], **SIZE)
     assert (named.params.num_inference_steps, named.params.guidance_scale) == (2, 1.0)
+    as_dict = gen.generate(PROMPT, lora=[{"name": "fast", "scale": 1.0}], **SIZE)
+    assert (as_dict.params.num_inference_steps, as_dict.params.guidance_scale) == (2, 1.0)
     plain = gen.generate(PROMPT, **SIZE)
     assert (plain.params.num_inference_steps, plain.params.guidance_scale) == (50, 5.0)  # SamplingParams' own
+    gen.load_lora("fast")  # the same file again: nothing changes
+    with pytest.raises(ValueError, match="an adapter named 'fast' is registered already"):
+        gen.load_lora(folder_with_adapter / "lora" / "fast.safetensors", name="fast", expert="transformer_2")
     merged = VideoGenerator.from_pretrained(folder_with_adapter, dtype="fp32", loras=["fast"])
     assert rel_err(named.frames, merged.generate(PROMPT, **SIZE).frames) <= 1e-4
 
