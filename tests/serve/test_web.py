@@ -30,14 +30,16 @@ def page_server(tiny_generator, tmp_path_factory):
 
 
 def test_submit_watch_progress_and_play(page_server):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True)
         try:
             page = browser.new_page()
             page.goto(page_server.url + "/")
-            assert page.text_content("#model") == "tiny-wan"
+            # the page fills it from its own fetch of /v1/models: waited for (read at once, a busy
+            # machine answered after the read)
+            expect(page.locator("#model")).to_have_text("tiny-wan")
             page.fill("#prompt", "a red circle moving left")
             page.fill("#size", "48x32")
             page.fill("#steps", "400")  # long enough to watch the progress move (the page polls every 0.5 s)
