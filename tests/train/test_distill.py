@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from vidloom import VideoGenerator
 from vidloom.lora import adapter_sampling
-from vidloom.train.distill import DistillRecipe, LoraLinear, apply_overrides, main
+from vidloom.train.distill import DistillRecipe, LoraLinear, main
+from vidloom.train.recipe import RecipeError, with_overrides
 
 
 def test_distill_trains_resumes_and_writes_a_loadable_adapter(tiny_wan_dir, tmp_path):
@@ -45,4 +47,6 @@ def test_a_lora_linear_starts_as_its_base_layer():
     x = torch.randn(3, 6)
     assert torch.equal(layer(x), base(x)) and layer.weight is base.weight
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["down", "up"]
-    assert apply_overrides(DistillRecipe(), ["rank=8", "lr=0.5"]).rank == 8
+    assert with_overrides(DistillRecipe(), ["rank=8", "lr=0.5"]).rank == 8
+    with pytest.raises(RecipeError, match="expected KEY=VALUE with a recipe field as KEY"):
+        with_overrides(DistillRecipe(), ["targets=blocks."])  # a tuple: not settable

@@ -53,6 +53,7 @@ from ..models.wan_dit import WanDiT
 from ..world.clips import train_specs
 from .dit import caption_table
 from .loop import Checkpointer, lr_at, read_safetensors, run_steps, write_safetensors
+from .recipe import with_overrides
 
 SAMPLING_KEY = "vidloom_sampling"  # the file's metadata field with the settings it was trained for
 
@@ -79,19 +80,6 @@ class DistillRecipe:
     seed: int = 0
     checkpoint_minutes: float = 5.0
     log_every: int = 10
-
-
-def apply_overrides(recipe: DistillRecipe, pairs: list[str]) -> DistillRecipe:
-    fields = {f.name: f for f in dataclasses.fields(recipe)}
-    values = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or key not in fields or key == "targets":
-            raise SystemExit(f"--set {pair}: expected KEY=VALUE with KEY one of "
-                             f"{', '.join(k for k in fields if k != 'targets')}")
-        kind = type(getattr(recipe, key)) if getattr(recipe, key) is not None else float
-        values[key] = kind(raw)
-    return dataclasses.replace(recipe, **values)
 
 
 class LoraLinear(torch.nn.Module):
@@ -308,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = apply_overrides(DistillRecipe(), args.overrides)
     try:
+        recipe = with_overrides(DistillRecipe(), args.overrides)  # the trainer's --set, on this recipe's fields
         tensors, summary, finished = distill(args.model, args.run_dir, recipe, args.autocast == "bf16", args.minutes)
     except VidloomError as exc:
         print(f"error: {exc}", file=sys.stderr)

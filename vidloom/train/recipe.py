@@ -165,16 +165,17 @@ def _real(recipe: Recipe, name: str, allowed: str, accepts, infinite_ok: bool = 
         raise RecipeError(name, f"must be {allowed}, got {value!r}")
 
 
-def settable_fields() -> dict[str, type]:
-    """The recipe's scalar fields (what ``--set KEY=VALUE`` may override) and their types."""
-    types = {"int": int, "float": float}
-    return {f.name: types[f.type] for f in dataclasses.fields(Recipe) if f.type in types}
+def settable_fields(cls=None) -> dict[str, type]:
+    """A recipe class's scalar fields (what ``--set KEY=VALUE`` may override) and their types
+    (default: ``Recipe``; ``train.distill.DistillRecipe`` too)."""
+    types = {"int": int, "float": float, "float | None": float}
+    return {f.name: types[f.type] for f in dataclasses.fields(cls or Recipe) if f.type in types}
 
 
-def with_overrides(recipe: Recipe, pairs: list[str]) -> Recipe:
+def with_overrides(recipe, pairs: list[str]):
     """``recipe`` with ``KEY=VALUE`` pairs over its scalar fields, each parsed as the field's type
     and the result validated; a RecipeError names the key and what it accepts."""
-    settable = settable_fields()
+    settable = settable_fields(type(recipe))
     changes: dict[str, int | float] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
