@@ -80,8 +80,9 @@ def building(folder: Path, note: str):
     print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
 
 
-def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+def timed(fn, repeats: int = 3, warmup: int = 1, reduce=statistics.median) -> float:
+    """Median (or ``reduce``, e.g. ``min``) wall time of ``fn()`` over ``repeats`` runs after
+    ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -89,7 +90,7 @@ def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return reduce(times)
 
 
 def interleaved(fns: dict, repeats: int = 3, warmup: int = 1) -> dict[str, float]:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (WAN_1_3B_TRANSFORMER, ensure_transformer_folder, guided_request, machine_description,  # noqa: E402
-                    write_result)
+                    timed, write_result)
 
 MODES = [("bf16", "bf16", None), ("fp32", "fp32", None), ("int8 / fp32", "fp32", "int8"),
          ("fp8 / fp32", "fp32", "fp8"), ("int8 / bf16", "bf16", "int8"), ("fp8 / bf16", "bf16", "fp8")]
@@ -81,13 +81,8 @@ def kernel_rows(repeats: int) -> list[dict]:
                 "vidloom int8": lambda: F.linear(x, (q.float() * scale[:, None]).to(dtype)),
                 "int8pack_mm": lambda: torch._weight_int8pack_mm(x, q, scale.to(dtype))}
         for name, run in ways.items():
-            run()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-            rows.append(dict(dtype=str(dtype).removeprefix("torch."), kernel=name, ms=1000 * min(times)))
+            rows.append(dict(dtype=str(dtype).removeprefix("torch."), kernel=name,
+                             ms=1000 * timed(run, repeats, reduce=min)))
             print(f"{rows[-1]['dtype']:9} {name:13} {rows[-1]['ms']:8.1f} ms")
     return rows
 
